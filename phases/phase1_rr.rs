@@ -1,1 +1,56 @@
-fn main(){}
+//! Phase 1 of the chapter, "기본 로드 밸런서" (the basic load balancer): round robin over a list
+//! of backends.
+//!
+//! ```text
+//! scripts/backends.sh                 # three demo backends on 8001-8003
+//! cargo run --bin phase1_rr           # the balancer on :8080
+//! curl localhost:8080/                # backend-8001, then 8002, then 8003, then 8001 ...
+//! ```
+//!
+//! Compared with the chapter's Python, the forwarding underneath speaks real HTTP/1.1
+//! (keep-alive, streamed bodies, clear errors), but the balancing decision is the same: the next
+//! backend in turn.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::balance::RoundRobin;
+use lb::cli::{self, CommonArgs};
+use lb::error::StartError;
+use lb::proxy::LoadBalancer;
+
+/// Phase 1: an HTTP load balancer that sends each request to the next backend in turn.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(args.common.verbose);
+    cli::exit_code(run(args))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let backends = args.common.backends(&[1, 1, 1]);
+    // The whole of phase 1's balancing: take the next backend in turn.
+    let balancer = RoundRobin::new();
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
+    lb::startup::run(lb, &args.common)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Args::command().debug_assert();
+    }
+}

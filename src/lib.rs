@@ -1,1 +1,31 @@
-//! placeholder
+//! An HTTP/1.1 load balancer, built in the four phases of the course chapter
+//! "Load Balancer Implementation" (로드 밸런서 구현).
+//!
+//! Each phase is a small binary in `phases/` that wires parts of this library together. The
+//! modules follow the chapter:
+//!
+//! | phase | module | what it owns |
+//! |---|---|---|
+//! | 1 | [`server`], [`proxy`], [`http`] | listening, one thread per client, forwarding HTTP/1.1 |
+//! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
+//! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
+//! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
+//! | 3 | [`health`] | active and passive health checks |
+//! | 4 | `sticky`, [`stats`] | cookie sessions, statistics pages |
+//!
+//! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
+//! every step of a request can be read top to bottom, as in the chapter's Python.
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod balance;
+pub mod cli;
+pub mod demo;
+pub mod error;
+pub mod health;
+pub mod http;
+pub mod proxy;
+pub mod server;
+pub mod settings;
+pub mod startup;
+pub mod stats;

@@ -1,0 +1,277 @@
+//! Command-line flags shared by every balancer binary, and the small parsers behind them.
+//!
+//! Each phase binary flattens [`CommonArgs`] into its own clap struct, so every phase accepts the same
+//! flags and a learner can compare two phase files and see only what the phase adds. The value parsers
+//! are plain functions, unit-tested below, and every error they return names the offending input.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+
+use crate::backend::Backend;
+use crate::settings::Settings;
+
+/// The backends used when no `--backend` is given: the three demo backends of `scripts/backends.sh`.
+pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"];
+
+/// Flags common to every load-balancer binary (see the contract's table).
+#[derive(Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Where clients connect.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
+    pub listen: SocketAddr,
+
+    /// A backend as HOST:PORT[=WEIGHT]; repeat the flag for each one
+    /// [default: 127.0.0.1:8001, 127.0.0.1:8002, 127.0.0.1:8003].
+    #[arg(long = "backend", value_name = "HOST:PORT[=WEIGHT]", value_parser = parse_backend_spec)]
+    pub backends: Vec<BackendSpec>,
+
+    /// Start demo backends in-process on the --backend addresses.
+    #[arg(long)]
+    pub demo: bool,
+
+    /// Statistics listener address, or `off`.
+    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:8404", value_parser = parse_admin)]
+    pub admin: AdminAddr,
+
+    /// How often statistics are logged; 0 turns the periodic log off.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub stats_interval: Duration,
+
+    /// Client connections served at once; beyond it, accepting pauses.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
+    pub max_connections: usize,
+
+    /// Time allowed for connecting to a backend.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Time allowed for a backend to answer (and between its bytes).
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub backend_timeout: Duration,
+
+    /// A whole request head must arrive within it; also the idle keep-alive limit.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    pub client_timeout: Duration,
+
+    /// Add an X-Lb-Decision response header saying why this backend was chosen.
+    #[arg(long)]
+    pub explain: bool,
+
+    /// Log at debug level (one line per request); RUST_LOG overrides.
+    #[arg(short, long)]
+    pub verbose: bool,
+}
+
+impl CommonArgs {
+    /// The backends to balance over: the `--backend` flags, or the three defaults with
+    /// `default_weights` (phase 2's weighted binary uses 5, 3, 2 as the chapter does).
+    pub fn backends(&self, default_weights: &[u32; 3]) -> Vec<Backend> {
+        if self.backends.is_empty() {
+            DEFAULT_BACKENDS
+                .iter()
+                .zip(default_weights)
+                .filter_map(|(addr, &weight)| {
+                    parse_backend_spec(addr).ok().map(|spec| (spec, weight))
+                })
+                .map(|(spec, weight)| Backend::new(spec.name, spec.addr, weight))
+                .collect()
+        } else {
+            self.backends
+                .iter()
+                .map(|spec| Backend::new(spec.name.clone(), spec.addr, spec.weight))
+                .collect()
+        }
+    }
+
+    /// The run-time settings the proxy and server read on every connection.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            listen: self.listen,
+            max_connections: self.max_connections,
+            connect_timeout: self.connect_timeout,
+            backend_timeout: self.backend_timeout,
+            client_timeout: self.client_timeout,
+            stats_interval: self.stats_interval,
+            explain: self.explain,
+        }
+    }
+}
+
+/// One `--backend HOST:PORT[=WEIGHT]` flag, resolved at start-up.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendSpec {
+    /// The address as the user wrote it, used in logs and statistics.
+    pub name: String,
+    /// The resolved socket address.
+    pub addr: SocketAddr,
+    /// Relative share of traffic for weighted algorithms; at least 1.
+    pub weight: u32,
+}
+
+/// The statistics listener's address, or none when `--admin off`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdminAddr(pub Option<SocketAddr>);
+
+/// Parses `HOST:PORT[=WEIGHT]`; the weight defaults to 1 and must not be 0.
+pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
+    let (address, weight) = match text.split_once('=') {
+        Some((address, weight)) => {
+            let weight: u32 = weight
+                .parse()
+                .map_err(|_| format!("weight '{weight}' is not a whole number"))?;
+            if weight == 0 {
+                return Err("weight must be at least 1".to_string());
+            }
+            (address, weight)
+        }
+        None => (text, 1),
+    };
+    let addr = parse_addr(address)?;
+    Ok(BackendSpec {
+        name: address.to_string(),
+        addr,
+        weight,
+    })
+}
+
+/// Parses `HOST:PORT` (a literal IP or a name that resolves) into one socket address.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let not_an_address = || format!("'{text}' is not a HOST:PORT address");
+    if !text.contains(':') {
+        return Err(not_an_address());
+    }
+    text.to_socket_addrs()
+        .map_err(|_| not_an_address())?
+        .next()
+        .ok_or_else(not_an_address)
+}
+
+/// Parses `--admin`: an address, or `off`.
+pub fn parse_admin(text: &str) -> Result<AdminAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        Ok(AdminAddr(None))
+    } else {
+        parse_addr(text).map(|addr| AdminAddr(Some(addr)))
+    }
+}
+
+/// Parses a duration: `500ms`, `5s`, `1m`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = text.strip_suffix('s') {
+        (n, 1_000)
+    } else if let Some(n) = text.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (text, 1_000)
+    };
+    let number: u64 = number.parse().map_err(|_| {
+        format!("'{text}' is not a duration (try 500ms, 5s, 1m or a number of seconds)")
+    })?;
+    number
+        .checked_mul(unit_ms)
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("'{text}' is too long a duration"))
+}
+
+/// Parses a whole number of at least 1.
+pub fn parse_positive(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{text}' is not a whole number of at least 1")),
+    }
+}
+
+/// Parses the command line; on a bad flag prints clap's one-line error and returns exit code 2.
+/// `--help` and `--version` print as usual and return exit code 0.
+pub fn parse<A: Parser>() -> Result<A, ExitCode> {
+    A::try_parse().map_err(|err| {
+        if err.use_stderr() {
+            let rendered = err.to_string();
+            let first_line = rendered.lines().next().unwrap_or("error: bad arguments");
+            eprintln!("{first_line}");
+            ExitCode::from(2)
+        } else {
+            // Help and version requests are not errors: clap prints them to standard output.
+            let _ = err.print();
+            ExitCode::SUCCESS
+        }
+    })
+}
+
+/// Sets up logging: `info` by default, `debug` with `-v`, and `RUST_LOG` overrides both.
+pub fn init_logging(verbose: bool) {
+    let default = if verbose { "debug" } else { "info" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
+        .format_timestamp_millis()
+        .init();
+}
+
+/// Turns the result of a binary's `run` into its exit code: a start-up error is logged and gives 2.
+pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            log::error!("{err}");
+            eprintln!("error: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_units_or_bare_seconds() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn backend_specs_take_an_optional_weight() {
+        let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
+        assert_eq!(spec.addr, "127.0.0.1:8001".parse().unwrap());
+        assert_eq!(spec.weight, 5);
+        assert_eq!(spec.name, "127.0.0.1:8001");
+        assert_eq!(parse_backend_spec("127.0.0.1:8002").unwrap().weight, 1);
+        assert!(parse_backend_spec("127.0.0.1:8001=0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(parse_backend_spec("127.0.0.1:8001=x").is_err());
+        assert!(parse_backend_spec("nonsense").is_err());
+        assert!(parse_backend_spec("127.0.0.1:99999").is_err());
+    }
+
+    #[test]
+    fn admin_can_be_off() {
+        assert_eq!(parse_admin("off"), Ok(AdminAddr(None)));
+        assert_eq!(
+            parse_admin("127.0.0.1:9000"),
+            Ok(AdminAddr(Some("127.0.0.1:9000".parse().unwrap())))
+        );
+        assert!(parse_admin("nowhere").is_err());
+    }
+
+    #[test]
+    fn positive_numbers_exclude_zero() {
+        assert_eq!(parse_positive("3"), Ok(3));
+        assert!(parse_positive("0").is_err());
+        assert!(parse_positive("-2").is_err());
+    }
+}

@@ -1,0 +1,118 @@
+//! The errors a request can end in, each knowing the HTTP status the client is told.
+//!
+//! The course's Python answered every failure with a bare 502. Here each cause keeps its own
+//! status, so a client (and a learner reading `curl -i`) can tell a bad request from a dead
+//! backend from a slow one.
+
+use std::fmt;
+use std::time::Duration;
+
+/// Why the balancer answered a request itself instead of relaying a backend's response.
+#[derive(Debug)]
+pub enum ProxyError {
+    /// The request is not valid HTTP/1.1, or its framing is ambiguous: `400`.
+    BadRequest(String),
+    /// The request head did not arrive within `--client-timeout`: `408`.
+    RequestTimeout,
+    /// The request head is over 64 KiB or has too many fields: `431`.
+    HeadTooLarge,
+    /// The method is one a load balancer does not relay (CONNECT): `501`.
+    NotImplemented(String),
+    /// The exchange with a backend failed after the request went out: `502`.
+    BadGateway(String),
+    /// No backend could take the request; the client may retry after the given time: `503`.
+    NoBackend {
+        /// Time until the earliest backend could be back.
+        retry_after: Duration,
+    },
+    /// The backend did not answer within `--backend-timeout`: `504`.
+    GatewayTimeout,
+}
+
+impl ProxyError {
+    /// The status code and reason phrase sent to the client.
+    pub fn status(&self) -> (u16, &'static str) {
+        match self {
+            ProxyError::BadRequest(_) => (400, "Bad Request"),
+            ProxyError::RequestTimeout => (408, "Request Timeout"),
+            ProxyError::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            ProxyError::NotImplemented(_) => (501, "Not Implemented"),
+            ProxyError::BadGateway(_) => (502, "Bad Gateway"),
+            ProxyError::NoBackend { .. } => (503, "Service Unavailable"),
+            ProxyError::GatewayTimeout => (504, "Gateway Timeout"),
+        }
+    }
+
+    /// The complete response: a status line, framing headers and a one-line plain-text body.
+    /// It always closes the connection when the request's body may still be unread.
+    pub fn to_response(&self, close: bool) -> Vec<u8> {
+        let (code, reason) = self.status();
+        let body = format!("{code} {reason}: {self}\n");
+        let mut out = format!(
+            "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let ProxyError::NoBackend { retry_after } = self {
+            // Retry-After is whole seconds (RFC 9110 §10.2.3); round up so clients never come back early.
+            let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            out.push_str(&format!("Retry-After: {}\r\n", seconds.max(1)));
+        }
+        if close {
+            out.push_str("Connection: close\r\n");
+        }
+        out.push_str("\r\n");
+        out.push_str(&body);
+        out.into_bytes()
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyError::BadRequest(why) => write!(f, "malformed request: {why}"),
+            ProxyError::RequestTimeout => write!(f, "the request head did not arrive in time"),
+            ProxyError::HeadTooLarge => write!(f, "the request head is too large"),
+            ProxyError::NotImplemented(method) => write!(f, "method {method} is not supported"),
+            ProxyError::BadGateway(why) => write!(f, "the backend failed: {why}"),
+            ProxyError::NoBackend { .. } => write!(f, "no backend is available"),
+            ProxyError::GatewayTimeout => write!(f, "the backend did not answer in time"),
+        }
+    }
+}
+
+/// A reason the balancer could not start, such as a port already in use. It reaches `main`,
+/// which prints it and exits with code 2.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_503_says_when_to_retry() {
+        let err = ProxyError::NoBackend {
+            retry_after: Duration::from_millis(2500),
+        };
+        let text = String::from_utf8(err.to_response(false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("Retry-After: 3\r\n"));
+        assert!(!text.contains("Connection: close"));
+    }
+
+    #[test]
+    fn the_body_length_matches_the_body() {
+        let text = String::from_utf8(ProxyError::HeadTooLarge.to_response(true)).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert!(head.contains("Connection: close"));
+    }
+}

@@ -1,0 +1,942 @@
+//! The HTTP/1.1 layer: reading message heads, deciding how a body is framed, and relaying bodies.
+//!
+//! Heads are parsed with `httparse`, a push parser over a buffer this module owns and bounds
+//! (64 KiB, 100 header fields), so a head may arrive one byte at a time or several pipelined
+//! requests may arrive in one read. Bodies are never held whole: they are relayed piece by piece,
+//! framed by Content-Length, chunked encoding, or (responses only) the end of the connection, as
+//! RFC 9112 §6 lays out. The course's Python read a single `recv(4096)` instead, which cuts any
+//! message larger than that.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+/// The largest request or response head accepted, in bytes; a larger request gets `431`.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// The most header fields one head may carry.
+pub const MAX_HEADERS: usize = 100;
+
+/// The longest chunk-size line (with extensions) accepted inside a chunked body.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// Output gathered before it is written: small pieces become one `write` system call.
+const SINK_LIMIT: usize = 64 * 1024;
+
+/// A TCP stream with a read buffer that this side owns.
+///
+/// Everything read but not yet consumed stays in the buffer, which is how pipelined requests and
+/// the first bytes of a body that arrived together with the head are kept.
+pub struct BufferedStream {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl BufferedStream {
+    /// Wraps `stream` with a read buffer of `capacity` bytes (it grows only to fit a large head).
+    pub fn new(stream: TcpStream, capacity: usize) -> Self {
+        BufferedStream {
+            stream,
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// The bytes read but not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Marks the first `n` buffered bytes as used.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.end);
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Reads more bytes into the buffer, returning how many arrived (0 at end of stream).
+    ///
+    /// Room is made by moving unconsumed bytes to the front, and the buffer only grows when it is
+    /// full of unconsumed bytes and still under `limit`, so a caller bounds its own memory.
+    pub fn fill(&mut self, limit: usize) -> io::Result<usize> {
+        if self.end == self.buf.len() {
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            } else if self.buf.len() < limit {
+                let grown = (self.buf.len() * 2).clamp(1024, limit);
+                self.buf.resize(grown, 0);
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    "read buffer is full",
+                ));
+            }
+        }
+        let n = self.stream.read(&mut self.buf[self.end..])?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// The underlying socket, for writing and for socket options.
+    pub fn socket(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Gives the socket back, dropping the buffer.
+    pub fn into_socket(self) -> TcpStream {
+        self.stream
+    }
+}
+
+/// The protocol version of a message; only HTTP/1.0 and HTTP/1.1 are spoken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.0: connections close after each response unless `Connection: keep-alive`.
+    Http10,
+    /// HTTP/1.1: connections persist unless `Connection: close`.
+    Http11,
+}
+
+/// One header field, with its name as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The field name, in the case the peer used.
+    pub name: String,
+    /// The raw field value (HTTP allows bytes that are not UTF-8).
+    pub value: Vec<u8>,
+}
+
+/// A parsed request line and its header fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method, e.g. `GET`.
+    pub method: String,
+    /// The request target, e.g. `/index.html?x=1`.
+    pub target: String,
+    /// The protocol version.
+    pub version: Version,
+    /// The header fields in order.
+    pub headers: Vec<Header>,
+}
+
+/// A parsed status line and its header fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseHead {
+    /// The status code, e.g. 200.
+    pub status: u16,
+    /// The reason phrase, e.g. `OK` (may be empty).
+    pub reason: String,
+    /// The protocol version.
+    pub version: Version,
+    /// The header fields in order.
+    pub headers: Vec<Header>,
+}
+
+/// The header fields of a request or a response, and the questions asked of them.
+pub trait Headers {
+    /// The header fields in order.
+    fn fields(&self) -> &[Header];
+
+    /// The value of the first field called `name` (compared case-insensitively).
+    fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields()
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value.as_slice())
+    }
+
+    /// Whether any field called `name` lists `token` among its comma-separated values.
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.fields()
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case(name))
+            .flat_map(|h| h.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    }
+}
+
+impl Headers for RequestHead {
+    fn fields(&self) -> &[Header] {
+        &self.headers
+    }
+}
+
+impl Headers for ResponseHead {
+    fn fields(&self) -> &[Header] {
+        &self.headers
+    }
+}
+
+impl RequestHead {
+    /// Whether the client asks to keep the connection open after this exchange
+    /// (RFC 9112 §9.3: the default for HTTP/1.1, opt-in for HTTP/1.0).
+    pub fn wants_keep_alive(&self) -> bool {
+        match self.version {
+            Version::Http11 => !self.has_token("connection", "close"),
+            Version::Http10 => self.has_token("connection", "keep-alive"),
+        }
+    }
+
+    /// Whether the method is idempotent (RFC 9110 §9.2.2), so sending it twice is harmless.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
+    }
+}
+
+/// Why a head could not be read.
+#[derive(Debug)]
+pub enum HeadError {
+    /// The peer closed the connection in the middle of a head.
+    Truncated,
+    /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`] fields.
+    TooLarge,
+    /// The bytes are not an HTTP/1.x head.
+    Malformed(String),
+    /// The head did not arrive in time.
+    TimedOut,
+    /// The socket failed.
+    Io(io::Error),
+}
+
+impl From<io::Error> for HeadError {
+    fn from(err: io::Error) -> Self {
+        if is_timeout(&err) {
+            HeadError::TimedOut
+        } else {
+            HeadError::Io(err)
+        }
+    }
+}
+
+/// Whether an I/O error means a socket timeout ran out (Linux reports `WouldBlock` for it).
+pub fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+/// Reads one request head. Returns `Ok(None)` when the client closed the connection cleanly
+/// before sending anything, which is how keep-alive connections normally end.
+///
+/// When `timeout` passes before the head is complete, the read fails with `TimedOut`: that is
+/// what stops a client that trickles its head a byte at a time from holding a thread forever.
+///
+/// `timeout` is also the socket's usual read timeout; while a head is incomplete the socket waits
+/// only for what is left of the deadline, and the usual timeout is restored afterwards.
+pub fn read_request_head(
+    stream: &mut BufferedStream,
+    timeout: Duration,
+) -> Result<Option<RequestHead>, HeadError> {
+    let deadline = Instant::now() + timeout;
+    let mut shortened = false;
+    let result = read_head(
+        stream,
+        |stream, partial| {
+            if partial {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(HeadError::TimedOut);
+                }
+                stream.socket().set_read_timeout(Some(left))?;
+                shortened = true;
+            }
+            Ok(())
+        },
+        parse_request_head,
+    );
+    if shortened {
+        stream.socket().set_read_timeout(Some(timeout))?;
+    }
+    result
+}
+
+/// Reads one response head; socket timeouts bound the wait.
+pub fn read_response_head(stream: &mut BufferedStream) -> Result<Option<ResponseHead>, HeadError> {
+    read_head(stream, |_, _| Ok(()), parse_response_head)
+}
+
+/// The shared loop of both head readers: parse what is buffered, else read more.
+/// A head parser: the head and its length, or `None` while incomplete.
+type ParseHead<T> = fn(&[u8]) -> Result<Option<(usize, T)>, HeadError>;
+
+/// `before_read` runs before each read, told whether part of a head is already buffered.
+fn read_head<T>(
+    stream: &mut BufferedStream,
+    mut before_read: impl FnMut(&mut BufferedStream, bool) -> Result<(), HeadError>,
+    parse: ParseHead<T>,
+) -> Result<Option<T>, HeadError> {
+    let mut scanned = 0;
+    loop {
+        // Parsing only once the blank line that ends a head has arrived keeps a head sent one
+        // byte at a time from being re-parsed at every byte.
+        let buffered = stream.buffered();
+        if let Some(end) = find_head_end(buffered, scanned) {
+            return match parse(&buffered[..end])? {
+                Some((len, head)) => {
+                    stream.consume(len);
+                    Ok(Some(head))
+                }
+                None => Err(HeadError::Malformed("incomplete head".into())),
+            };
+        }
+        scanned = buffered.len();
+        if scanned >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        before_read(stream, scanned > 0)?;
+        let got = match stream.fill(MAX_HEAD + 4) {
+            Ok(n) => n,
+            // A client that goes quiet between keep-alive requests is simply closed.
+            Err(err) if is_timeout(&err) && scanned == 0 => return Ok(None),
+            Err(err) => return Err(err.into()),
+        };
+        if got == 0 {
+            return if scanned == 0 {
+                Ok(None)
+            } else {
+                Err(HeadError::Truncated)
+            };
+        }
+    }
+}
+
+/// Finds the end of a head (just past its blank line), searching from about `from`.
+/// Bare LF line endings are accepted as RFC 9112 §2.2 allows.
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(3);
+    let mut i = start;
+    while let Some(pos) = buf[i..].iter().position(|&b| b == b'\n') {
+        let nl = i + pos;
+        if buf.get(nl + 1) == Some(&b'\n') {
+            return Some(nl + 2);
+        }
+        if buf.get(nl + 1) == Some(&b'\r') && buf.get(nl + 2) == Some(&b'\n') {
+            return Some(nl + 3);
+        }
+        i = nl + 1;
+    }
+    None
+}
+
+fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut fields);
+    let len = match req.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(parse_error(err)),
+    };
+    let head = RequestHead {
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        version: version(req.version),
+        headers: owned_headers(req.headers),
+    };
+    Ok(Some((len, head)))
+}
+
+fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut fields);
+    let len = match res.parse(bytes) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(err) => return Err(parse_error(err)),
+    };
+    let head = ResponseHead {
+        status: res.code.unwrap_or_default(),
+        reason: res.reason.unwrap_or_default().to_string(),
+        version: version(res.version),
+        headers: owned_headers(res.headers),
+    };
+    Ok(Some((len, head)))
+}
+
+fn parse_error(err: httparse::Error) -> HeadError {
+    match err {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        other => HeadError::Malformed(other.to_string()),
+    }
+}
+
+fn version(minor: Option<u8>) -> Version {
+    if minor == Some(0) {
+        Version::Http10
+    } else {
+        Version::Http11
+    }
+}
+
+fn owned_headers(fields: &[httparse::Header]) -> Vec<Header> {
+    fields
+        .iter()
+        .map(|h| Header {
+            name: h.name.to_string(),
+            value: h.value.to_vec(),
+        })
+        .collect()
+}
+
+/// How the body of a message is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyLength {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Fixed(u64),
+    /// Chunked transfer coding, ending with a zero-size chunk and optional trailers.
+    Chunked,
+    /// Everything until the sender closes the connection (responses only).
+    UntilClose,
+}
+
+/// How a request's body is framed, refusing the ambiguous cases that enable request smuggling:
+/// Content-Length together with Transfer-Encoding, and Content-Lengths that disagree
+/// (RFC 9112 §6.1 and §6.3).
+pub fn request_body_length(head: &RequestHead) -> Result<BodyLength, String> {
+    let length = content_length(head)?;
+    if head.header("transfer-encoding").is_some() {
+        if length.is_some() {
+            return Err("both Content-Length and Transfer-Encoding".into());
+        }
+        // A request whose final coding is not chunked has no knowable end: RFC 9112 §6.3 says 400.
+        if !is_chunked(head) {
+            return Err("Transfer-Encoding without chunked as the final coding".into());
+        }
+        return Ok(BodyLength::Chunked);
+    }
+    Ok(match length {
+        Some(0) | None => BodyLength::Empty,
+        Some(n) => BodyLength::Fixed(n),
+    })
+}
+
+/// How a response's body is framed. Responses to HEAD, and 1xx, 204 and 304 responses, never have
+/// a body whatever their headers say (RFC 9110 §6.4.1).
+pub fn response_body_length(
+    request_method: &str,
+    head: &ResponseHead,
+) -> Result<BodyLength, String> {
+    if request_method == "HEAD" || head.status < 200 || head.status == 204 || head.status == 304 {
+        return Ok(BodyLength::Empty);
+    }
+    if head.header("transfer-encoding").is_some() {
+        return Ok(if is_chunked(head) {
+            BodyLength::Chunked
+        } else {
+            BodyLength::UntilClose
+        });
+    }
+    Ok(match content_length(head)? {
+        Some(0) => BodyLength::Empty,
+        Some(n) => BodyLength::Fixed(n),
+        None => BodyLength::UntilClose,
+    })
+}
+
+/// Whether `chunked` is the last transfer coding listed.
+fn is_chunked(head: &impl Headers) -> bool {
+    let last = head
+        .fields()
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .map(|t| t.trim_ascii())
+        .rfind(|t| !t.is_empty());
+    last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// The Content-Length, if any. Repeated values (in one field or several) must all agree.
+fn content_length(head: &impl Headers) -> Result<Option<u64>, String> {
+    let mut length = None;
+    for field in head
+        .fields()
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
+    {
+        for part in field.value.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            let n = std::str::from_utf8(part)
+                .ok()
+                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or("invalid Content-Length")?;
+            if length.is_some_and(|seen| seen != n) {
+                return Err("conflicting Content-Length values".into());
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
+
+/// Header fields that describe one connection rather than the message, which a proxy must not
+/// forward (RFC 9110 §7.6.1): `Connection` itself and every field it names, plus the classic
+/// hop-by-hop set that Go's `httputil.ReverseProxy` also removes. `Transfer-Encoding` is on the
+/// list because the proxy writes its own framing for the next hop.
+const HOP_BY_HOP: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Whether the field `name` must not be forwarded, given the message's own `Connection` tokens.
+pub fn is_hop_by_hop(name: &str, head: &impl Headers) -> bool {
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || head.has_token("connection", name)
+}
+
+/// Appends `Name: value\r\n` to a head being built.
+pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Why relaying a body stopped early. The side matters: a failure to read the source or write
+/// the destination is blamed on different peers.
+#[derive(Debug)]
+pub enum RelayError {
+    /// Reading the source failed (or timed out).
+    Read(io::Error),
+    /// Writing the destination failed (or timed out).
+    Write(io::Error),
+    /// The source closed before the body's end.
+    Truncated,
+    /// The chunked framing is broken.
+    Malformed(&'static str),
+}
+
+/// The writing half of a relay: output is gathered and written in as few system calls as
+/// possible, and always before the relay blocks on reading its source.
+pub struct Sink<'a> {
+    dst: &'a TcpStream,
+    out: Vec<u8>,
+    written: u64,
+}
+
+impl<'a> Sink<'a> {
+    /// A sink that writes to `dst`, starting with the bytes in `out` (usually a head).
+    pub fn new(dst: &'a TcpStream, out: Vec<u8>) -> Self {
+        Sink {
+            dst,
+            out,
+            written: 0,
+        }
+    }
+
+    /// Queues `data`, writing directly when it is large.
+    pub fn emit(&mut self, data: &[u8]) -> Result<(), RelayError> {
+        if self.out.len() + data.len() <= SINK_LIMIT {
+            self.out.extend_from_slice(data);
+            return Ok(());
+        }
+        self.flush()?;
+        self.write(data)
+    }
+
+    /// Writes everything queued.
+    pub fn flush(&mut self) -> Result<(), RelayError> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let out = std::mem::take(&mut self.out);
+        let result = self.write(&out);
+        self.out = out;
+        self.out.clear();
+        result
+    }
+
+    /// How many bytes reached the destination so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
+        let mut dst = self.dst;
+        dst.write_all(data).map_err(RelayError::Write)?;
+        self.written += data.len() as u64;
+        Ok(())
+    }
+}
+
+/// Relays a body framed by `length` from `src` to `sink`, leaving anything after it buffered in
+/// `src`. With `dechunk`, a chunked body is sent as plain bytes (for HTTP/1.0 peers) instead of
+/// being passed on as it came.
+pub fn relay_body(
+    src: &mut BufferedStream,
+    length: BodyLength,
+    sink: &mut Sink,
+    dechunk: bool,
+) -> Result<(), RelayError> {
+    match length {
+        BodyLength::Empty => Ok(()),
+        BodyLength::Fixed(n) => relay_exact(src, n, sink),
+        BodyLength::Chunked => relay_chunked(src, sink, dechunk),
+        BodyLength::UntilClose => relay_until_close(src, sink),
+    }
+}
+
+/// Reads more into `src`, first writing out what the sink holds so the peer is never kept
+/// waiting for bytes already here. Fails with `Truncated` at end of stream.
+fn refill(src: &mut BufferedStream, sink: &mut Sink, limit: usize) -> Result<(), RelayError> {
+    sink.flush()?;
+    match src.fill(limit) {
+        Ok(0) => Err(RelayError::Truncated),
+        Ok(_) => Ok(()),
+        Err(err) => Err(RelayError::Read(err)),
+    }
+}
+
+fn relay_exact(
+    src: &mut BufferedStream,
+    mut remaining: u64,
+    sink: &mut Sink,
+) -> Result<(), RelayError> {
+    while remaining > 0 {
+        if src.buffered().is_empty() {
+            refill(src, sink, 0)?;
+        }
+        let take = src
+            .buffered()
+            .len()
+            .min(usize::try_from(remaining).unwrap_or(usize::MAX));
+        sink.emit(&src.buffered()[..take])?;
+        src.consume(take);
+        remaining -= take as u64;
+    }
+    Ok(())
+}
+
+fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), RelayError> {
+    loop {
+        let buffered = src.buffered().len();
+        sink.emit(&src.buffered()[..buffered])?;
+        src.consume(buffered);
+        match refill(src, sink, 0) {
+            Err(RelayError::Truncated) => return Ok(()),
+            other => other?,
+        }
+    }
+}
+
+fn relay_chunked(
+    src: &mut BufferedStream,
+    sink: &mut Sink,
+    dechunk: bool,
+) -> Result<(), RelayError> {
+    loop {
+        let line_len = read_line(src, sink)?;
+        let size = chunk_size(&src.buffered()[..line_len])?;
+        if !dechunk {
+            sink.emit(&src.buffered()[..line_len])?;
+        }
+        src.consume(line_len);
+        if size == 0 {
+            return relay_trailers(src, sink, dechunk);
+        }
+        relay_exact(src, size, sink)?;
+        let crlf = read_line(src, sink)?;
+        if !src.buffered()[..crlf].trim_ascii().is_empty() {
+            return Err(RelayError::Malformed("chunk data longer than its size"));
+        }
+        if !dechunk {
+            sink.emit(&src.buffered()[..crlf])?;
+        }
+        src.consume(crlf);
+    }
+}
+
+/// Trailer fields end with an empty line; together they are bounded like a head.
+fn relay_trailers(
+    src: &mut BufferedStream,
+    sink: &mut Sink,
+    dechunk: bool,
+) -> Result<(), RelayError> {
+    let mut total = 0;
+    loop {
+        let line_len = read_line(src, sink)?;
+        let is_last = src.buffered()[..line_len].trim_ascii().is_empty();
+        total += line_len;
+        if total > MAX_HEAD {
+            return Err(RelayError::Malformed("trailer section too large"));
+        }
+        if !dechunk {
+            sink.emit(&src.buffered()[..line_len])?;
+        }
+        src.consume(line_len);
+        if is_last {
+            return Ok(());
+        }
+    }
+}
+
+/// Makes sure a whole line (through its LF) is buffered and returns its length.
+fn read_line(src: &mut BufferedStream, sink: &mut Sink) -> Result<usize, RelayError> {
+    loop {
+        if let Some(pos) = src.buffered().iter().position(|&b| b == b'\n') {
+            return Ok(pos + 1);
+        }
+        if src.buffered().len() >= MAX_CHUNK_LINE {
+            return Err(RelayError::Malformed("chunk line too long"));
+        }
+        refill(src, sink, MAX_CHUNK_LINE * 2)?;
+    }
+}
+
+/// Parses the hexadecimal size at the start of a chunk line, ignoring any chunk extensions.
+fn chunk_size(line: &[u8]) -> Result<u64, RelayError> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return Err(RelayError::Malformed("bad chunk size"));
+    }
+    let text = std::str::from_utf8(digits).map_err(|_| RelayError::Malformed("bad chunk size"))?;
+    u64::from_str_radix(text, 16).map_err(|_| RelayError::Malformed("bad chunk size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn request(text: &str) -> RequestHead {
+        match parse_request_head(text.as_bytes()).unwrap() {
+            Some((_, head)) => head,
+            None => panic!("incomplete head"),
+        }
+    }
+
+    fn response(text: &str) -> ResponseHead {
+        match parse_response_head(text.as_bytes()).unwrap() {
+            Some((_, head)) => head,
+            None => panic!("incomplete head"),
+        }
+    }
+
+    /// A connected pair of sockets on loopback: (client side, server side).
+    fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (client, server)
+    }
+
+    #[test]
+    fn finds_the_end_of_a_head_with_crlf_or_lf() {
+        assert_eq!(
+            find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest", 0),
+            Some(27)
+        );
+        assert_eq!(
+            find_head_end(b"GET / HTTP/1.1\nHost: a\n\nrest", 0),
+            Some(24)
+        );
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        // Searching from a later offset still sees a terminator that straddles it.
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\n", 16), Some(18));
+    }
+
+    #[test]
+    fn parses_a_request_head() {
+        let head = request("POST /a?b=1 HTTP/1.0\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
+        assert_eq!(head.method, "POST");
+        assert_eq!(head.target, "/a?b=1");
+        assert_eq!(head.version, Version::Http10);
+        assert_eq!(head.header("HOST"), Some(&b"x"[..]));
+        assert_eq!(request_body_length(&head), Ok(BodyLength::Fixed(3)));
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        assert!(request("GET / HTTP/1.1\r\n\r\n").wants_keep_alive());
+        assert!(!request("GET / HTTP/1.1\r\nConnection: Close\r\n\r\n").wants_keep_alive());
+        assert!(!request("GET / HTTP/1.0\r\n\r\n").wants_keep_alive());
+        assert!(request("GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n").wants_keep_alive());
+    }
+
+    #[test]
+    fn request_framing_refuses_smuggling() {
+        let both =
+            request("POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert!(request_body_length(&both).is_err());
+        let conflicting =
+            request("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n");
+        assert!(request_body_length(&conflicting).is_err());
+        let listed = request("POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n");
+        assert!(request_body_length(&listed).is_err());
+        let repeated = request("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(request_body_length(&repeated), Ok(BodyLength::Fixed(5)));
+        let signed = request("POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n");
+        assert!(request_body_length(&signed).is_err());
+        let gzip = request("POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert!(request_body_length(&gzip).is_err());
+        let chunked = request("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n");
+        assert_eq!(request_body_length(&chunked), Ok(BodyLength::Chunked));
+        assert_eq!(
+            request_body_length(&request("GET / HTTP/1.1\r\n\r\n")),
+            Ok(BodyLength::Empty)
+        );
+    }
+
+    #[test]
+    fn response_framing_knows_bodiless_responses() {
+        let with_length = response("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n");
+        assert_eq!(
+            response_body_length("GET", &with_length),
+            Ok(BodyLength::Fixed(10))
+        );
+        assert_eq!(
+            response_body_length("HEAD", &with_length),
+            Ok(BodyLength::Empty)
+        );
+        for status in ["204 No Content", "304 Not Modified", "100 Continue"] {
+            let head = response(&format!("HTTP/1.1 {status}\r\nContent-Length: 10\r\n\r\n"));
+            assert_eq!(
+                response_body_length("GET", &head),
+                Ok(BodyLength::Empty),
+                "{status}"
+            );
+        }
+        let close = response("HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            response_body_length("GET", &close),
+            Ok(BodyLength::UntilClose)
+        );
+        let chunked = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
+        assert_eq!(
+            response_body_length("GET", &chunked),
+            Ok(BodyLength::Chunked)
+        );
+    }
+
+    #[test]
+    fn hop_by_hop_includes_fields_named_by_connection() {
+        let head = request("GET / HTTP/1.1\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\r\n");
+        assert!(is_hop_by_hop("Keep-Alive", &head));
+        assert!(is_hop_by_hop("x-secret", &head));
+        assert!(is_hop_by_hop("Transfer-Encoding", &head));
+        assert!(!is_hop_by_hop("Host", &head));
+    }
+
+    #[test]
+    fn reads_a_head_sent_a_byte_at_a_time_and_keeps_pipelined_bytes() {
+        let (mut client, server) = socket_pair();
+        let writer = std::thread::spawn(move || {
+            for byte in b"GET /one HTTP/1.1\r\nHost: h\r\n\r\nGET /two HTTP/1.1\r\n\r\n" {
+                client.write_all(&[*byte]).unwrap();
+            }
+            client
+        });
+        let mut stream = BufferedStream::new(server, 16);
+        let timeout = Duration::from_secs(5);
+        let first = read_request_head(&mut stream, timeout).unwrap().unwrap();
+        let second = read_request_head(&mut stream, timeout).unwrap().unwrap();
+        assert_eq!(
+            (first.target.as_str(), second.target.as_str()),
+            ("/one", "/two")
+        );
+        drop(writer.join().unwrap());
+        assert!(read_request_head(&mut stream, timeout).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_oversized_head_is_refused() {
+        let (mut client, server) = socket_pair();
+        let writer = std::thread::spawn(move || {
+            let _ = client.write_all(b"GET / HTTP/1.1\r\nX-Big: ");
+            let _ = client.write_all(&vec![b'a'; MAX_HEAD + 10]);
+        });
+        let mut stream = BufferedStream::new(server, 1024);
+        let timeout = Duration::from_secs(5);
+        assert!(matches!(
+            read_request_head(&mut stream, timeout),
+            Err(HeadError::TooLarge)
+        ));
+        drop(stream);
+        writer.join().unwrap();
+    }
+
+    /// Relays `input` framed as `length` and returns what came out the other side.
+    fn relay(input: &[u8], length: BodyLength, dechunk: bool) -> Result<Vec<u8>, RelayError> {
+        let (mut src_client, src_server) = socket_pair();
+        let (dst_client, mut dst_server) = socket_pair();
+        src_client.write_all(input).unwrap();
+        drop(src_client);
+        let mut src = BufferedStream::new(src_server, 8);
+        let result = {
+            let mut sink = Sink::new(&dst_client, Vec::new());
+            relay_body(&mut src, length, &mut sink, dechunk).and_then(|()| sink.flush())
+        };
+        drop(dst_client);
+        let mut out = Vec::new();
+        dst_server.read_to_end(&mut out).unwrap();
+        result.map(|()| out)
+    }
+
+    #[test]
+    fn relays_fixed_chunked_and_close_delimited_bodies() {
+        assert_eq!(
+            relay(b"hello world", BodyLength::Fixed(5), false).unwrap(),
+            b"hello"
+        );
+        let chunked = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT";
+        let passed = relay(chunked, BodyLength::Chunked, false).unwrap();
+        assert_eq!(passed, &chunked[..chunked.len() - 4]);
+        assert_eq!(
+            relay(chunked, BodyLength::Chunked, true).unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            relay(b"all of it", BodyLength::UntilClose, false).unwrap(),
+            b"all of it"
+        );
+    }
+
+    #[test]
+    fn broken_bodies_are_reported() {
+        assert!(matches!(
+            relay(b"abc", BodyLength::Fixed(5), false),
+            Err(RelayError::Truncated)
+        ));
+        assert!(matches!(
+            relay(b"zz\r\n", BodyLength::Chunked, false),
+            Err(RelayError::Malformed(_))
+        ));
+        let long_data = b"2\r\nabc\r\n0\r\n\r\n";
+        assert!(matches!(
+            relay(long_data, BodyLength::Chunked, false),
+            Err(RelayError::Malformed(_))
+        ));
+        assert!(matches!(
+            relay(b"5\r\nab", BodyLength::Chunked, false),
+            Err(RelayError::Truncated)
+        ));
+    }
+}

@@ -1,0 +1,678 @@
+//! The proxy: what happens on one client connection, request after request.
+//!
+//! A client connection is a loop over requests (HTTP/1.1 keep-alive). Each request goes through
+//! a few named steps: read the head, check its framing, choose a backend, send the request,
+//! relay the response, or write an error. The chapter's Python handled one `recv(4096)` per
+//! connection and closed it; this loop serves as many requests as the client sends, streams
+//! bodies of any size both ways, and answers each kind of failure with its own status.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, Connection};
+use crate::balance::{self, Balancer};
+use crate::error::ProxyError;
+use crate::http::{
+    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, RequestHead, ResponseHead,
+    Sink, Version,
+};
+use crate::settings::Settings;
+use crate::stats::Stats;
+
+/// The client read buffer's starting size; it grows only for a large head.
+const CLIENT_BUFFER: usize = 4 * 1024;
+
+/// The backend read buffer's size, allocated per exchange so idle clients hold none.
+const BACKEND_BUFFER: usize = 16 * 1024;
+
+/// Everything client connections share: the backends, the algorithm, statistics and settings.
+/// This is the chapter's `LoadBalancer` class.
+pub struct LoadBalancer {
+    backends: Vec<Arc<Backend>>,
+    balancer: Box<dyn Balancer>,
+    stats: Stats,
+    settings: Settings,
+}
+
+impl LoadBalancer {
+    /// A balancer over `backends` that chooses with `balancer`.
+    pub fn new(backends: Vec<Backend>, balancer: Box<dyn Balancer>, settings: Settings) -> Self {
+        LoadBalancer {
+            backends: backends.into_iter().map(Arc::new).collect(),
+            balancer,
+            stats: Stats::new(),
+            settings,
+        }
+    }
+
+    /// The backends, in the order they were given.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
+    }
+
+    /// The balancing algorithm.
+    pub fn balancer(&self) -> &dyn Balancer {
+        self.balancer.as_ref()
+    }
+
+    /// The balancer's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The run-time settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// How long until some backend could take requests again: the `Retry-After` of a 503.
+    fn retry_after(&self) -> Duration {
+        self.backends
+            .iter()
+            .map(|b| b.health().available_in())
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Flags a client connection shares with the server, which reads them to shut down gracefully.
+#[derive(Debug, Default)]
+pub struct ConnectionState {
+    /// True while the connection waits for a next request, so shutting down may close it at once.
+    pub idle: AtomicBool,
+}
+
+/// Whether the connection goes on after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    KeepAlive,
+    Close,
+}
+
+/// How forwarding one request went wrong.
+enum Failure {
+    /// Nothing of a response reached the client yet: answer with this error.
+    Answer(ProxyError),
+    /// The connection cannot carry more: the client went away, or a response was cut short.
+    Abort(String),
+}
+
+/// What one exchange with one backend ended in.
+enum ExchangeError {
+    /// A pooled connection turned out closed before any response byte: safe to send again on a
+    /// fresh connection.
+    Stale,
+    /// Any other failure.
+    Failed(Failure),
+}
+
+/// One client connection: its socket, who it is, and the state its requests share.
+pub struct ClientConnection<'a> {
+    lb: &'a LoadBalancer,
+    client: BufferedStream,
+    client_ip: IpAddr,
+    state: &'a ConnectionState,
+    shutdown: &'a AtomicBool,
+    /// Whether the current request still has body bytes unread: the connection then cannot be
+    /// reused if the request ends in an error.
+    body_pending: bool,
+}
+
+impl<'a> ClientConnection<'a> {
+    /// Prepares to serve `stream`; timeouts are set once here, not per request.
+    pub fn new(
+        lb: &'a LoadBalancer,
+        stream: TcpStream,
+        peer: SocketAddr,
+        state: &'a ConnectionState,
+        shutdown: &'a AtomicBool,
+    ) -> std::io::Result<Self> {
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(lb.settings.client_timeout))?;
+        stream.set_write_timeout(Some(lb.settings.client_timeout))?;
+        Ok(ClientConnection {
+            lb,
+            client: BufferedStream::new(stream, CLIENT_BUFFER),
+            client_ip: peer.ip(),
+            state,
+            shutdown,
+            body_pending: false,
+        })
+    }
+
+    /// Serves requests until the client closes, an error ends the connection, or the balancer
+    /// shuts down.
+    pub fn serve(mut self) {
+        loop {
+            self.state.idle.store(true, Ordering::SeqCst);
+            if self.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+            let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
+            self.state.idle.store(false, Ordering::SeqCst);
+            let flow = match head {
+                Ok(Some(head)) => self.handle(head),
+                Ok(None) => Flow::Close,
+                Err(err) => self.reject_head(err),
+            };
+            if flow == Flow::Close {
+                return;
+            }
+        }
+    }
+
+    /// Answers a head that could not be read, when there is anyone left to answer.
+    fn reject_head(&mut self, err: HeadError) -> Flow {
+        let answer = match err {
+            HeadError::TooLarge => ProxyError::HeadTooLarge,
+            HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            HeadError::TimedOut => ProxyError::RequestTimeout,
+            HeadError::Truncated | HeadError::Io(_) => return Flow::Close,
+        };
+        log::debug!("{}: {answer}", self.client_ip);
+        self.lb.stats.count_request();
+        self.write_error(&answer, true);
+        Flow::Close
+    }
+
+    /// Forwards one request and relays its response.
+    fn handle(&mut self, head: RequestHead) -> Flow {
+        let started = Instant::now();
+        self.lb.stats.count_request();
+        match self.forward(&head, started) {
+            Ok(flow) => flow,
+            Err(Failure::Answer(err)) => {
+                let close = self.body_pending
+                    || !head.wants_keep_alive()
+                    || self.shutdown.load(Ordering::SeqCst);
+                log::debug!(
+                    "{} {} {} -> {} ({:?})",
+                    self.client_ip,
+                    head.method,
+                    head.target,
+                    err.status().0,
+                    started.elapsed()
+                );
+                self.write_error(&err, close);
+                if close {
+                    Flow::Close
+                } else {
+                    Flow::KeepAlive
+                }
+            }
+            Err(Failure::Abort(why)) => {
+                log::debug!(
+                    "{} {} {}: connection dropped: {why}",
+                    self.client_ip,
+                    head.method,
+                    head.target
+                );
+                Flow::Close
+            }
+        }
+    }
+
+    fn write_error(&mut self, err: &ProxyError, close: bool) {
+        let mut socket = self.client.socket();
+        let _ = std::io::Write::write_all(&mut socket, &err.to_response(close));
+    }
+
+    /// Checks the request, then tries backends until one answers or none is left.
+    fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
+        let body = check_request(head).map_err(Failure::Answer)?;
+        self.body_pending = body != BodyLength::Empty;
+        let request_id = match head.header("x-request-id") {
+            Some(_) => None,
+            None => Some(uuid::Uuid::new_v4().to_string()),
+        };
+        let (prefix, rest) = self.take_body_prefix(body);
+        let mut tried: Vec<usize> = Vec::new();
+        loop {
+            let Some(pick) = self.choose(&tried) else {
+                return Err(Failure::Answer(ProxyError::NoBackend {
+                    retry_after: self.lb.retry_after(),
+                }));
+            };
+            tried.push(pick.index);
+            let backend = &self.lb.backends[pick.index];
+            let _in_flight = backend.stats().begin_request();
+            let request = OutgoingRequest {
+                head,
+                body,
+                prefix: &prefix,
+                rest,
+                request_id: request_id.as_deref(),
+                reason: &pick.reason,
+            };
+            match self.try_backend(backend, &request, started) {
+                // Nothing reached the backend, so the next one may safely get the request.
+                Err(TryError::Unreachable) => continue,
+                Err(TryError::Failed(failure)) => return Err(failure),
+                Ok(flow) => return Ok(flow),
+            }
+        }
+    }
+
+    /// Takes the part of the body that arrived together with the head, so it can go out in the
+    /// same write as the head (and again, if a pooled connection turns out closed). Returns it
+    /// and how the rest of the body is framed.
+    fn take_body_prefix(&mut self, body: BodyLength) -> (Vec<u8>, BodyLength) {
+        let BodyLength::Fixed(length) = body else {
+            return (Vec::new(), body);
+        };
+        let ready = self
+            .client
+            .buffered()
+            .len()
+            .min(usize::try_from(length).unwrap_or(usize::MAX));
+        let prefix = self.client.buffered()[..ready].to_vec();
+        self.client.consume(ready);
+        let rest = length - ready as u64;
+        if rest == 0 {
+            self.body_pending = false;
+            (prefix, BodyLength::Empty)
+        } else {
+            (prefix, BodyLength::Fixed(rest))
+        }
+    }
+
+    /// Asks the balancer for a backend among those available and not yet tried.
+    fn choose(&self, tried: &[usize]) -> Option<balance::Pick> {
+        let backends = &self.lb.backends;
+        let request = balance::Request {
+            client_ip: self.client_ip,
+            explain: self.lb.settings.explain,
+        };
+        let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
+        self.lb.balancer.pick(backends, &request, &is_candidate)
+    }
+
+    /// Sends the request to one backend, once more on a fresh connection if a pooled one turns
+    /// out to have been closed by the backend.
+    fn try_backend(
+        &mut self,
+        backend: &Backend,
+        request: &OutgoingRequest,
+        started: Instant,
+    ) -> Result<Flow, TryError> {
+        let settings = &self.lb.settings;
+        let replayable = request.rest == BodyLength::Empty;
+        // A body that will be streamed cannot be sent twice, so it never risks a pooled
+        // connection that may turn out closed.
+        let connection = if replayable {
+            backend.connection(settings.connect_timeout, settings.backend_timeout)
+        } else {
+            backend
+                .connect(settings.connect_timeout, settings.backend_timeout)
+                .map(|stream| Connection {
+                    stream,
+                    reused: false,
+                })
+        };
+        let connection = connection.map_err(|err| {
+            log::warn!("backend {} unreachable: {err}", backend.name());
+            backend.stats().record_error();
+            backend.health().observe_request(false);
+            TryError::Unreachable
+        })?;
+        let out = self.request_bytes(backend, request);
+        let result = match self.exchange(backend, connection, &out, request) {
+            Err(ExchangeError::Stale) => {
+                log::debug!(
+                    "pooled connection to {} was closed; retrying on a fresh one",
+                    backend.name()
+                );
+                match backend.connect(settings.connect_timeout, settings.backend_timeout) {
+                    Ok(stream) => self.exchange(
+                        backend,
+                        Connection {
+                            stream,
+                            reused: false,
+                        },
+                        &out,
+                        request,
+                    ),
+                    Err(err) => {
+                        backend.stats().record_error();
+                        backend.health().observe_request(false);
+                        log::warn!("backend {} unreachable: {err}", backend.name());
+                        return Err(TryError::Unreachable);
+                    }
+                }
+            }
+            other => other,
+        };
+        let failed = !matches!(result, Ok((_, status)) if !matches!(status, 502..=504));
+        backend.stats().record(started.elapsed(), failed);
+        backend.health().observe_request(!failed);
+        match result {
+            Ok((flow, status)) => {
+                log::debug!(
+                    "{} {} {} -> {} {} ({:?}){}",
+                    self.client_ip,
+                    request.head.method,
+                    request.head.target,
+                    backend.name(),
+                    status,
+                    started.elapsed(),
+                    request
+                        .request_id
+                        .map(|id| format!(" id {id}"))
+                        .unwrap_or_default()
+                );
+                Ok(flow)
+            }
+            Err(ExchangeError::Stale) => Err(TryError::Failed(Failure::Answer(
+                ProxyError::BadGateway("connection closed".into()),
+            ))),
+            Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
+        }
+    }
+
+    /// The request as the backend gets it: the head rewritten for the next hop, then whatever
+    /// part of the body already arrived with it.
+    fn request_bytes(&self, backend: &Backend, request: &OutgoingRequest) -> Vec<u8> {
+        let mut out = Vec::with_capacity(512 + request.prefix.len());
+        write_request_head(&mut out, request, self.client_ip, backend.name());
+        out.extend_from_slice(request.prefix);
+        out
+    }
+
+    /// One request and response over one backend connection. Returns how the client connection
+    /// goes on and the response status.
+    fn exchange(
+        &mut self,
+        backend: &Backend,
+        connection: Connection,
+        out: &[u8],
+        request: &OutgoingRequest,
+    ) -> Result<(Flow, u16), ExchangeError> {
+        let reused = connection.reused;
+        let mut upstream = BufferedStream::new(connection.stream, BACKEND_BUFFER);
+        if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {
+            // Everything sent is still in `out`, and the client's bytes are still buffered.
+            return Err(if reused {
+                ExchangeError::Stale
+            } else {
+                bad_gateway(&format!("sending the request: {err}"))
+            });
+        }
+        self.send_rest_of_body(&mut upstream, request)?;
+        let response = self.read_response(&mut upstream, request, reused)?;
+        self.relay_response(backend, upstream, request, response)
+    }
+
+    /// Streams the part of the request body that did not come with the head.
+    fn send_rest_of_body(
+        &mut self,
+        upstream: &mut BufferedStream,
+        request: &OutgoingRequest,
+    ) -> Result<(), ExchangeError> {
+        if request.rest == BodyLength::Empty {
+            return Ok(());
+        }
+        if request.head.has_token("expect", "100-continue") && self.client.buffered().is_empty() {
+            // The client waits for this before sending its body. The balancer answers it itself,
+            // as nginx does, since the request is now on its way to a backend.
+            let _ = std::io::Write::write_all(
+                &mut self.client.socket(),
+                b"HTTP/1.1 100 Continue\r\n\r\n",
+            );
+        }
+        let mut sink = Sink::new(upstream.socket(), Vec::new());
+        let relayed = http::relay_body(&mut self.client, request.rest, &mut sink, false)
+            .and_then(|()| sink.flush());
+        match relayed {
+            Ok(()) => {
+                self.body_pending = false;
+                Ok(())
+            }
+            Err(RelayError::Write(err)) => {
+                Err(bad_gateway(&format!("sending the request body: {err}")))
+            }
+            Err(RelayError::Malformed(why)) => Err(ExchangeError::Failed(Failure::Answer(
+                ProxyError::BadRequest(why.to_string()),
+            ))),
+            Err(RelayError::Read(err)) => Err(abort(&format!("reading the request body: {err}"))),
+            Err(RelayError::Truncated) => Err(abort("the client closed during the request body")),
+        }
+    }
+
+    /// Reads the response head, passing interim 1xx responses on to the client.
+    fn read_response(
+        &mut self,
+        upstream: &mut BufferedStream,
+        request: &OutgoingRequest,
+        reused: bool,
+    ) -> Result<ResponseHead, ExchangeError> {
+        loop {
+            let head = match http::read_response_head(upstream) {
+                Ok(Some(head)) => head,
+                Ok(None) | Err(HeadError::Io(_)) if reused && request.can_resend() => {
+                    return Err(ExchangeError::Stale)
+                }
+                Ok(None) => {
+                    return Err(bad_gateway(
+                        "the backend closed the connection without a response",
+                    ))
+                }
+                Err(HeadError::TimedOut) => {
+                    return Err(ExchangeError::Failed(Failure::Answer(
+                        ProxyError::GatewayTimeout,
+                    )))
+                }
+                Err(HeadError::Io(err)) => {
+                    return Err(bad_gateway(&format!("reading the response: {err}")))
+                }
+                Err(HeadError::TooLarge) => {
+                    return Err(bad_gateway("the response head is too large"))
+                }
+                Err(HeadError::Malformed(why)) => {
+                    return Err(bad_gateway(&format!("malformed response: {why}")))
+                }
+                Err(HeadError::Truncated) => {
+                    return Err(bad_gateway("the response head was cut short"))
+                }
+            };
+            match head.status {
+                101 => return Err(bad_gateway("protocol upgrades are not supported")),
+                100..=199 => {
+                    // Interim responses (such as 103 Early Hints) go to HTTP/1.1 clients as they are.
+                    if request.head.version == Version::Http11 {
+                        let mut interim = Vec::new();
+                        write_response_head(&mut interim, &head);
+                        interim.extend_from_slice(b"\r\n");
+                        let _ = std::io::Write::write_all(&mut self.client.socket(), &interim);
+                    }
+                }
+                _ => return Ok(head),
+            }
+        }
+    }
+
+    /// Sends the response head and streams its body to the client, then pools the backend
+    /// connection if it can carry another request.
+    fn relay_response(
+        &mut self,
+        backend: &Backend,
+        mut upstream: BufferedStream,
+        request: &OutgoingRequest,
+        response: ResponseHead,
+    ) -> Result<(Flow, u16), ExchangeError> {
+        let status = response.status;
+        let body = http::response_body_length(&request.head.method, &response)
+            .map_err(|why| bad_gateway(&why))?;
+        let client_http10 = request.head.version == Version::Http10;
+        // Without a length, the end of the body can only be shown by closing the connection;
+        // HTTP/1.0 clients cannot read chunked bodies, so they get the plain bytes and a close.
+        let dechunk = client_http10 && body == BodyLength::Chunked;
+        let keep_alive = request.head.wants_keep_alive()
+            && !self.body_pending
+            && !self.shutdown.load(Ordering::SeqCst)
+            && body != BodyLength::UntilClose
+            && !dechunk;
+
+        let mut out = Vec::with_capacity(512);
+        write_response_head(&mut out, &response);
+        match body {
+            BodyLength::Chunked if !dechunk => {
+                http::push_header(&mut out, "Transfer-Encoding", b"chunked")
+            }
+            _ => {}
+        }
+        if self.lb.settings.explain {
+            http::push_header(&mut out, "X-Lb-Decision", request.reason.as_bytes());
+        }
+        if !keep_alive {
+            http::push_header(&mut out, "Connection", b"close");
+        } else if client_http10 {
+            http::push_header(&mut out, "Connection", b"keep-alive");
+        }
+        out.extend_from_slice(b"\r\n");
+
+        let mut sink = Sink::new(self.client.socket(), out);
+        let relayed =
+            http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
+        if let Err(err) = relayed {
+            let nothing_sent = sink.written() == 0;
+            return Err(match err {
+                RelayError::Read(e) if nothing_sent && http::is_timeout(&e) => {
+                    ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
+                }
+                RelayError::Read(_) | RelayError::Truncated | RelayError::Malformed(_)
+                    if nothing_sent =>
+                {
+                    bad_gateway("the response body was cut short")
+                }
+                RelayError::Write(e) => abort(&format!("writing the response: {e}")),
+                other => abort(&format!("relaying the response: {other:?}")),
+            });
+        }
+        let backend_keeps_alive = body != BodyLength::UntilClose
+            && upstream.buffered().is_empty()
+            && match response.version {
+                Version::Http11 => !response.has_token("connection", "close"),
+                Version::Http10 => response.has_token("connection", "keep-alive"),
+            };
+        if backend_keeps_alive {
+            backend.put_idle(upstream.into_socket());
+        }
+        Ok((
+            if keep_alive {
+                Flow::KeepAlive
+            } else {
+                Flow::Close
+            },
+            status,
+        ))
+    }
+}
+
+/// Why a backend could not take a request.
+enum TryError {
+    /// Connecting failed: nothing was sent, so another backend may take the request.
+    Unreachable,
+    /// The exchange failed after the request went out.
+    Failed(Failure),
+}
+
+/// What is needed to send one request to a backend.
+struct OutgoingRequest<'r> {
+    head: &'r RequestHead,
+    /// How the whole body is framed.
+    body: BodyLength,
+    /// The start of the body, which arrived with the head.
+    prefix: &'r [u8],
+    /// How the rest of the body, still to be read from the client, is framed.
+    rest: BodyLength,
+    request_id: Option<&'r str>,
+    reason: &'r str,
+}
+
+impl OutgoingRequest<'_> {
+    /// Whether sending the request a second time is harmless if the first try got no answer:
+    /// an idempotent method (RFC 9110 §9.2.2) or no body at all.
+    fn can_resend(&self) -> bool {
+        self.head.is_idempotent() || self.body == BodyLength::Empty
+    }
+}
+
+/// Refuses requests a balancer must not forward, and says how the body is framed.
+fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError> {
+    if head.method == "CONNECT" {
+        return Err(ProxyError::NotImplemented(head.method.clone()));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
+    if head.version == Version::Http11 && head.header("host").is_none() {
+        return Err(ProxyError::BadRequest("missing Host header".into()));
+    }
+    http::request_body_length(head).map_err(ProxyError::BadRequest)
+}
+
+/// Writes the request line and headers for the backend: hop-by-hop fields removed, the client
+/// added to X-Forwarded-For, an X-Request-Id added when missing, and the framing stated once.
+fn write_request_head(
+    out: &mut Vec<u8>,
+    request: &OutgoingRequest,
+    client_ip: IpAddr,
+    backend_name: &str,
+) {
+    let head = request.head;
+    out.extend_from_slice(head.method.as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for: Vec<u8> = Vec::new();
+    for field in &head.headers {
+        let name = field.name.as_str();
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for.extend_from_slice(&field.value);
+            forwarded_for.extend_from_slice(b", ");
+        } else if !(http::is_hop_by_hop(name, head)
+            || name.eq_ignore_ascii_case("content-length")
+            || (name.eq_ignore_ascii_case("expect") && head.has_token("expect", "100-continue")))
+        {
+            http::push_header(out, name, &field.value);
+        }
+    }
+    if head.header("host").is_none() {
+        http::push_header(out, "Host", backend_name.as_bytes());
+    }
+    forwarded_for.extend_from_slice(client_ip.to_string().as_bytes());
+    http::push_header(out, "X-Forwarded-For", &forwarded_for);
+    if let Some(id) = request.request_id {
+        http::push_header(out, "X-Request-Id", id.as_bytes());
+    }
+    match request.body {
+        BodyLength::Fixed(length) => {
+            http::push_header(out, "Content-Length", length.to_string().as_bytes())
+        }
+        BodyLength::Chunked => http::push_header(out, "Transfer-Encoding", b"chunked"),
+        BodyLength::Empty | BodyLength::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a status line and the end-to-end headers of a response (without the blank line, so
+/// the caller can add its own fields). Framing headers that the relay replaces are left out.
+fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead) {
+    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", head.status, head.reason).as_bytes());
+    let framed_by_length = head.header("transfer-encoding").is_none();
+    for field in &head.headers {
+        let name = field.name.as_str();
+        let stale_length = name.eq_ignore_ascii_case("content-length") && !framed_by_length;
+        if !http::is_hop_by_hop(name, head) && !stale_length {
+            http::push_header(out, name, &field.value);
+        }
+    }
+}
+
+fn bad_gateway(why: &str) -> ExchangeError {
+    ExchangeError::Failed(Failure::Answer(ProxyError::BadGateway(why.to_string())))
+}
+
+fn abort(why: &str) -> ExchangeError {
+    ExchangeError::Failed(Failure::Abort(why.to_string()))
+}

@@ -1,0 +1,347 @@
+//! The server: the listening socket, one thread per client connection, and graceful shutdown.
+//!
+//! Each client connection is served by one OS thread with blocking I/O, as in the chapter. Two
+//! things make that design hold up under load. Finished threads are kept and handed the next
+//! connection instead of being ended and created again, because creating a thread costs more
+//! than a whole keep-alive request. And `--max-connections` bounds how many are served at once:
+//! beyond it, accepting pauses and new clients wait in the kernel's listen queue, which is made
+//! much longer than the chapter's 5 so that bursts of connections are not dropped.
+//!
+//! Shutdown (Ctrl-C or SIGTERM) stops accepting, closes connections that are idle between
+//! requests, and lets requests in flight finish for up to ten seconds.
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::proxy::{ClientConnection, ConnectionState, LoadBalancer};
+
+/// Length of the kernel's queue of connections not yet accepted (the kernel may cap it).
+const LISTEN_BACKLOG: i32 = 4096;
+
+/// Stack size of a client thread. Buffers live on the heap, so a small stack is plenty, and an
+/// idle client costs only the pages it touched.
+const CLIENT_STACK: usize = 256 * 1024;
+
+/// How long a finished client thread waits for a next connection before it ends.
+const THREAD_KEEP: Duration = Duration::from_secs(30);
+
+/// How long requests in flight may take to finish once shutdown begins.
+const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// A bound listening socket, ready to serve.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// A handle that stops a running server from another thread (the Ctrl-C handler, a test).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+    wake_addr: SocketAddr,
+}
+
+/// State shared by the accepting thread, the client threads and shutdown handles.
+struct Shared {
+    shutdown: AtomicBool,
+    max_connections: usize,
+    /// Open client connections, so shutdown can find the idle ones.
+    open: Mutex<Connections>,
+    /// Signalled whenever a connection closes (or shutdown begins).
+    closed: Condvar,
+    /// Client threads waiting for a connection to serve.
+    idle: Mutex<IdleThreads>,
+    work: Condvar,
+}
+
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    by_id: HashMap<u64, OpenConnection>,
+    paused_logged: bool,
+}
+
+struct OpenConnection {
+    socket: TcpStream,
+    state: Arc<ConnectionState>,
+}
+
+#[derive(Default)]
+struct IdleThreads {
+    waiting: usize,
+    queue: VecDeque<Job>,
+}
+
+/// An accepted connection on its way to a client thread.
+struct Job {
+    id: u64,
+    stream: TcpStream,
+    peer: SocketAddr,
+    state: Arc<ConnectionState>,
+}
+
+impl Server {
+    /// Binds the listening socket. A port already in use is reported here, before anything runs.
+    pub fn bind(addr: SocketAddr, max_connections: usize) -> io::Result<Server> {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(LISTEN_BACKLOG)?;
+        let shared = Shared {
+            shutdown: AtomicBool::new(false),
+            max_connections: max_connections.max(1),
+            open: Mutex::new(Connections::default()),
+            closed: Condvar::new(),
+            idle: Mutex::new(IdleThreads::default()),
+            work: Condvar::new(),
+        };
+        Ok(Server {
+            listener: socket.into(),
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The address the server listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// A handle that stops this server.
+    pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
+        let mut wake_addr = self.local_addr()?;
+        // Connecting to an unspecified address (0.0.0.0) is not portable; loopback always works.
+        if wake_addr.ip().is_unspecified() {
+            wake_addr.set_ip(match wake_addr {
+                SocketAddr::V4(_) => [127, 0, 0, 1].into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        Ok(ShutdownHandle {
+            shared: Arc::clone(&self.shared),
+            wake_addr,
+        })
+    }
+
+    /// Accepts and serves clients until shut down, then lets requests in flight finish.
+    pub fn serve(self, lb: Arc<LoadBalancer>) {
+        while !self.shared.is_shutting_down() {
+            self.shared.wait_for_a_free_slot();
+            if self.shared.is_shutting_down() {
+                break;
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) if !self.shared.is_shutting_down() => {
+                    self.shared.start(&lb, stream, peer)
+                }
+                Ok(_) => break,
+                Err(err) => {
+                    log::warn!("accept failed: {err}");
+                    // Out of file descriptors, for instance: give closing connections a moment.
+                    thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+        drop(self.listener);
+        self.shared.drain();
+    }
+}
+
+impl ShutdownHandle {
+    /// Begins a graceful shutdown: the server stops accepting and `serve` returns once requests
+    /// in flight are done (ten seconds at most).
+    pub fn shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.closed.notify_all();
+        self.shared.work.notify_all();
+        // `accept` blocks until a client arrives, so become that client.
+        let _ = TcpStream::connect_timeout(&self.wake_addr, Duration::from_secs(1));
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.is_shutting_down()
+    }
+}
+
+impl Shared {
+    fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> MutexGuard<'_, Connections> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn idle(&self) -> MutexGuard<'_, IdleThreads> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pauses accepting while `--max-connections` clients are being served.
+    fn wait_for_a_free_slot(&self) {
+        let mut open = self.open();
+        while open.by_id.len() >= self.max_connections && !self.is_shutting_down() {
+            if !open.paused_logged {
+                log::warn!(
+                    "{} connections open (--max-connections): accepting paused",
+                    self.max_connections
+                );
+                open.paused_logged = true;
+            }
+            open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Registers an accepted connection and hands it to an idle client thread, or a new one.
+    fn start(self: &Arc<Self>, lb: &Arc<LoadBalancer>, stream: TcpStream, peer: SocketAddr) {
+        let state = Arc::new(ConnectionState::default());
+        let id = {
+            let socket = match stream.try_clone() {
+                Ok(socket) => socket,
+                Err(err) => return log::warn!("cannot serve {peer}: {err}"),
+            };
+            let mut open = self.open();
+            open.next_id += 1;
+            let id = open.next_id;
+            open.by_id.insert(
+                id,
+                OpenConnection {
+                    socket,
+                    state: Arc::clone(&state),
+                },
+            );
+            id
+        };
+        let job = Job {
+            id,
+            stream,
+            peer,
+            state,
+        };
+        let mut idle = self.idle();
+        if idle.waiting > 0 {
+            idle.waiting -= 1;
+            idle.queue.push_back(job);
+            drop(idle);
+            self.work.notify_one();
+            return;
+        }
+        drop(idle);
+        let shared = Arc::clone(self);
+        let lb = Arc::clone(lb);
+        let spawned = thread::Builder::new()
+            .name("client".into())
+            .stack_size(CLIENT_STACK)
+            .spawn(move || shared.client_thread(&lb, job));
+        if let Err(err) = spawned {
+            log::error!("cannot start a thread for {peer}: {err}");
+            self.finish(id);
+        }
+    }
+
+    /// A client thread: serves its connection, then waits for another one for a while.
+    fn client_thread(&self, lb: &LoadBalancer, first: Job) {
+        let mut job = first;
+        loop {
+            self.serve_one(lb, job);
+            match self.next_job() {
+                Some(next) => job = next,
+                None => return,
+            }
+        }
+    }
+
+    fn serve_one(&self, lb: &LoadBalancer, job: Job) {
+        let _open = lb.stats().open_connection();
+        let served = panic::catch_unwind(AssertUnwindSafe(|| {
+            match ClientConnection::new(lb, job.stream, job.peer, &job.state, &self.shutdown) {
+                Ok(connection) => connection.serve(),
+                Err(err) => log::debug!("client {} gone before serving: {err}", job.peer),
+            }
+        }));
+        if served.is_err() {
+            // The panic message was already printed by the panic hook; the server goes on.
+            log::error!(
+                "the thread serving {} panicked; its connection was closed",
+                job.peer
+            );
+        }
+        self.finish(job.id);
+    }
+
+    /// Forgets a closed connection and wakes whoever waits for a free slot or for the drain.
+    fn finish(&self, id: u64) {
+        let mut open = self.open();
+        open.by_id.remove(&id);
+        open.paused_logged = false;
+        drop(open);
+        self.closed.notify_all();
+    }
+
+    fn next_job(&self) -> Option<Job> {
+        let mut idle = self.idle();
+        idle.waiting += 1;
+        loop {
+            if let Some(job) = idle.queue.pop_front() {
+                return Some(job);
+            }
+            if self.is_shutting_down() {
+                idle.waiting -= 1;
+                return None;
+            }
+            let (guard, wait) = self
+                .work
+                .wait_timeout(idle, THREAD_KEEP)
+                .unwrap_or_else(|e| e.into_inner());
+            idle = guard;
+            if wait.timed_out() && idle.queue.is_empty() {
+                idle.waiting -= 1;
+                return None;
+            }
+        }
+    }
+
+    /// Closes connections idle between requests and waits for the busy ones to finish.
+    fn drain(&self) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut open = self.open();
+        for connection in open.by_id.values() {
+            if connection.state.idle.load(Ordering::SeqCst) {
+                // A read blocked on this socket now sees the end of the stream.
+                let _ = connection.socket.shutdown(Shutdown::Read);
+            }
+        }
+        if !open.by_id.is_empty() {
+            log::info!(
+                "waiting for {} open connections to finish",
+                open.by_id.len()
+            );
+        }
+        while !open.by_id.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                log::warn!(
+                    "{} connections still busy after {:?}; closing them",
+                    open.by_id.len(),
+                    DRAIN_LIMIT
+                );
+                for connection in open.by_id.values() {
+                    let _ = connection.socket.shutdown(Shutdown::Both);
+                }
+                return;
+            }
+            open = self
+                .closed
+                .wait_timeout(open, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}

@@ -1,0 +1,39 @@
+//! The run-time settings every part of the balancer reads: where to listen, how many clients at
+//! once, and how long to wait for each party. They come from the command line (`cli`) and stay
+//! fixed while the balancer runs.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Settings fixed at start-up and shared by the server and every client connection.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Client connections served at once.
+    pub max_connections: usize,
+    /// Time allowed for connecting to a backend.
+    pub connect_timeout: Duration,
+    /// Time allowed for each read from or write to a backend.
+    pub backend_timeout: Duration,
+    /// Time allowed for a whole request head, and for an idle keep-alive connection.
+    pub client_timeout: Duration,
+    /// How often statistics are logged; zero for never.
+    pub stats_interval: Duration,
+    /// Whether responses carry an `X-Lb-Decision` header.
+    pub explain: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_connections: 1024,
+            connect_timeout: Duration::from_secs(2),
+            backend_timeout: Duration::from_secs(30),
+            client_timeout: Duration::from_secs(30),
+            stats_interval: Duration::ZERO,
+            explain: false,
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! Start-up: wiring the parts together and running until Ctrl-C.
+//!
+//! Every phase binary builds its [`LoadBalancer`] (which algorithm, which health checks) and
+//! hands it to [`run`], which does what all phases share: bind the port, start demo backends
+//! when asked, log the statistics periodically, and shut down gracefully on SIGINT or SIGTERM.
+
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::Duration;
+
+use crate::cli::CommonArgs;
+use crate::demo::{self, DemoBackend};
+use crate::error::StartError;
+use crate::proxy::LoadBalancer;
+use crate::server::Server;
+
+/// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics.
+pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
+    let settings = lb.settings().clone();
+    let server = Server::bind(settings.listen, settings.max_connections)
+        .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
+    let _demo_backends = if args.demo {
+        start_demo_backends(&lb)?
+    } else {
+        Vec::new()
+    };
+
+    let shutdown = server
+        .shutdown_handle()
+        .map_err(|err| StartError(err.to_string()))?;
+    let on_signal = shutdown.clone();
+    ctrlc::set_handler(move || {
+        log::info!("shutting down: no new connections, letting requests in flight finish");
+        on_signal.shutdown();
+    })
+    .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))?;
+
+    let lb = Arc::new(lb);
+    log_banner(&lb, &server);
+    let (stop_stats, stats_stopped) = mpsc::channel::<()>();
+    let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
+
+    server.serve(Arc::clone(&lb));
+
+    drop(stop_stats);
+    if let Some(logger) = stats_logger {
+        let _ = logger.join();
+    }
+    log::info!("{}", lb.stats().summary(lb.backends()));
+    log::info!("stopped");
+    Ok(())
+}
+
+fn log_banner(lb: &LoadBalancer, server: &Server) {
+    let listen = server
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let backends: Vec<String> = lb
+        .backends()
+        .iter()
+        .map(|b| {
+            if b.weight() == 1 {
+                b.name().to_string()
+            } else {
+                format!("{}={}", b.name(), b.weight())
+            }
+        })
+        .collect();
+    log::info!(
+        "load balancer listening on {listen}, {} over {} backends: {}",
+        lb.balancer().name(),
+        backends.len(),
+        backends.join(", ")
+    );
+}
+
+/// Starts one demo backend on each backend address, named after its port as
+/// `scripts/backends.sh` names them.
+fn start_demo_backends(lb: &LoadBalancer) -> Result<Vec<DemoBackend>, StartError> {
+    lb.backends()
+        .iter()
+        .map(|backend| {
+            let addr = backend.addr();
+            let listener = std::net::TcpListener::bind(addr)
+                .map_err(|err| StartError(format!("--demo: cannot listen on {addr}: {err}")))?;
+            let name = format!("backend-{}", addr.port());
+            log::info!("demo backend {name} listening on {addr}");
+            demo::start(listener, name, Duration::ZERO)
+                .map_err(|err| StartError(format!("--demo: {err}")))
+        })
+        .collect()
+}
+
+/// Logs the statistics every `interval` until `stop` is dropped; no thread when `interval` is 0.
+fn start_stats_log(
+    lb: Arc<LoadBalancer>,
+    interval: Duration,
+    stop: mpsc::Receiver<()>,
+) -> Option<thread::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    let spawned = thread::Builder::new()
+        .name("stats-log".into())
+        .spawn(move || {
+            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
+                log::info!("{}", lb.stats().summary(lb.backends()));
+            }
+        });
+    spawned
+        .map_err(|err| log::warn!("no periodic statistics: {err}"))
+        .ok()
+}
