@@ -6,3 +6,7 @@ pub struct DemoBackend;
 pub fn start(_l: TcpListener, _n: String, _d: std::time::Duration) -> std::io::Result<DemoBackend> {
     Ok(DemoBackend)
 }
+impl DemoBackend {
+    /// x
+    pub fn stop(self) {}
+}

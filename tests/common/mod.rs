@@ -1,0 +1,396 @@
+//! Helpers shared by the integration tests: start a balancer binary as a child process on port 0,
+//! start backends in-process, and speak raw HTTP/1.1 to them.
+//!
+//! Every wait here is bounded, every process is killed when its handle drops, and readiness is
+//! checked (by reading the balancer's start-up log line) instead of slept for.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A balancer binary running as a child process.
+pub struct Balancer {
+    child: Child,
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    /// Where the statistics listener is, when it is on.
+    pub admin: Option<SocketAddr>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Balancer {
+    /// Starts `bin` (a `CARGO_BIN_EXE_…` path) listening on 127.0.0.1:0 with `--admin off`
+    /// unless `args` says otherwise, and waits until it logs its listening address.
+    pub fn start(bin: &str, args: &[&str]) -> Balancer {
+        let mut command = Command::new(bin);
+        command.args(["--listen", "127.0.0.1:0", "--stats-interval", "0"]);
+        if !args.contains(&"--admin") {
+            command.args(["--admin", "off"]);
+        }
+        command.args(args).env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = command.spawn().expect("balancer starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (found, addresses) = mpsc::channel();
+        let lines = Arc::clone(&log);
+        thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = address_after(&line, "load balancer listening on ") {
+                    let _ = found.send(("listen", addr));
+                }
+                if let Some(addr) = address_after(&line, "statistics on http://") {
+                    let _ = found.send(("admin", addr));
+                }
+                lines.lock().unwrap().push(line);
+            }
+        });
+        let wants_admin = args.contains(&"--admin") && !args.windows(2).any(|w| w == ["--admin", "off"]);
+        let (mut addr, mut admin) = (None, None);
+        let deadline = Instant::now() + WAIT;
+        while addr.is_none() || (wants_admin && admin.is_none()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match addresses.recv_timeout(left) {
+                Ok(("listen", a)) if addr.is_none() => addr = Some(a),
+                Ok(("admin", a)) => admin = Some(a),
+                Ok(_) => {}
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("balancer did not start; log:\n{}", log.lock().unwrap().join("\n"));
+                }
+            }
+        }
+        Balancer { child, addr: addr.unwrap(), admin, log }
+    }
+
+    /// Everything the balancer logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Sends SIGINT, as Ctrl-C does.
+    pub fn interrupt(&self) {
+        let status = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
+        assert!(status.map(|s| s.success()).unwrap_or(false), "kill -INT works");
+    }
+
+    /// Waits for the process to exit, at most `limit`; returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `HOST:PORT` that follows `marker` in a log line, if any.
+fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let end = rest.find(|c: char| c == ',' || c == '/' || c.is_whitespace()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// A backend in the test process, served by the library's demo backend.
+pub struct DemoBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    server: Option<lb::demo::DemoBackend>,
+}
+
+impl DemoBackend {
+    /// A demo backend on 127.0.0.1:0 answering as `name`.
+    pub fn start(name: &str) -> DemoBackend {
+        DemoBackend::with_delay(name, Duration::ZERO)
+    }
+
+    /// A demo backend that waits `delay` before each answer.
+    pub fn with_delay(name: &str, delay: Duration) -> DemoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = lb::demo::start(listener, name.to_string(), delay).unwrap();
+        DemoBackend { addr, name: name.to_string(), server: Some(server) }
+    }
+
+    /// The `--backend` value for this backend.
+    pub fn spec(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops the backend; its port then refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.stop();
+        }
+    }
+}
+
+impl Drop for DemoBackend {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A backend whose every connection is handed to `handle`, for behaviour the demo backend does
+/// not have (slow answers, broken answers, big bodies). Threads end when their client does.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RawBackend {
+    /// Starts accepting on 127.0.0.1:0; each connection runs `handle` on its own thread.
+    pub fn start(handle: impl Fn(TcpStream) + Send + Sync + 'static) -> RawBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let handle = Arc::new(handle);
+        thread::spawn(move || {
+            for stream in listener.incoming() {
+                if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(WAIT));
+                let handle = Arc::clone(&handle);
+                thread::spawn(move || handle(stream));
+            }
+        });
+        RawBackend { addr, stop }
+    }
+
+    /// The `--backend` value for this backend.
+    pub fn spec(&self) -> String {
+        self.addr.to_string()
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header fields with lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+
+    /// Every value of header `name` (lower case).
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A client connection that reads responses one by one (keep-alive, pipelining).
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects to `addr` with a read timeout of [`WAIT`].
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connects");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client { stream, buf: Vec::new() }
+    }
+
+    /// Connects from a given local IP (e.g. 127.0.0.2) so the balancer sees another client.
+    pub fn connect_from(addr: SocketAddr, local_ip: &str) -> Client {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let local: SocketAddr = format!("{local_ip}:0").parse().unwrap();
+        socket.bind(&local.into()).unwrap();
+        socket.connect_timeout(&addr.into(), WAIT).unwrap();
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        Client { stream, buf: Vec::new() }
+    }
+
+    /// Writes raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("request written");
+    }
+
+    /// Sends `GET path` with keep-alive.
+    pub fn get(&mut self, path: &str) -> Response {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+        self.read_response("GET")
+    }
+
+    /// Reads one response to a request with `method` (HEAD responses have no body).
+    pub fn read_response(&mut self, method: &str) -> Response {
+        self.try_read_response(method).expect("a complete response")
+    }
+
+    /// Reads one response, or `None` if the connection closed or broke first.
+    pub fn try_read_response(&mut self, method: &str) -> Option<Response> {
+        let (status, headers) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut fields);
+            if let Ok(httparse::Status::Complete(len)) = parsed.parse(&self.buf) {
+                let status = parsed.code.unwrap_or(0);
+                let headers: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                    .collect();
+                self.buf.drain(..len);
+                if (100..200).contains(&status) {
+                    continue;
+                }
+                break (status, headers);
+            }
+            if !self.fill() {
+                return None;
+            }
+        };
+        let mut response = Response { status, headers, body: Vec::new() };
+        let no_body = method == "HEAD" || status == 204 || status == 304;
+        if no_body {
+            return Some(response);
+        }
+        if response.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            response.body = self.read_chunked()?;
+        } else if let Some(length) = response.header("content-length") {
+            let length: usize = length.trim().parse().ok()?;
+            while self.buf.len() < length {
+                if !self.fill() {
+                    return None;
+                }
+            }
+            response.body = self.buf.drain(..length).collect();
+        } else {
+            while self.fill() {}
+            response.body = std::mem::take(&mut self.buf);
+        }
+        Some(response)
+    }
+
+    fn read_chunked(&mut self) -> Option<Vec<u8>> {
+        let mut body = Vec::new();
+        loop {
+            let line_end = loop {
+                if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                    break pos;
+                }
+                if !self.fill() {
+                    return None;
+                }
+            };
+            let line = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
+            let size = usize::from_str_radix(line.split(';').next()?.trim(), 16).ok()?;
+            self.buf.drain(..line_end + 2);
+            if size == 0 {
+                // Trailers end with an empty line.
+                loop {
+                    let end = loop {
+                        if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                            break pos;
+                        }
+                        if !self.fill() {
+                            return None;
+                        }
+                    };
+                    self.buf.drain(..end + 2);
+                    if end == 0 {
+                        return Some(body);
+                    }
+                }
+            }
+            while self.buf.len() < size + 2 {
+                if !self.fill() {
+                    return None;
+                }
+            }
+            body.extend(self.buf.drain(..size));
+            self.buf.drain(..2);
+        }
+    }
+
+    /// Reads more bytes; false at end of stream or on error.
+    fn fill(&mut self) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                true
+            }
+        }
+    }
+
+    /// Whether the server closed the connection (reads end of stream within [`WAIT`]).
+    pub fn is_closed(&mut self) -> bool {
+        !self.buf.is_empty() || !self.fill()
+    }
+}
+
+/// One request on a new connection: `GET path`, returning the response.
+pub fn get(addr: SocketAddr, path: &str) -> Response {
+    Client::connect(addr).get(path)
+}
+
+/// The `X-Backend` header of each of `n` sequential requests on new connections.
+pub fn backends_hit(addr: SocketAddr, n: usize) -> Vec<String> {
+    (0..n).map(|_| get(addr, "/").header("x-backend").unwrap_or("none").to_string()).collect()
+}
+
+/// How many of `names` are each value.
+pub fn count(names: &[String]) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for name in names {
+        *counts.entry(name.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Polls `condition` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
