@@ -295,12 +295,7 @@ fn read_head<T>(
             return Err(HeadError::TooLarge);
         }
         before_read(stream, scanned > 0)?;
-        let got = match stream.fill(MAX_HEAD + 4) {
-            Ok(n) => n,
-            // A client that goes quiet between keep-alive requests is simply closed.
-            Err(err) if is_timeout(&err) && scanned == 0 => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
+        let got = stream.fill(MAX_HEAD + 4)?;
         if got == 0 {
             return if scanned == 0 {
                 Ok(None)

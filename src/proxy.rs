@@ -168,6 +168,9 @@ impl<'a> ClientConnection<'a> {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            // A keep-alive client that stays quiet is closed without a word; one that started a
+            // request and did not finish it in time is told so.
+            HeadError::TimedOut if self.client.buffered().is_empty() => return Flow::Close,
             HeadError::TimedOut => ProxyError::RequestTimeout,
             HeadError::Truncated | HeadError::Io(_) => return Flow::Close,
         };
