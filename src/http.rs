@@ -20,6 +20,9 @@ pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (with extensions) accepted inside a chunked body.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// The read buffer used while relaying a long body: large reads mean fewer system calls.
+const BODY_BUFFER: usize = 64 * 1024;
+
 /// Output gathered before it is written: small pieces become one `write` system call.
 const SINK_LIMIT: usize = 64 * 1024;
 
@@ -82,6 +85,15 @@ impl BufferedStream {
         let n = self.stream.read(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Enlarges an empty buffer to `capacity` bytes. A long body is then read in large pieces,
+    /// while a connection that only sees small messages keeps a small buffer, which is most of
+    /// what an idle connection costs.
+    pub fn expand(&mut self, capacity: usize) {
+        if self.start == self.end && self.buf.len() < capacity {
+            self.buf = vec![0; capacity];
+        }
     }
 
     /// The underlying socket, for writing and for socket options.
@@ -607,6 +619,9 @@ fn relay_exact(
 ) -> Result<(), RelayError> {
     while remaining > 0 {
         if src.buffered().is_empty() {
+            if remaining > src.buf.len() as u64 {
+                src.expand(BODY_BUFFER);
+            }
             refill(src, sink, 0)?;
         }
         let take = src
@@ -625,6 +640,7 @@ fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), Re
         let buffered = src.buffered().len();
         sink.emit(&src.buffered()[..buffered])?;
         src.consume(buffered);
+        src.expand(BODY_BUFFER);
         match refill(src, sink, 0) {
             Err(RelayError::Truncated) => return Ok(()),
             other => other?,

@@ -24,8 +24,9 @@ use crate::stats::Stats;
 /// The client read buffer's starting size; it grows only for a large head.
 const CLIENT_BUFFER: usize = 4 * 1024;
 
-/// The backend read buffer's size, allocated per exchange so idle clients hold none.
-const BACKEND_BUFFER: usize = 16 * 1024;
+/// The backend read buffer's starting size, allocated per exchange so idle clients hold none;
+/// it grows for a large head or a long body.
+const BACKEND_BUFFER: usize = 4 * 1024;
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
