@@ -505,3 +505,26 @@ fn a_port_in_use_is_a_start_up_error() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains(&addr));
 }
+
+#[test]
+fn max_connections_pauses_accepting_until_a_client_leaves() {
+    let (_backends, lb) = three_backends(&["--max-connections", "1"]);
+    let mut first = Client::connect(lb.addr);
+    assert_eq!(first.get("/").status, 200);
+    // The second client's connection waits in the listen queue, unanswered, while the first
+    // stays connected.
+    let mut second = Client::connect(lb.addr);
+    second
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    second.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        second.try_read_response("GET").is_none(),
+        "served beyond --max-connections"
+    );
+    assert!(eventually(WAIT, || lb.log().contains("accepting paused")));
+    drop(first);
+    second.stream.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(second.read_response("GET").status, 200);
+}
