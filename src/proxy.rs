@@ -25,8 +25,9 @@ use crate::stats::Stats;
 /// The client read buffer's starting size; it grows only for a large head.
 const CLIENT_BUFFER: usize = 4 * 1024;
 
-/// The backend read buffer's size, allocated per exchange so idle clients hold none.
-const BACKEND_BUFFER: usize = 16 * 1024;
+/// The backend read buffer's starting size, allocated per exchange so idle clients hold none;
+/// it grows for a large head or a long body.
+const BACKEND_BUFFER: usize = 4 * 1024;
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -191,6 +192,9 @@ impl<'a> ClientConnection<'a> {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            // A keep-alive client that stays quiet is closed without a word; one that started a
+            // request and did not finish it in time is told so.
+            HeadError::TimedOut if self.client.buffered().is_empty() => return Flow::Close,
             HeadError::TimedOut => ProxyError::RequestTimeout,
             HeadError::Truncated | HeadError::Io(_) => return Flow::Close,
         };
