@@ -144,7 +144,7 @@ impl HealthArgs {
                 rise: self.rise,
                 fall: self.fall,
             }),
-            passive: mode.is_passive().then(|| PassivePolicy {
+            passive: mode.is_passive().then_some(PassivePolicy {
                 max_fails: self.max_fails,
                 fail_timeout: self.fail_timeout,
             }),
