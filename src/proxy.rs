@@ -145,7 +145,8 @@ pub struct ClientConnection<'a> {
 }
 
 impl<'a> ClientConnection<'a> {
-    /// Prepares to serve `stream`; timeouts are set once here, not per request.
+    /// Prepares to serve `stream`. Its timeouts are set once per connection, never per request:
+    /// on Linux they come with the accepted socket from the listening one (see `server`).
     pub fn new(
         lb: &'a LoadBalancer,
         stream: TcpStream,
@@ -153,9 +154,12 @@ impl<'a> ClientConnection<'a> {
         state: &'a ConnectionState,
         shutdown: &'a AtomicBool,
     ) -> std::io::Result<Self> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(lb.settings.client_timeout))?;
-        stream.set_write_timeout(Some(lb.settings.client_timeout))?;
+        #[cfg(not(target_os = "linux"))]
+        {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(lb.settings.client_timeout))?;
+            stream.set_write_timeout(Some(lb.settings.client_timeout))?;
+        }
         Ok(ClientConnection {
             lb,
             client: BufferedStream::new(stream, CLIENT_BUFFER),
