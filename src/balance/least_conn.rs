@@ -58,7 +58,7 @@ impl Balancer for LeastConnections {
                 seen.push((i, active));
             }
             let weight = backends[i].weight();
-            if best.map_or(true, |(b, b_active)| {
+            if best.is_none_or(|(b, b_active)| {
                 is_less_loaded(active, weight, b_active, backends[b].weight())
             }) {
                 best = Some((i, active));

@@ -60,7 +60,7 @@ impl Balancer for SmoothWeighted {
             let weight = i64::from(backend.weight());
             current[i] += weight;
             total += weight;
-            if best.map_or(true, |b| current[i] > current[b]) {
+            if best.is_none_or(|b| current[i] > current[b]) {
                 best = Some(i);
             }
         }
