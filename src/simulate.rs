@@ -10,6 +10,7 @@
 use std::fmt::{self, Write as _};
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
@@ -106,12 +107,26 @@ pub struct Report {
 /// Runs every algorithm over the same synthetic traffic.
 pub fn simulate(args: &SimulateArgs) -> Report {
     let started = Instant::now();
-    let backends = make_backends(&args.weights);
     let clients: Vec<IpAddr> = (0..args.clients).map(client_ip).collect();
-    let rows = Algorithm::ALL
-        .iter()
-        .map(|&algorithm| simulate_one(algorithm, &backends, &clients, args))
-        .collect();
+    // The algorithms run side by side, one thread each, each with backends of its own: least
+    // connections must see only its own requests in flight.
+    let rows = thread::scope(|scope| {
+        let runs: Vec<_> = Algorithm::ALL
+            .iter()
+            .map(|&algorithm| {
+                let clients = &clients;
+                scope.spawn(move || {
+                    simulate_one(algorithm, &make_backends(&args.weights), clients, args)
+                })
+            })
+            .collect();
+        runs.into_iter()
+            .map(|run| {
+                run.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    });
     Report {
         args: args.clone(),
         rows,

@@ -7,6 +7,7 @@
 //! client. Modulo hashing moves most clients when the number of backends changes; consistent
 //! hashing (`consistent_hash`) is the cure, and `loadbalancer simulate` shows the difference.
 
+use std::io::Write as _;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -31,7 +32,40 @@ impl IpHash {
 /// The MD5 digest of the IP address as text (`127.0.0.2`). An IPv4 client seen through an IPv6
 /// socket (`::ffff:127.0.0.2`) hashes as the IPv4 address it is.
 pub(crate) fn md5_of_ip(ip: IpAddr) -> [u8; 16] {
-    Md5::digest(ip.to_canonical().to_string().as_bytes()).into()
+    let mut text = [0u8; 64];
+    let length = write_ip(ip.to_canonical(), &mut text);
+    Md5::digest(&text[..length]).into()
+}
+
+/// Writes `ip` as text into `buffer` (an IPv6 address takes at most 39 bytes) and returns the
+/// length. This runs on every request: IPv4 addresses are written by hand, which is several
+/// times faster than the formatting machinery and needs no allocation.
+fn write_ip(ip: IpAddr, buffer: &mut [u8; 64]) -> usize {
+    let IpAddr::V4(v4) = ip else {
+        let mut cursor = std::io::Cursor::new(&mut buffer[..]);
+        let _ = write!(cursor, "{ip}");
+        return usize::try_from(cursor.position()).unwrap_or(0);
+    };
+    let mut length = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            buffer[length] = b'.';
+            length += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for digit in &digits[skip..] {
+            buffer[length] = b'0' + digit;
+            length += 1;
+        }
+    }
+    length
 }
 
 impl Balancer for IpHash {
@@ -123,6 +157,22 @@ mod tests {
         }
         let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
         assert_eq!(pick(&IpHash::new(), &all, mapped), 2);
+    }
+
+    #[test]
+    fn addresses_are_hashed_as_their_usual_text() {
+        let mut buffer = [0u8; 64];
+        for text in [
+            "0.0.0.0",
+            "10.20.30.40",
+            "192.168.100.255",
+            "::1",
+            "2001:db8::8:800:200c:417a",
+        ] {
+            let ip: IpAddr = text.parse().unwrap();
+            let length = write_ip(ip, &mut buffer);
+            assert_eq!(&buffer[..length], text.as_bytes());
+        }
     }
 
     #[test]
