@@ -10,6 +10,7 @@
 //! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
 //! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
+//! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | `sticky`, [`stats`] | cookie sessions, statistics pages |
 //!
@@ -27,5 +28,6 @@ pub mod http;
 pub mod proxy;
 pub mod server;
 pub mod settings;
+pub mod simulate;
 pub mod startup;
 pub mod stats;

@@ -1,0 +1,57 @@
+//! Phase 2 of the chapter, "고급 알고리즘" (advanced algorithms), third part: IP hash ("세션
+//! 유지", session persistence). The MD5 of the client IP modulo the number of backends picks the
+//! backend, so the same client always reaches the same one while the backend list is unchanged.
+//!
+//! ```text
+//! scripts/backends.sh                       # three demo backends on 8001-8003
+//! cargo run --bin phase2_ip_hash -- --explain
+//! curl -si localhost:8080/ | grep X-Lb-Decision            # the same backend every time
+//! curl -si --interface 127.0.0.2 localhost:8080/ | grep X-Lb-Decision   # maybe another one
+//! ```
+//!
+//! Compared with phase 1, only the balancer changes. When the hashed backend is unavailable the
+//! request moves on to the next one, as nginx does, so only that backend's clients move.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::balance::IpHash;
+use lb::cli::{self, CommonArgs};
+use lb::error::StartError;
+use lb::proxy::LoadBalancer;
+
+/// Phase 2: an HTTP load balancer that keeps each client IP on one backend by hashing it.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(args.common.verbose);
+    cli::exit_code(run(args))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let backends = args.common.backends(&[1, 1, 1]);
+    // The MD5 of the client IP, modulo the number of backends, names the backend.
+    let balancer = IpHash::new();
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
+    lb::startup::run(lb, &args.common)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Args::command().debug_assert();
+    }
+}
