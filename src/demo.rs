@@ -1,12 +1,1117 @@
-//! placeholder until the demo branch lands
-use std::net::TcpListener;
-/// x
-pub struct DemoBackend;
-/// x
-pub fn start(_l: TcpListener, _n: String, _d: std::time::Duration) -> std::io::Result<DemoBackend> {
-    Ok(DemoBackend)
+//! The demo backend: the small HTTP/1.1 server the balancer sends traffic to while you follow the chapter.
+//! Every path answers `Hello from NAME (ADDR): METHOD PATH` with an `X-Backend: NAME` header, so each
+//! response shows which backend served it, and `GET /health` answers `ok` for the health checker.
+//! Like the rest of the crate it uses blocking `std::net` I/O and one thread per connection, and it speaks
+//! enough HTTP/1.1 (keep-alive, pipelining, Content-Length and chunked request bodies) that the balancer's
+//! keep-alive connections to backends are exercised for real.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use httparse::Status;
+
+/// Longest request head accepted; a longer one is answered `431`, as the contract says.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most header lines in one request head (or chunked trailer); more is answered `431` too.
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line (size plus extensions) accepted in a chunked request body.
+const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
+/// A connection whose next request head has not fully arrived within this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bytes asked of the socket in one read; it also bounds how much body is buffered at once.
+const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// Stack of each connection thread. Buffers live on the heap, so a small stack is plenty.
+const CONNECTION_STACK_BYTES: usize = 128 * 1024;
+/// How long a closing connection keeps reading (and discarding) what the client still sends.
+const LINGER: Duration = Duration::from_secs(1);
+/// Most bytes discarded while lingering before the connection is dropped anyway.
+const MAX_LINGER_BYTES: usize = 1024 * 1024;
+/// How long `stop` waits to connect to its own listener to wake the accept thread.
+const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Pause after a failed `accept`, so running out of file descriptors does not spin the loop.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// A demo backend serving on its own accept thread, started by [`start`].
+///
+/// Stopping it (with [`DemoBackend::stop`] or by dropping it) stops accepting, closes the listener and
+/// shuts down the connections it has open, so a balancer sees it go away as a real backend would.
+pub struct DemoBackend {
+    shared: Arc<Shared>,
+    accept_thread: Option<JoinHandle<()>>,
 }
+
+/// Starts a demo backend on `listener` in the background and returns at once.
+///
+/// `name` appears in every response; `delay` is slept before each response except `/health`, to
+/// imitate a slow backend. Fails if the listener's address cannot be read, the name holds control
+/// characters (it goes into a header), or the accept thread cannot be spawned.
+pub fn start(listener: TcpListener, name: String, delay: Duration) -> io::Result<DemoBackend> {
+    let shared = Shared::new(&listener, name, delay)?;
+    let accept_thread = thread::Builder::new()
+        .name(format!("demo-accept-{}", shared.addr.port()))
+        .spawn({
+            let shared = Arc::clone(&shared);
+            move || accept_loop(&listener, &shared)
+        })?;
+    Ok(DemoBackend {
+        shared,
+        accept_thread: Some(accept_thread),
+    })
+}
+
+/// Runs a demo backend on `listener` on the calling thread, forever.
+///
+/// This is what the `backend` binary runs; it returns only with a start-up error (see [`start`]).
+pub fn serve(listener: TcpListener, name: String, delay: Duration) -> io::Result<()> {
+    let shared = Shared::new(&listener, name, delay)?;
+    accept_loop(&listener, &shared);
+    Ok(())
+}
+
 impl DemoBackend {
-    /// x
-    pub fn stop(self) {}
+    /// The address the backend listens on (with the real port when it was bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// Stops accepting, waits for the accept thread to end and shuts down open connections.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    /// Does the work of [`DemoBackend::stop`]; a second call does nothing, so `Drop` can call it too.
+    fn shut_down(&mut self) {
+        let Some(accept_thread) = self.accept_thread.take() else {
+            return;
+        };
+        // `accept` cannot be interrupted, so, as tiny-http does, raise the flag and then connect once
+        // to ourselves: the accept thread wakes up, sees the flag and ends, dropping the listener.
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        match TcpStream::connect_timeout(&wake_address(self.shared.addr), WAKE_TIMEOUT) {
+            Ok(_) => {
+                if accept_thread.join().is_err() {
+                    log::warn!("demo backend {}: accept thread panicked", self.shared.name);
+                }
+            }
+            // Joining now could wait forever; the thread ends at its next accept instead.
+            Err(err) => log::warn!(
+                "demo backend {}: could not wake the accept thread: {err}",
+                self.shared.name
+            ),
+        }
+        self.shared.connections.close_all();
+    }
+}
+
+impl Drop for DemoBackend {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+impl fmt::Debug for DemoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DemoBackend")
+            .field("name", &self.shared.name)
+            .field("addr", &self.shared.addr)
+            .field("delay", &self.shared.delay)
+            .finish()
+    }
+}
+
+/// What the accept thread and every connection thread of one backend share.
+struct Shared {
+    name: String,
+    addr: SocketAddr,
+    delay: Duration,
+    stopping: AtomicBool,
+    connections: Connections,
+}
+
+impl Shared {
+    fn new(listener: &TcpListener, name: String, delay: Duration) -> io::Result<Arc<Shared>> {
+        if name.bytes().any(|byte| byte.is_ascii_control()) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "backend name must not contain control characters",
+            ));
+        }
+        // A listener left non-blocking by its creator would make `accept` spin.
+        listener.set_nonblocking(false)?;
+        Ok(Arc::new(Shared {
+            name,
+            addr: listener.local_addr()?,
+            delay,
+            stopping: AtomicBool::new(false),
+            connections: Connections::default(),
+        }))
+    }
+}
+
+/// The address `stop` connects to: the listener's own, with a wildcard IP replaced by loopback.
+fn wake_address(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
+}
+
+/// Open connections, kept so that stopping a backend can shut them down.
+#[derive(Default)]
+struct Connections {
+    next_id: AtomicU64,
+    open: Mutex<HashMap<u64, TcpStream>>,
+}
+
+impl Connections {
+    /// Remembers a clone of `stream` until the returned guard is dropped.
+    fn register(shared: &Arc<Shared>, stream: &TcpStream) -> Registration {
+        let id = shared.connections.next_id.fetch_add(1, Ordering::Relaxed);
+        // Without a clone the connection still works; it just outlives `stop` until its client leaves.
+        if let Ok(clone) = stream.try_clone() {
+            shared.connections.lock().insert(id, clone);
+        }
+        Registration {
+            shared: Arc::clone(shared),
+            id,
+        }
+    }
+
+    /// Shuts down every open connection, which ends its thread's next read or write.
+    fn close_all(&self) {
+        let streams: Vec<TcpStream> = self.lock().drain().map(|(_, stream)| stream).collect();
+        for stream in streams {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, TcpStream>> {
+        // The map stays consistent even if a thread panicked while holding the lock.
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Removes a connection from [`Connections`] when its thread ends.
+struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.connections.lock().remove(&self.id);
+    }
+}
+
+/// Accepts connections and gives each its own thread, until the backend is stopped.
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    for stream in listener.incoming() {
+        if shared.stopping.load(Ordering::SeqCst) {
+            break;
+        }
+        match stream {
+            Ok(stream) => spawn_connection(stream, shared),
+            Err(err) => {
+                log::warn!("demo backend {}: accept failed: {err}", shared.name);
+                thread::sleep(ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
+    // Registering here, on the accept thread, means `stop` (which joins this thread first) sees
+    // every connection when it shuts them down.
+    let registration = Connections::register(shared, &stream);
+    let spawned = thread::Builder::new()
+        .name("demo-conn".to_string())
+        .stack_size(CONNECTION_STACK_BYTES)
+        .spawn(move || {
+            let shared = &registration.shared;
+            let peer = stream.peer_addr().ok();
+            if let Err(err) = handle_connection(stream, shared) {
+                log::debug!(
+                    "demo backend {}: connection from {peer:?} ended: {err}",
+                    shared.name
+                );
+            }
+        });
+    if let Err(err) = spawned {
+        log::warn!(
+            "demo backend {}: cannot spawn a connection thread: {err}",
+            shared.name
+        );
+    }
+}
+
+/// Serves requests on one connection, one after another, until either side closes it.
+fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    // A client that stops reading must not hold this thread forever.
+    stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
+    let mut conn = Connection::new(stream);
+    loop {
+        match exchange(&mut conn, shared) {
+            Ok(Persist::KeepAlive) => {}
+            Ok(Persist::Close) => {
+                conn.close_gracefully();
+                return Ok(());
+            }
+            Err(Abort::ClientClosed) => return Ok(()),
+            Err(Abort::Reject(reject)) => {
+                let response = render(
+                    reject.status_line(),
+                    reject.body(),
+                    true,
+                    Some("close"),
+                    &shared.name,
+                );
+                conn.stream.write_all(&response)?;
+                conn.close_gracefully();
+                return Ok(());
+            }
+            Err(Abort::Io(err)) => return Err(err),
+        }
+    }
+}
+
+/// Whether a connection stays open after a response.
+enum Persist {
+    KeepAlive,
+    Close,
+}
+
+/// Why a connection stops before a response could be written.
+enum Abort {
+    /// The client closed the connection between requests, as it may.
+    ClientClosed,
+    /// The request broke a rule; it is answered with an error status and the connection closed.
+    Reject(Reject),
+    /// Reading or writing failed (a reset, a timeout, or the client closed mid-request).
+    Io(io::Error),
+}
+
+impl From<io::Error> for Abort {
+    fn from(err: io::Error) -> Abort {
+        Abort::Io(err)
+    }
+}
+
+impl From<Reject> for Abort {
+    fn from(reject: Reject) -> Abort {
+        Abort::Reject(reject)
+    }
+}
+
+/// A request the backend refuses to answer normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reject {
+    /// Malformed request line, headers, framing or chunked body: `400`.
+    BadRequest,
+    /// Request head over [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`]: `431`.
+    HeadTooLarge,
+}
+
+impl Reject {
+    fn status_line(self) -> &'static str {
+        match self {
+            Reject::BadRequest => "400 Bad Request",
+            Reject::HeadTooLarge => "431 Request Header Fields Too Large",
+        }
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Reject::BadRequest => "bad request\n",
+            Reject::HeadTooLarge => "request header fields too large\n",
+        }
+    }
+}
+
+/// One request and response: read the head, skip the body, wait the delay, answer.
+fn exchange(conn: &mut Connection, shared: &Shared) -> Result<Persist, Abort> {
+    let request = read_head(conn)?;
+    // A client that sent `Expect: 100-continue` waits for this before sending the body
+    // (RFC 9110 section 10.1.1); HTTP/1.0 clients do not know the interim status.
+    if request.expects_continue && request.body != Body::Empty && request.is_http11 {
+        conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    discard_body(conn, request.body)?;
+
+    let is_health =
+        matches!(request.method.as_str(), "GET" | "HEAD") && request.path() == "/health";
+    let body = if is_health {
+        "ok\n".to_string()
+    } else {
+        if !shared.delay.is_zero() {
+            thread::sleep(shared.delay);
+        }
+        format!(
+            "Hello from {} ({}): {} {}\n",
+            shared.name, shared.addr, request.method, request.target
+        )
+    };
+    // HEAD gets the headers a GET would get, Content-Length included, but no body (RFC 9110 9.3.2).
+    let include_body = request.method != "HEAD";
+    let response = render(
+        "200 OK",
+        &body,
+        include_body,
+        request.connection_header(),
+        &shared.name,
+    );
+    conn.stream.write_all(&response)?;
+    Ok(if request.keep_alive {
+        Persist::KeepAlive
+    } else {
+        Persist::Close
+    })
+}
+
+/// Builds a whole response in one buffer, so it goes out in one write.
+fn render(
+    status_line: &str,
+    body: &str,
+    include_body: bool,
+    connection: Option<&str>,
+    name: &str,
+) -> Vec<u8> {
+    let mut head = format!(
+        "HTTP/1.1 {status_line}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nX-Backend: {name}\r\n",
+        body.len()
+    );
+    if let Some(connection) = connection {
+        head.push_str("Connection: ");
+        head.push_str(connection);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    let mut response = head.into_bytes();
+    if include_body {
+        response.extend_from_slice(body.as_bytes());
+    }
+    response
+}
+
+/// How a request's body is delimited (RFC 9112 section 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Empty,
+    Length(u64),
+    Chunked,
+}
+
+/// The parts of a request head the backend uses, copied out of the read buffer.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    target: String,
+    is_http11: bool,
+    keep_alive: bool,
+    expects_continue: bool,
+    body: Body,
+}
+
+impl Request {
+    /// Builds a request from a completely parsed head, checking its framing headers.
+    fn from_parsed(parsed: &httparse::Request<'_, '_>) -> Result<Request, Reject> {
+        let (Some(method), Some(target), Some(version)) =
+            (parsed.method, parsed.path, parsed.version)
+        else {
+            return Err(Reject::BadRequest);
+        };
+        let mut content_length: Option<u64> = None;
+        let mut transfer_codings: Vec<String> = Vec::new();
+        let mut connection_close = false;
+        let mut connection_keep_alive = false;
+        let mut expects_continue = false;
+        for header in parsed.headers.iter() {
+            let value = std::str::from_utf8(header.value).map_err(|_| Reject::BadRequest)?;
+            let name = header.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                // Repeated or comma-listed lengths are allowed only when they all agree (RFC 9112 6.3).
+                for item in value.split(',') {
+                    let length = parse_content_length(item.trim())?;
+                    if content_length.is_some_and(|seen| seen != length) {
+                        return Err(Reject::BadRequest);
+                    }
+                    content_length = Some(length);
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                transfer_codings.extend(tokens(value));
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in tokens(value) {
+                    connection_close |= token == "close";
+                    connection_keep_alive |= token == "keep-alive";
+                }
+            } else if name.eq_ignore_ascii_case("expect") {
+                expects_continue |= value.trim().eq_ignore_ascii_case("100-continue");
+            }
+        }
+
+        let body = match (transfer_codings.last(), content_length) {
+            (None, None | Some(0)) => Body::Empty,
+            (None, Some(length)) => Body::Length(length),
+            // Both framings at once is how request smuggling starts; the contract says 400.
+            (Some(_), Some(_)) => return Err(Reject::BadRequest),
+            (Some(last), None) if last == "chunked" => Body::Chunked,
+            // A request body whose final coding is not chunked has no knowable end (RFC 9112 6.3).
+            (Some(_), None) => return Err(Reject::BadRequest),
+        };
+        let is_http11 = version == 1;
+        // HTTP/1.1 is persistent unless told otherwise; HTTP/1.0 only when asked (RFC 9112 9.3).
+        // Transfer-Encoding in an HTTP/1.0 request is a framing fault that ends the connection (RFC 9112 6.1).
+        let keep_alive = !connection_close
+            && if is_http11 {
+                true
+            } else {
+                connection_keep_alive && transfer_codings.is_empty()
+            };
+        Ok(Request {
+            method: method.to_string(),
+            target: target.to_string(),
+            is_http11,
+            keep_alive,
+            expects_continue,
+            body,
+        })
+    }
+
+    /// The request target without its query string.
+    fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
+    }
+
+    /// The `Connection` header the response needs: `close` when closing, and `keep-alive` for an
+    /// HTTP/1.0 client that asked to keep the connection (it would assume close otherwise).
+    fn connection_header(&self) -> Option<&'static str> {
+        match (self.keep_alive, self.is_http11) {
+            (false, _) => Some("close"),
+            (true, false) => Some("keep-alive"),
+            (true, true) => None,
+        }
+    }
+}
+
+/// Parses one Content-Length value: digits only, so `+5` or `-1` are refused rather than guessed at.
+fn parse_content_length(value: &str) -> Result<u64, Reject> {
+    if value.is_empty() || !value.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err(Reject::BadRequest);
+    }
+    value.parse().map_err(|_| Reject::BadRequest)
+}
+
+/// The comma-separated tokens of a header value, trimmed and lowercased.
+fn tokens(value: &str) -> impl Iterator<Item = String> + '_ {
+    value
+        .split(',')
+        .map(|token| token.trim().to_ascii_lowercase())
+        .filter(|token| !token.is_empty())
+}
+
+/// Reads until a whole request head is buffered, then parses and removes it from the buffer.
+///
+/// The head may arrive in pieces, so it is re-parsed as bytes come in; bytes after it (a body or the
+/// next pipelined request) stay in the buffer. The whole head must arrive within [`IDLE_TIMEOUT`].
+fn read_head(conn: &mut Connection) -> Result<Request, Abort> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    // Leftover bytes may already hold a pipelined request.
+    let mut worth_parsing = !conn.buf.is_empty();
+    loop {
+        if worth_parsing {
+            if let Some(request) = parse_head(&mut conn.buf)? {
+                return Ok(request);
+            }
+            if conn.buf.len() >= MAX_HEAD_BYTES {
+                return Err(Reject::HeadTooLarge.into());
+            }
+        }
+        let before = conn.buf.len();
+        if conn.fill(deadline)? == 0 {
+            return Err(if before == 0 {
+                Abort::ClientClosed
+            } else {
+                io::Error::from(io::ErrorKind::UnexpectedEof).into()
+            });
+        }
+        // A head can only complete, or fail, at a line end; re-parsing only then keeps a head sent
+        // a byte at a time from costing a full parse per byte.
+        worth_parsing = conn.buf[before..].contains(&b'\n');
+    }
+}
+
+/// Parses a complete head at the start of `buf` and removes it; `None` while it is still partial.
+fn parse_head(buf: &mut Vec<u8>) -> Result<Option<Request>, Reject> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    let head_len = match parsed.parse(buf) {
+        Ok(Status::Complete(head_len)) => head_len,
+        Ok(Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadTooLarge),
+        Err(_) => return Err(Reject::BadRequest),
+    };
+    if head_len > MAX_HEAD_BYTES {
+        return Err(Reject::HeadTooLarge);
+    }
+    let request = Request::from_parsed(&parsed)?;
+    buf.drain(..head_len);
+    Ok(Some(request))
+}
+
+/// Reads a request body and throws it away, so the next request on the connection starts in step.
+fn discard_body(conn: &mut Connection, body: Body) -> Result<(), Abort> {
+    match body {
+        Body::Empty => Ok(()),
+        Body::Length(length) => conn.skip(length),
+        Body::Chunked => discard_chunked(conn),
+    }
+}
+
+/// Skips a chunked body (RFC 9112 section 7.1): chunks until the zero-size one, then the trailers.
+fn discard_chunked(conn: &mut Connection) -> Result<(), Abort> {
+    loop {
+        let size = conn.chunk_size()?;
+        if size == 0 {
+            return conn.skip_trailers();
+        }
+        conn.skip(size)?;
+        conn.expect_crlf()?;
+    }
+}
+
+/// A client connection with the bytes read from it but not yet used.
+struct Connection {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Connection {
+    fn new(stream: TcpStream) -> Connection {
+        Connection {
+            stream,
+            buf: Vec::with_capacity(READ_CHUNK_BYTES),
+        }
+    }
+
+    /// Appends one read's worth of bytes to the buffer, waiting no later than `deadline`.
+    /// Returns how many bytes arrived; 0 means the client closed its side.
+    fn fill(&mut self, deadline: Instant) -> io::Result<usize> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(remaining))?;
+        let start = self.buf.len();
+        self.buf.resize(start + READ_CHUNK_BYTES, 0);
+        let result = loop {
+            match self.stream.read(&mut self.buf[start..]) {
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                result => break result,
+            }
+        };
+        self.buf
+            .truncate(start + result.as_ref().map_or(0, |read| *read));
+        result
+    }
+
+    /// Reads until at least `len` bytes are buffered; the client closing first is an error.
+    /// Each read may wait up to [`IDLE_TIMEOUT`].
+    fn fill_to(&mut self, len: usize) -> io::Result<()> {
+        while self.buf.len() < len {
+            if self.fill(Instant::now() + IDLE_TIMEOUT)? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Consumes `len` bytes, buffered or not, holding at most one read's worth at a time.
+    fn skip(&mut self, len: u64) -> Result<(), Abort> {
+        let mut remaining = len;
+        while remaining > 0 {
+            if self.buf.is_empty() {
+                self.fill_to(1)?;
+            }
+            let take =
+                usize::try_from(remaining).map_or(self.buf.len(), |left| left.min(self.buf.len()));
+            self.buf.drain(..take);
+            remaining -= take as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads and consumes a chunk-size line, returning the size.
+    fn chunk_size(&mut self) -> Result<u64, Abort> {
+        loop {
+            // httparse reads an empty line as size 0, so insist on a hex digit first.
+            if self
+                .buf
+                .first()
+                .is_some_and(|byte| !byte.is_ascii_hexdigit())
+            {
+                return Err(Reject::BadRequest.into());
+            }
+            match httparse::parse_chunk_size(&self.buf) {
+                Ok(Status::Complete((line_len, size))) => {
+                    self.buf.drain(..line_len);
+                    return Ok(size);
+                }
+                Ok(Status::Partial) if self.buf.len() < MAX_CHUNK_LINE_BYTES => {
+                    let wanted = self.buf.len() + 1;
+                    self.fill_to(wanted)?;
+                }
+                Ok(Status::Partial) | Err(_) => return Err(Reject::BadRequest.into()),
+            }
+        }
+    }
+
+    /// Consumes the CRLF that ends a chunk's data.
+    fn expect_crlf(&mut self) -> Result<(), Abort> {
+        self.fill_to(2)?;
+        if !self.buf.starts_with(b"\r\n") {
+            return Err(Reject::BadRequest.into());
+        }
+        self.buf.drain(..2);
+        Ok(())
+    }
+
+    /// Consumes the trailer section after the last chunk, up to and including its empty line.
+    fn skip_trailers(&mut self) -> Result<(), Abort> {
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            match httparse::parse_headers(&self.buf, &mut headers) {
+                Ok(Status::Complete((len, _))) => {
+                    self.buf.drain(..len);
+                    return Ok(());
+                }
+                Ok(Status::Partial) if self.buf.len() < MAX_HEAD_BYTES => {
+                    let wanted = self.buf.len() + 1;
+                    self.fill_to(wanted)?;
+                }
+                Ok(Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                    return Err(Reject::HeadTooLarge.into())
+                }
+                Err(_) => return Err(Reject::BadRequest.into()),
+            }
+        }
+    }
+
+    /// Closes after a final response without losing it.
+    ///
+    /// Closing a socket that still has unread input makes the kernel send a reset, which can destroy
+    /// the response before the client reads it. So send our FIN first, then read and discard what the
+    /// client still sends, for a bounded time and amount, before dropping the socket.
+    fn close_gracefully(mut self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + LINGER;
+        let mut discarded = 0;
+        while discarded < MAX_LINGER_BYTES {
+            self.buf.clear();
+            match self.fill(deadline) {
+                Ok(0) | Err(_) => break,
+                Ok(read) => discarded += read,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How long a test waits for any one read before failing instead of hanging.
+    const TEST_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Most reads one response may take in a test.
+    const MAX_READS: usize = 10_000;
+
+    fn start_backend(name: &str, delay: Duration) -> DemoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        start(listener, name.to_string(), delay).expect("start demo backend")
+    }
+
+    /// A parsed response as the tests see it.
+    struct Response {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+    }
+
+    impl Response {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(header, _)| header.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_str())
+        }
+    }
+
+    /// A raw client: writes bytes as given and parses responses, keeping leftovers for the next one.
+    struct Client {
+        stream: TcpStream,
+        buf: Vec<u8>,
+    }
+
+    impl Client {
+        fn connect(addr: SocketAddr) -> Client {
+            let stream = TcpStream::connect(addr).expect("connect");
+            stream
+                .set_read_timeout(Some(TEST_TIMEOUT))
+                .expect("read timeout");
+            stream
+                .set_write_timeout(Some(TEST_TIMEOUT))
+                .expect("write timeout");
+            stream.set_nodelay(true).expect("nodelay");
+            Client {
+                stream,
+                buf: Vec::new(),
+            }
+        }
+
+        fn send(&mut self, bytes: &[u8]) {
+            self.stream.write_all(bytes).expect("write request");
+        }
+
+        fn read_more(&mut self) {
+            let mut chunk = [0u8; 4096];
+            let read = self.stream.read(&mut chunk).expect("read response");
+            assert!(
+                read > 0,
+                "connection closed before a whole response arrived"
+            );
+            self.buf.extend_from_slice(&chunk[..read]);
+        }
+
+        /// Reads one response; `to_head` says it answers a HEAD request and so has no body.
+        fn response(&mut self, to_head: bool) -> Response {
+            for _ in 0..MAX_READS {
+                let mut headers = [httparse::EMPTY_HEADER; 32];
+                let mut parsed = httparse::Response::new(&mut headers);
+                let Status::Complete(head_len) = parsed.parse(&self.buf).expect("valid response")
+                else {
+                    self.read_more();
+                    continue;
+                };
+                let status = parsed.code.expect("status code");
+                let headers: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                let mut response = Response {
+                    status,
+                    headers,
+                    body: String::new(),
+                };
+                let body_len = if to_head {
+                    0
+                } else {
+                    let length = response.header("content-length").expect("content-length");
+                    length.parse::<usize>().expect("numeric content-length")
+                };
+                for _ in 0..MAX_READS {
+                    if self.buf.len() >= head_len + body_len {
+                        break;
+                    }
+                    self.read_more();
+                }
+                let bytes: Vec<u8> = self.buf.drain(..head_len + body_len).collect();
+                response.body = String::from_utf8(bytes[head_len..].to_vec()).expect("utf-8 body");
+                return response;
+            }
+            panic!("no complete response after {MAX_READS} reads");
+        }
+
+        /// True when the server has closed the connection and nothing is left unread.
+        fn is_closed(&mut self) -> bool {
+            let mut byte = [0u8; 1];
+            self.buf.is_empty() && matches!(self.stream.read(&mut byte), Ok(0))
+        }
+    }
+
+    fn hello(backend: &DemoBackend, name: &str, method: &str, target: &str) -> String {
+        format!(
+            "Hello from {name} ({}): {method} {target}\n",
+            backend.local_addr()
+        )
+    }
+
+    #[test]
+    fn answers_hello_with_its_name() {
+        let backend = start_backend("alpha", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET /some/path?q=1 HTTP/1.1\r\nHost: test\r\n\r\n");
+        let response = client.response(false);
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.body,
+            hello(&backend, "alpha", "GET", "/some/path?q=1")
+        );
+        assert_eq!(response.header("x-backend"), Some("alpha"));
+        assert_eq!(
+            response.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn health_answers_ok() {
+        let backend = start_backend("beta", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n");
+        let response = client.response(false);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body, "ok\n");
+        assert_eq!(response.header("x-backend"), Some("beta"));
+        backend.stop();
+    }
+
+    #[test]
+    fn health_skips_the_delay() {
+        // Were /health delayed by a minute, the client's read timeout would fail this test.
+        let backend = start_backend("slow", Duration::from_secs(60));
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response(false).body, "ok\n");
+        backend.stop();
+    }
+
+    #[test]
+    fn delay_comes_before_the_response() {
+        let delay = Duration::from_millis(200);
+        let backend = start_backend("slow", delay);
+        let mut client = Client::connect(backend.local_addr());
+        let started = Instant::now();
+        client.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response(false).status, 200);
+        assert!(started.elapsed() >= delay);
+        backend.stop();
+    }
+
+    #[test]
+    fn keep_alive_serves_three_requests() {
+        let backend = start_backend("gamma", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        for path in ["/one", "/two", "/three"] {
+            client.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+            let response = client.response(false);
+            assert_eq!(response.body, hello(&backend, "gamma", "GET", path));
+            assert_eq!(response.header("connection"), None);
+        }
+        backend.stop();
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order() {
+        let backend = start_backend("delta", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(
+            b"GET /first HTTP/1.1\r\nHost: test\r\n\r\nGET /second HTTP/1.1\r\nHost: test\r\n\r\n",
+        );
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "delta", "GET", "/first")
+        );
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "delta", "GET", "/second")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn head_may_arrive_one_byte_at_a_time() {
+        let backend = start_backend("epsilon", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        for byte in b"GET /slowly HTTP/1.1\r\nHost: test\r\n\r\n" {
+            client.send(&[*byte]);
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "epsilon", "GET", "/slowly")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn large_body_is_discarded_and_connection_stays_in_step() {
+        let backend = start_backend("zeta", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        let body = vec![b'x'; 1024 * 1024];
+        client.send(
+            format!(
+                "POST /upload HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        client.send(&body);
+        client.send(b"GET /after HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "zeta", "POST", "/upload")
+        );
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "zeta", "GET", "/after")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn chunked_body_is_discarded() {
+        let backend = start_backend("eta", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(
+            b"POST /chunked HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n6;note=1\r\n world\r\n0\r\nX-Trailer: yes\r\n\r\n\
+              GET /next HTTP/1.1\r\nHost: test\r\n\r\n",
+        );
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "eta", "POST", "/chunked")
+        );
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "eta", "GET", "/next")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn head_gets_headers_without_body() {
+        let backend = start_backend("theta", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(
+            b"HEAD /page HTTP/1.1\r\nHost: test\r\n\r\nGET /page HTTP/1.1\r\nHost: test\r\n\r\n",
+        );
+        let head = client.response(true);
+        let expected = hello(&backend, "theta", "HEAD", "/page");
+        assert_eq!(head.status, 200);
+        assert_eq!(
+            head.header("content-length"),
+            Some(expected.len().to_string().as_str())
+        );
+        // Had the HEAD response carried a body, this response would not parse.
+        assert_eq!(
+            client.response(false).body,
+            hello(&backend, "theta", "GET", "/page")
+        );
+        backend.stop();
+    }
+
+    #[test]
+    fn http10_closes_after_one_response() {
+        let backend = start_backend("iota", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET / HTTP/1.0\r\n\r\n");
+        let response = client.response(false);
+        assert_eq!(response.body, hello(&backend, "iota", "GET", "/"));
+        assert_eq!(response.header("connection"), Some("close"));
+        assert!(client.is_closed());
+        backend.stop();
+    }
+
+    #[test]
+    fn http10_keep_alive_stays_open() {
+        let backend = start_backend("kappa", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        for _ in 0..2 {
+            client.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+            assert_eq!(
+                client.response(false).header("connection"),
+                Some("keep-alive")
+            );
+        }
+        backend.stop();
+    }
+
+    #[test]
+    fn connection_close_is_honoured() {
+        let backend = start_backend("lambda", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        assert_eq!(client.response(false).header("connection"), Some("close"));
+        assert!(client.is_closed());
+        backend.stop();
+    }
+
+    #[test]
+    fn malformed_request_gets_400_and_close() {
+        let backend = start_backend("mu", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"NOT A REQUEST\r\n\r\n");
+        let response = client.response(false);
+        assert_eq!(response.status, 400);
+        assert_eq!(response.header("x-backend"), Some("mu"));
+        assert!(client.is_closed());
+        backend.stop();
+    }
+
+    #[test]
+    fn conflicting_framing_gets_400() {
+        let backend = start_backend("nu", Duration::ZERO);
+        for head in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+        ] {
+            let mut client = Client::connect(backend.local_addr());
+            client.send(head.as_bytes());
+            assert_eq!(client.response(false).status, 400, "for {head:?}");
+        }
+        backend.stop();
+    }
+
+    #[test]
+    fn oversized_head_gets_431() {
+        let backend = start_backend("xi", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        let filler = "a".repeat(MAX_HEAD_BYTES);
+        client.send(format!("GET / HTTP/1.1\r\nX-Filler: {filler}\r\n\r\n").as_bytes());
+        assert_eq!(client.response(false).status, 431);
+        backend.stop();
+    }
+
+    #[test]
+    fn stop_closes_open_connections() {
+        let backend = start_backend("omicron", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response(false).status, 200);
+        backend.stop();
+        assert!(client.is_closed());
+    }
+
+    #[test]
+    fn name_with_control_characters_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let result = start(listener, "bad\r\nname".to_string(), Duration::ZERO);
+        assert_eq!(
+            result.err().map(|err| err.kind()),
+            Some(io::ErrorKind::InvalidInput)
+        );
+    }
+
+    #[test]
+    fn wake_address_replaces_wildcards() {
+        let v4: SocketAddr = "0.0.0.0:8001".parse().expect("address");
+        let v6: SocketAddr = "[::]:8001".parse().expect("address");
+        assert_eq!(wake_address(v4), "127.0.0.1:8001".parse().expect("address"));
+        assert_eq!(wake_address(v6), "[::1]:8001".parse().expect("address"));
+    }
 }

@@ -20,6 +20,9 @@ pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size line (with extensions) accepted inside a chunked body.
 const MAX_CHUNK_LINE: usize = 4096;
 
+/// The read buffer used while relaying a long body: large reads mean fewer system calls.
+const BODY_BUFFER: usize = 64 * 1024;
+
 /// Output gathered before it is written: small pieces become one `write` system call.
 const SINK_LIMIT: usize = 64 * 1024;
 
@@ -82,6 +85,15 @@ impl BufferedStream {
         let n = self.stream.read(&mut self.buf[self.end..])?;
         self.end += n;
         Ok(n)
+    }
+
+    /// Enlarges an empty buffer to `capacity` bytes. A long body is then read in large pieces,
+    /// while a connection that only sees small messages keeps a small buffer, which is most of
+    /// what an idle connection costs.
+    pub fn expand(&mut self, capacity: usize) {
+        if self.start == self.end && self.buf.len() < capacity {
+            self.buf = vec![0; capacity];
+        }
     }
 
     /// The underlying socket, for writing and for socket options.
@@ -295,12 +307,7 @@ fn read_head<T>(
             return Err(HeadError::TooLarge);
         }
         before_read(stream, scanned > 0)?;
-        let got = match stream.fill(MAX_HEAD + 4) {
-            Ok(n) => n,
-            // A client that goes quiet between keep-alive requests is simply closed.
-            Err(err) if is_timeout(&err) && scanned == 0 => return Ok(None),
-            Err(err) => return Err(err.into()),
-        };
+        let got = stream.fill(MAX_HEAD + 4)?;
         if got == 0 {
             return if scanned == 0 {
                 Ok(None)
@@ -612,6 +619,9 @@ fn relay_exact(
 ) -> Result<(), RelayError> {
     while remaining > 0 {
         if src.buffered().is_empty() {
+            if remaining > src.buf.len() as u64 {
+                src.expand(BODY_BUFFER);
+            }
             refill(src, sink, 0)?;
         }
         let take = src
@@ -630,6 +640,7 @@ fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), Re
         let buffered = src.buffered().len();
         sink.emit(&src.buffered()[..buffered])?;
         src.consume(buffered);
+        src.expand(BODY_BUFFER);
         match refill(src, sink, 0) {
             Err(RelayError::Truncated) => return Ok(()),
             other => other?,

@@ -25,8 +25,9 @@ use crate::sticky::SessionTable;
 /// The client read buffer's starting size; it grows only for a large head.
 const CLIENT_BUFFER: usize = 4 * 1024;
 
-/// The backend read buffer's size, allocated per exchange so idle clients hold none.
-const BACKEND_BUFFER: usize = 16 * 1024;
+/// The backend read buffer's starting size, allocated per exchange so idle clients hold none;
+/// it grows for a large head or a long body.
+const BACKEND_BUFFER: usize = 4 * 1024;
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -136,7 +137,8 @@ pub struct ClientConnection<'a> {
 }
 
 impl<'a> ClientConnection<'a> {
-    /// Prepares to serve `stream`; timeouts are set once here, not per request.
+    /// Prepares to serve `stream`. Its timeouts are set once per connection, never per request:
+    /// on Linux they come with the accepted socket from the listening one (see `server`).
     pub fn new(
         lb: &'a LoadBalancer,
         stream: TcpStream,
@@ -144,9 +146,12 @@ impl<'a> ClientConnection<'a> {
         state: &'a ConnectionState,
         shutdown: &'a AtomicBool,
     ) -> std::io::Result<Self> {
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(lb.settings.client_timeout))?;
-        stream.set_write_timeout(Some(lb.settings.client_timeout))?;
+        #[cfg(not(target_os = "linux"))]
+        {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(lb.settings.client_timeout))?;
+            stream.set_write_timeout(Some(lb.settings.client_timeout))?;
+        }
         Ok(ClientConnection {
             lb,
             client: BufferedStream::new(stream, CLIENT_BUFFER),
@@ -183,6 +188,9 @@ impl<'a> ClientConnection<'a> {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            // A keep-alive client that stays quiet is closed without a word; one that started a
+            // request and did not finish it in time is told so.
+            HeadError::TimedOut if self.client.buffered().is_empty() => return Flow::Close,
             HeadError::TimedOut => ProxyError::RequestTimeout,
             HeadError::Truncated | HeadError::Io(_) => return Flow::Close,
         };

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::proxy::{ClientConnection, ConnectionState, LoadBalancer};
+use crate::settings::Settings;
 
 /// Length of the kernel's queue of connections not yet accepted (the kernel may cap it).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -66,7 +67,10 @@ struct Shared {
 struct Connections {
     next_id: u64,
     by_id: HashMap<u64, OpenConnection>,
-    paused_logged: bool,
+    /// Whether accepting was ever paused by `--max-connections` (it is logged once).
+    paused_before: bool,
+    /// Whether the accepting thread (or the drain) waits for a connection to close.
+    someone_waits: bool,
 }
 
 struct OpenConnection {
@@ -90,14 +94,22 @@ struct Job {
 
 impl Server {
     /// Binds the listening socket. A port already in use is reported here, before anything runs.
-    pub fn bind(addr: SocketAddr, max_connections: usize) -> io::Result<Server> {
+    pub fn bind(settings: &Settings) -> io::Result<Server> {
+        let addr = settings.listen;
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
+        // Linux copies these options from the listening socket to every accepted one, which
+        // saves three system calls per client connection (`ClientConnection::new` sets them
+        // itself on other systems). Small messages must not wait for Nagle's algorithm, and the
+        // timeouts bound every read and write of a client.
+        socket.set_nodelay(true)?;
+        socket.set_read_timeout(Some(settings.client_timeout))?;
+        socket.set_write_timeout(Some(settings.client_timeout))?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
         let shared = Shared {
             shutdown: AtomicBool::new(false),
-            max_connections: max_connections.max(1),
+            max_connections: settings.max_connections.max(1),
             open: Mutex::new(Connections::default()),
             closed: Condvar::new(),
             idle: Mutex::new(IdleThreads::default()),
@@ -187,16 +199,24 @@ impl Shared {
     /// Pauses accepting while `--max-connections` clients are being served.
     fn wait_for_a_free_slot(&self) {
         let mut open = self.open();
+        if open.by_id.len() < self.max_connections || self.is_shutting_down() {
+            return;
+        }
+        // Said once at warn: under sustained load this happens for every new client.
+        if open.paused_before {
+            log::debug!("--max-connections reached: accepting paused");
+        } else {
+            log::warn!(
+                "{} connections open (--max-connections): accepting paused until one closes",
+                self.max_connections
+            );
+            open.paused_before = true;
+        }
         while open.by_id.len() >= self.max_connections && !self.is_shutting_down() {
-            if !open.paused_logged {
-                log::warn!(
-                    "{} connections open (--max-connections): accepting paused",
-                    self.max_connections
-                );
-                open.paused_logged = true;
-            }
+            open.someone_waits = true;
             open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
         }
+        open.someone_waits = false;
     }
 
     /// Registers an accepted connection and hands it to an idle client thread, or a new one.
@@ -280,9 +300,12 @@ impl Shared {
     fn finish(&self, id: u64) {
         let mut open = self.open();
         open.by_id.remove(&id);
-        open.paused_logged = false;
+        let wake = open.someone_waits;
         drop(open);
-        self.closed.notify_all();
+        // Waking costs a system call, so only when the accepting thread or the drain waits.
+        if wake {
+            self.closed.notify_all();
+        }
     }
 
     fn next_job(&self) -> Option<Job> {
@@ -312,6 +335,7 @@ impl Shared {
     fn drain(&self) {
         let deadline = Instant::now() + DRAIN_LIMIT;
         let mut open = self.open();
+        open.someone_waits = true;
         for connection in open.by_id.values() {
             if connection.state.idle.load(Ordering::SeqCst) {
                 // A read blocked on this socket now sees the end of the stream.

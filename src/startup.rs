@@ -19,7 +19,7 @@ use crate::server::Server;
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics.
 pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     let settings = lb.settings().clone();
-    let server = Server::bind(settings.listen, settings.max_connections)
+    let server = Server::bind(&settings)
         .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?

@@ -36,7 +36,11 @@ impl Balancer {
         if !args.contains(&"--admin") {
             command.args(["--admin", "off"]);
         }
-        command.args(args).env("RUST_LOG", "debug").stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         let mut child = command.spawn().expect("balancer starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
@@ -53,7 +57,8 @@ impl Balancer {
                 lines.lock().unwrap().push(line);
             }
         });
-        let wants_admin = args.contains(&"--admin") && !args.windows(2).any(|w| w == ["--admin", "off"]);
+        let wants_admin =
+            args.contains(&"--admin") && !args.windows(2).any(|w| w == ["--admin", "off"]);
         let (mut addr, mut admin) = (None, None);
         let deadline = Instant::now() + WAIT;
         while addr.is_none() || (wants_admin && admin.is_none()) {
@@ -64,11 +69,19 @@ impl Balancer {
                 Ok(_) => {}
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("balancer did not start; log:\n{}", log.lock().unwrap().join("\n"));
+                    panic!(
+                        "balancer did not start; log:\n{}",
+                        log.lock().unwrap().join("\n")
+                    );
                 }
             }
         }
-        Balancer { child, addr: addr.unwrap(), admin, log }
+        Balancer {
+            child,
+            addr: addr.unwrap(),
+            admin,
+            log,
+        }
     }
 
     /// Everything the balancer logged so far.
@@ -78,8 +91,13 @@ impl Balancer {
 
     /// Sends SIGINT, as Ctrl-C does.
     pub fn interrupt(&self) {
-        let status = Command::new("kill").args(["-INT", &self.child.id().to_string()]).status();
-        assert!(status.map(|s| s.success()).unwrap_or(false), "kill -INT works");
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        assert!(
+            status.map(|s| s.success()).unwrap_or(false),
+            "kill -INT works"
+        );
     }
 
     /// Waits for the process to exit, at most `limit`; returns its exit code.
@@ -105,7 +123,9 @@ impl Drop for Balancer {
 /// The `HOST:PORT` that follows `marker` in a log line, if any.
 fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
-    let end = rest.find(|c: char| c == ',' || c == '/' || c.is_whitespace()).unwrap_or(rest.len());
+    let end = rest
+        .find(|c: char| c == ',' || c == '/' || c.is_whitespace())
+        .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
 
@@ -127,7 +147,11 @@ impl DemoBackend {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let server = lb::demo::start(listener, name.to_string(), delay).unwrap();
-        DemoBackend { addr, name: name.to_string(), server: Some(server) }
+        DemoBackend {
+            addr,
+            name: name.to_string(),
+            server: Some(server),
+        }
     }
 
     /// The `--backend` value for this backend.
@@ -203,12 +227,19 @@ pub struct Response {
 impl Response {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Every value of header `name` (lower case).
     pub fn headers_named(&self, name: &str) -> Vec<&str> {
-        self.headers.iter().filter(|(n, _)| n == name).map(|(_, v)| v.as_str()).collect()
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
     }
 
     /// The body as text.
@@ -229,18 +260,25 @@ impl Client {
         let stream = TcpStream::connect_timeout(&addr, WAIT).expect("connects");
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_nodelay(true).unwrap();
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Connects from a given local IP (e.g. 127.0.0.2) so the balancer sees another client.
     pub fn connect_from(addr: SocketAddr, local_ip: &str) -> Client {
-        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let socket =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
         let local: SocketAddr = format!("{local_ip}:0").parse().unwrap();
         socket.bind(&local.into()).unwrap();
         socket.connect_timeout(&addr.into(), WAIT).unwrap();
         let stream: TcpStream = socket.into();
         stream.set_read_timeout(Some(WAIT)).unwrap();
-        Client { stream, buf: Vec::new() }
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     /// Writes raw bytes.
@@ -269,7 +307,12 @@ impl Client {
                 let headers: Vec<(String, String)> = parsed
                     .headers
                     .iter()
-                    .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
                     .collect();
                 self.buf.drain(..len);
                 if (100..200).contains(&status) {
@@ -281,12 +324,19 @@ impl Client {
                 return None;
             }
         };
-        let mut response = Response { status, headers, body: Vec::new() };
+        let mut response = Response {
+            status,
+            headers,
+            body: Vec::new(),
+        };
         let no_body = method == "HEAD" || status == 204 || status == 304;
         if no_body {
             return Some(response);
         }
-        if response.header("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        if response
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
             response.body = self.read_chunked()?;
         } else if let Some(length) = response.header("content-length") {
             let length: usize = length.trim().parse().ok()?;
@@ -369,7 +419,14 @@ pub fn get(addr: SocketAddr, path: &str) -> Response {
 
 /// The `X-Backend` header of each of `n` sequential requests on new connections.
 pub fn backends_hit(addr: SocketAddr, n: usize) -> Vec<String> {
-    (0..n).map(|_| get(addr, "/").header("x-backend").unwrap_or("none").to_string()).collect()
+    (0..n)
+        .map(|_| {
+            get(addr, "/")
+                .header("x-backend")
+                .unwrap_or("none")
+                .to_string()
+        })
+        .collect()
 }
 
 /// How many of `names` are each value.
@@ -393,4 +450,130 @@ pub fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) -> bool 
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A request as a raw test backend received it.
+#[derive(Debug, Clone)]
+pub struct ReceivedRequest {
+    pub method: String,
+    pub path: String,
+    /// Header fields with lower-case names, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl ReceivedRequest {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The server side of a raw test backend: reads whole requests (Content-Length or chunked
+/// bodies) from one connection.
+pub struct ServerConn {
+    pub stream: TcpStream,
+    reader: Client,
+}
+
+impl ServerConn {
+    /// Wraps an accepted connection.
+    pub fn new(stream: TcpStream) -> ServerConn {
+        let reader = Client {
+            stream: stream.try_clone().unwrap(),
+            buf: Vec::new(),
+        };
+        ServerConn { stream, reader }
+    }
+
+    /// Reads the next request, or `None` when the client closed the connection.
+    pub fn read_request(&mut self) -> Option<ReceivedRequest> {
+        let r = &mut self.reader;
+        let (method, path, headers) = loop {
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Request::new(&mut fields);
+            if let Ok(httparse::Status::Complete(len)) = parsed.parse(&r.buf) {
+                let method = parsed.method.unwrap_or("").to_string();
+                let path = parsed.path.unwrap_or("").to_string();
+                let headers: Vec<(String, String)> = parsed
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_ascii_lowercase(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect();
+                r.buf.drain(..len);
+                break (method, path, headers);
+            }
+            if !r.fill() {
+                return None;
+            }
+        };
+        let mut request = ReceivedRequest {
+            method,
+            path,
+            headers,
+            body: Vec::new(),
+        };
+        if request
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+        {
+            request.body = r.read_chunked()?;
+        } else if let Some(length) = request.header("content-length") {
+            let length: usize = length.trim().parse().ok()?;
+            while r.buf.len() < length {
+                if !r.fill() {
+                    return None;
+                }
+            }
+            request.body = r.buf.drain(..length).collect();
+        }
+        Some(request)
+    }
+
+    /// Writes raw bytes (ignoring a client that went away).
+    pub fn send(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// Writes a complete response with a Content-Length body.
+    pub fn respond(&mut self, status: u16, extra_headers: &str, body: &[u8]) {
+        let head = format!(
+            "HTTP/1.1 {status} X\r\nContent-Length: {}\r\n{extra_headers}\r\n",
+            body.len()
+        );
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body);
+        self.send(&out);
+    }
+}
+
+/// A raw backend that answers every request with `respond(request)`: (status, extra header
+/// lines each ending in CRLF, body), keeping connections alive.
+pub fn responder(
+    respond: impl Fn(&ReceivedRequest) -> (u16, String, Vec<u8>) + Send + Sync + 'static,
+) -> RawBackend {
+    RawBackend::start(move |stream| {
+        let mut conn = ServerConn::new(stream);
+        while let Some(request) = conn.read_request() {
+            let (status, headers, body) = respond(&request);
+            conn.respond(status, &headers, &body);
+        }
+    })
+}
+
+/// The MD5 of `bytes` as hex, to compare large bodies.
+pub fn md5_hex(bytes: &[u8]) -> String {
+    use md5::{Digest, Md5};
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

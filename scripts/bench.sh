@@ -1,0 +1,498 @@
+#!/usr/bin/env bash
+# Throughput benchmark: our balancer vs nginx vs HAProxy, all balancing round robin
+# over the same three nginx backends on 127.0.0.1. See --help.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/bench.sh [BINARY] [OPTIONS] [-- EXTRA_BALANCER_FLAGS...]
+
+Benchmarks a load balancer of this project against nginx and HAProxy, all three
+configured as round-robin balancers over the same three nginx backends. Everything
+runs on 127.0.0.1, on free high ports, from configs in a temporary directory; every
+process started is stopped on exit or Ctrl-C.
+
+BINARY            balancer binary under test (default: phase1_rr); a name is looked up
+                  in target/release/ after `cargo build --release --bins`; a path
+                  (containing '/') is used as is.
+-- FLAGS...       extra flags for the balancer, appended after the standard ones:
+                    BINARY --listen 127.0.0.1:P --backend 127.0.0.1:B1 --backend ...
+                           --admin off --stats-interval 0 FLAGS...
+
+Options:
+  --rounds N      rounds per cell; servers alternate within a round (default 3)
+  --duration SEC  seconds per wrk run (default 5)
+  --warmup SEC    wrk warm-up per server before measuring (default 1; 0 = none)
+  --idle N        instead of the wrk cells: open N idle keep-alive connections to
+                  each server at once (one GET each, then idle) and report the time
+                  until all N were answered and the server's RSS with them open
+  --no-build      do not run cargo build
+  --self-test     use a second nginx as the "balancer under test" (checks the script
+                  itself; its ratios to nginx should come out near 1.0)
+  -h, --help      this help
+
+Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
+connections sending 'Connection: close'. For each cell and server: median req/s,
+p50 and p99 over the rounds, CPU time per request, errors (wrk socket errors and
+non-2xx/3xx responses), and the ratio to nginx (median over rounds of the paired
+per-round ratio). Targets for the balancer: 1 conn >= 1.1x nginx, 32 >= 0.8x,
+256 >= 1.0x with p99 <= nginx's, close >= 0.7x; idle: 1000 clients answered
+within 0.5 s and RSS <= 24 MiB.
+
+Environment:
+  BENCH_BALANCER_CMD  full command line of the balancer under test, overriding
+                      BINARY; @LISTEN@ becomes 127.0.0.1:PORT and @BACKENDS@ the
+                      "--backend 127.0.0.1:B1 --backend ..." flags, @PORT@ the
+                      bare port, e.g.
+                      BENCH_BALANCER_CMD='target/release/loadbalancer --listen @LISTEN@ @BACKENDS@ --admin off'
+  BENCH_LABEL         name shown for the balancer under test in the tables
+
+Examples:
+  scripts/bench.sh                                   # phase1_rr, 3 rounds x 5 s
+  scripts/bench.sh loadbalancer -- --algorithm least-conn
+  scripts/bench.sh --rounds 1 --duration 2 --self-test
+  scripts/bench.sh loadbalancer --idle 1000
+EOF
+}
+
+# ---------------------------------------------------------------- arguments
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+HELPERS=$SCRIPT_DIR/bench
+
+BINARY=phase1_rr
+EXTRA_FLAGS=()
+ROUNDS=3
+DURATION=5
+WARMUP=1
+IDLE=0
+BUILD=1
+SELF_TEST=0
+
+die() { echo "bench.sh: $*" >&2; exit 2; }
+need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
+
+while (($#)); do
+  case $1 in
+    -h|--help) usage; exit 0 ;;
+    --rounds)   need_number "$1" "${2-}"; ROUNDS=$2; shift 2 ;;
+    --duration) need_number "$1" "${2-}"; DURATION=$2; shift 2 ;;
+    --warmup)   need_number "$1" "${2-}"; WARMUP=$2; shift 2 ;;
+    --idle)     need_number "$1" "${2-}"; IDLE=$2; shift 2 ;;
+    --no-build) BUILD=0; shift ;;
+    --self-test) SELF_TEST=1; shift ;;
+    --) shift; EXTRA_FLAGS=("$@"); break ;;
+    -*) die "unknown option '$1' (see --help)" ;;
+    *) BINARY=$1; shift ;;
+  esac
+done
+((ROUNDS >= 1)) || die "--rounds must be at least 1"
+((DURATION >= 1)) || die "--duration must be at least 1"
+
+# ---------------------------------------------------------------- tools
+# nginx and haproxy live in /usr/sbin, which is not always on PATH.
+export PATH=$PATH:/usr/sbin:/sbin
+
+install_missing() {
+  local missing=() tool
+  for tool in wrk nginx haproxy; do
+    command -v "$tool" >/dev/null || missing+=("$tool")
+  done
+  ((${#missing[@]})) || return 0
+  echo "Installing ${missing[*]} with apt-get..."
+  local sudo=()
+  ((EUID == 0)) || sudo=(sudo)
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y --no-install-recommends "${missing[@]}"
+}
+install_missing
+command -v python3 >/dev/null || die "python3 is required (stdlib only)"
+
+# ---------------------------------------------------------------- cleanup
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/lb-bench.XXXXXX")
+PIDS=()      # every long-running process we started
+CHILD=""     # the wrk or idle client running right now
+
+# The pid and all its descendants (nginx masters have worker children).
+descendants() {
+  local pid=$1 p stat
+  echo "$pid"
+  for p in /proc/[0-9]*; do
+    stat=$(cat "$p/stat" 2>/dev/null) || continue
+    stat=${stat##*) }                  # drop "pid (comm) ", comm may hold spaces
+    read -r _ ppid _ <<<"$stat"
+    [[ $ppid == "$pid" ]] && descendants "${p#/proc/}"
+  done
+  return 0
+}
+
+# Alive and not a zombie waiting to be reaped.
+alive() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat:0:1} != Z ]]
+}
+
+stop_tree() {
+  local pid=$1 tree i
+  tree=$(descendants "$pid")
+  kill -TERM $tree 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do           # up to 5 s for a graceful stop
+    alive "$pid" || break
+    sleep 0.1
+  done
+  kill -KILL $tree 2>/dev/null || true     # leftovers (e.g. orphaned workers)
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  trap - EXIT INT TERM
+  set +e
+  [[ -n $CHILD ]] && kill -TERM "$CHILD" 2>/dev/null
+  local pid
+  for pid in "${PIDS[@]}"; do stop_tree "$pid"; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'echo; echo "bench.sh: interrupted" >&2; exit 130' INT
+trap 'exit 143' TERM
+
+# ---------------------------------------------------------------- helpers
+# N free ports on 127.0.0.1, held open together so they are distinct.
+free_ports() {
+  python3 - "$1" <<'EOF'
+import socket, sys
+socks = [socket.socket() for _ in range(int(sys.argv[1]))]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+}
+
+# Wait until PORT accepts connections (bounded), failing early if PID died.
+wait_port() {
+  local name=$1 pid=$2 port=$3 log=$4 i
+  for ((i = 0; i < 200; i++)); do          # up to 10 s
+    if ! alive "$pid"; then
+      echo "bench.sh: $name exited during start-up; its log:" >&2
+      tail -n 20 "$log" >&2
+      exit 1
+    fi
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.05
+  done
+  echo "bench.sh: $name did not accept on 127.0.0.1:$port within 10 s; its log:" >&2
+  tail -n 20 "$log" >&2
+  exit 1
+}
+
+# One GET through PORT; fails unless the status line says 200.
+check_http() {
+  local name=$1 port=$2 line
+  exec 3<>"/dev/tcp/127.0.0.1/$port"
+  printf 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&3
+  IFS= read -r -t 5 line <&3 || line="(no answer)"
+  exec 3<&-
+  [[ $line == "HTTP/1."[01]" 200"* ]] || { echo "bench.sh: $name answered '$line'" >&2; exit 1; }
+}
+
+# utime+stime (clock ticks) summed over the process tree.
+cpu_ticks() {
+  local total=0 pid stat f
+  for pid in $(descendants "$1"); do
+    stat=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    stat=${stat##*) }
+    read -r -a f <<<"$stat"
+    total=$((total + f[11] + f[12]))       # fields 14 and 15 of /proc/PID/stat
+  done
+  echo "$total"
+}
+
+# A /proc/PID/status field (VmHWM, VmRSS; KiB) summed over the process tree.
+mem_kb() {
+  local total=0 pid kb
+  for pid in $(descendants "$1"); do
+    kb=$(awk -v k="$2:" '$1 == k { print $2 }' "/proc/$pid/status" 2>/dev/null) || continue
+    total=$((total + ${kb:-0}))
+  done
+  echo "$total"
+}
+
+# ---------------------------------------------------------------- ports and limits
+# Idle mode holds N client sockets plus N backend sockets per server.
+FD_NEED=$(( IDLE * 2 + 4096 ))
+if (( $(ulimit -Sn) < FD_NEED )); then
+  ulimit -n "$FD_NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+fi
+WORKER_CONNECTIONS=$(( IDLE * 2 + 1024 > 4096 ? IDLE * 2 + 1024 : 4096 ))
+
+read -r B1 B2 B3 LB_PORT NGINX_PORT HAPROXY_PORT <<<"$(free_ports 6)"
+BACKENDS=("127.0.0.1:$B1" "127.0.0.1:$B2" "127.0.0.1:$B3")
+
+# ---------------------------------------------------------------- servers
+# nginx in the foreground with its own prefix dir (pid file, temp dirs, logs).
+start_nginx() {
+  local name=$1 conf=$2 port=$3 dir=$TMP/$1
+  mkdir -p "$dir/logs"
+  printf '%s\n' "$conf" >"$dir/nginx.conf"
+  nginx -p "$dir/" -c "$dir/nginx.conf" -e "$dir/logs/error.log" >"$dir/out.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$name" "$!" "$port" "$dir/logs/error.log"
+}
+
+nginx_common() {  # shared top of every nginx config
+  cat <<EOF
+daemon off;
+master_process on;
+worker_processes $1;
+worker_rlimit_nofile $(( WORKER_CONNECTIONS * 2 ));
+pid nginx.pid;
+error_log logs/error.log warn;
+events { worker_connections $WORKER_CONNECTIONS; }
+EOF
+}
+
+http_common() {   # shared http{} settings
+  cat <<'EOF'
+  access_log off;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+  client_body_temp_path tmp/body;
+  proxy_temp_path tmp/proxy;
+  fastcgi_temp_path tmp/fastcgi;
+  uwsgi_temp_path tmp/uwsgi;
+  scgi_temp_path tmp/scgi;
+EOF
+}
+
+start_backends() {
+  local servers="" i port
+  for i in 1 2 3; do
+    port=${BACKENDS[i-1]#*:}
+    servers+="
+  server {
+    listen 127.0.0.1:$port;
+    default_type text/plain;
+    location = /health { return 200 \"ok\n\"; }
+    location / { return 200 \"hello from backend $i\n\"; }
+  }"
+  done
+  mkdir -p "$TMP/backends/tmp"
+  start_nginx backends "$(nginx_common 1)
+http {
+$(http_common)
+$servers
+}" "$B3"
+  wait_port backends "${PIDS[-1]}" "$B1" /dev/null
+  wait_port backends "${PIDS[-1]}" "$B2" /dev/null
+}
+
+# nginx as a round-robin balancer (the reference, and the --self-test stand-in).
+nginx_lb_conf() {
+  local port=$1 b upstream=""
+  for b in "${BACKENDS[@]}"; do upstream+="    server $b;
+"; done
+  cat <<EOF
+$(nginx_common 2)
+http {
+$(http_common)
+  upstream backends {
+$upstream    keepalive 64;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$port;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+}
+
+start_nginx_lb() {  # name port
+  mkdir -p "$TMP/$1/tmp"
+  start_nginx "$1" "$(nginx_lb_conf "$2")" "$2"
+}
+
+start_haproxy() {
+  local dir=$TMP/haproxy maxconn=$(( WORKER_CONNECTIONS ))
+  mkdir -p "$dir"
+  cat >"$dir/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn $maxconn
+
+defaults
+  mode http
+  maxconn $maxconn
+  option http-keep-alive
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  timeout http-request 30s
+  timeout http-keep-alive 30s
+
+frontend fe
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend be
+
+backend be
+  balance roundrobin
+  http-reuse always
+  server b1 ${BACKENDS[0]}
+  server b2 ${BACKENDS[1]}
+  server b3 ${BACKENDS[2]}
+EOF
+  haproxy -db -f "$dir/haproxy.cfg" >"$dir/out.log" 2>&1 &
+  PIDS+=($!)
+  wait_port haproxy "$!" "$HAPROXY_PORT" "$dir/out.log"
+}
+
+# The balancer under test: --self-test, BENCH_BALANCER_CMD, or a cargo binary.
+LB_LABEL=${BENCH_LABEL:-}
+start_balancer() {
+  local log=$TMP/balancer.log backend_flags=() b cmd
+  for b in "${BACKENDS[@]}"; do backend_flags+=(--backend "$b"); done
+  if ((SELF_TEST)); then
+    LB_LABEL=${LB_LABEL:-nginx-as-lb}
+    echo "balancer under test: a second nginx (--self-test)"
+    start_nginx_lb selftest "$LB_PORT"
+    return
+  elif [[ -n ${BENCH_BALANCER_CMD:-} ]]; then
+    cmd=${BENCH_BALANCER_CMD//@LISTEN@/127.0.0.1:$LB_PORT}
+    cmd=${cmd//@PORT@/$LB_PORT}
+    cmd=${cmd//@BACKENDS@/${backend_flags[*]}}
+    LB_LABEL=${LB_LABEL:-$(basename "${cmd%% *}")}
+    (cd "$REPO_ROOT" && exec bash -c "exec $cmd") >"$log" 2>&1 &
+  else
+    local bin=$BINARY
+    if [[ $bin != */* ]]; then
+      if ((BUILD)); then
+        echo "Building release binaries (cargo build --release --bins)..." >&2
+        (cd "$REPO_ROOT" && cargo build --release --bins >&2)
+      fi
+      bin=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/$BINARY
+    fi
+    [[ -x $bin ]] || die "balancer binary '$bin' not found or not executable"
+    LB_LABEL=${LB_LABEL:-$(basename "$bin")}
+    cmd="$bin --listen 127.0.0.1:$LB_PORT ${backend_flags[*]} --admin off --stats-interval 0"
+    "$bin" --listen "127.0.0.1:$LB_PORT" "${backend_flags[@]}" \
+      --admin off --stats-interval 0 "${EXTRA_FLAGS[@]}" >"$log" 2>&1 &
+    cmd+=" ${EXTRA_FLAGS[*]}"
+  fi
+  PIDS+=($!)
+  echo "balancer under test: $cmd"
+  wait_port "$LB_LABEL" "$!" "$LB_PORT" "$log"
+}
+
+echo "Starting backends and balancers on 127.0.0.1 (temp dir $TMP)..."
+start_backends
+# Each start_* runs in this shell (a subshell could not append to PIDS);
+# the pid of what it started is the last one in PIDS.
+start_balancer; LB_PID=${PIDS[-1]}
+start_nginx_lb nginx "$NGINX_PORT"; NGINX_PID=${PIDS[-1]}
+start_haproxy; HAPROXY_PID=${PIDS[-1]}
+LB_LABEL=${LB_LABEL:-balancer}
+
+declare -A PORT=([lb]=$LB_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
+declare -A PID=([lb]=$LB_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+declare -A NAME=([lb]=$LB_LABEL [nginx]=nginx [haproxy]=haproxy)
+SERVERS=(lb nginx haproxy)
+for s in "${SERVERS[@]}"; do check_http "${NAME[$s]}" "${PORT[$s]}"; done
+
+echo "backends ${BACKENDS[*]}; ${NAME[lb]} :$LB_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT"
+echo "machine: $(nproc) CPUs, $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -n1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2)"
+echo
+
+# Run a foreground job in the background and wait for it, so that Ctrl-C and
+# TERM reach our traps right away instead of after the job finishes.
+run_child() {
+  local rc=0
+  "$@" &
+  CHILD=$!
+  wait "$CHILD" || rc=$?
+  CHILD=""
+  return "$rc"
+}
+
+# ---------------------------------------------------------------- --idle mode
+if ((IDLE > 0)); then
+  echo "Idle test: $IDLE keep-alive connections to each server, all at once"
+  for s in "${SERVERS[@]}"; do
+    run_child python3 "$HELPERS/idle.py" --port "${PORT[$s]}" --pid "${PID[$s]}" \
+      --n "$IDLE" --label "$s" >>"$TMP/idle.tsv"
+  done
+  echo
+  python3 "$HELPERS/report.py" idle "$TMP/idle.tsv" "$LB_LABEL"
+  exit 0
+fi
+
+# ---------------------------------------------------------------- wrk cells
+# wrk time suffixes (us, ms, s, m) -> milliseconds
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    n = v + 0; u = v; sub(/^[0-9.]+/, "", u)
+    f = (u == "us") ? 0.001 : (u == "ms") ? 1 : (u == "s") ? 1000 : (u == "m") ? 60000 : 1
+    printf "%.4f", n * f }'
+}
+
+# One wrk run: server cell round conns [extra wrk args] -> one line in runs.tsv
+run_wrk() {
+  local server=$1 cell=$2 round=$3 conns=$4; shift 4
+  local out=$TMP/wrk-$cell-$server-$round.txt threads=$(( conns < 2 ? conns : 2 ))
+  local t0 t1
+  t0=$(cpu_ticks "${PID[$server]}")
+  run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
+    "http://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
+    echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
+  t1=$(cpu_ticks "${PID[$server]}")
+
+  local rps p50 p99 requests socket non2xx errors detail
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+  p50=$(to_ms "$(awk '$1 == "50%" { print $2 }' "$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$out")")
+  requests=$(awk '/requests in/ { print $1 }' "$out")
+  # "Socket errors: connect 0, read 0, write 0, timeout 0" (only printed if any)
+  socket=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$out")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+  errors=$(( ${socket:-0} + ${non2xx:-0} ))
+  detail=$(grep -E 'Socket errors|Non-2xx' "$out" | sed 's/^ *//' | paste -sd ';' - || true)
+  [[ -n $rps && -n $requests ]] || { echo "bench.sh: cannot parse wrk output:" >&2; cat "$out" >&2; exit 1; }
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cell" "$server" "$round" "$rps" \
+    "$p50" "$p99" "$errors" "$requests" "$((t1 - t0))" "$detail" >>"$TMP/runs.tsv"
+  printf '  %-8s round %d  %-14s %10.0f req/s  p99 %8.3f ms%s\n' "$cell" "$round" \
+    "${NAME[$server]}" "$rps" "$p99" "$( ((errors)) && echo "  ERRORS: $detail")"
+}
+
+CELL_IDS=(c1 c32 c256 close32)
+declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32)
+
+if ((WARMUP > 0)); then
+  echo "Warm-up: ${WARMUP}s of 32 connections per server"
+  for s in "${SERVERS[@]}"; do
+    run_child wrk -t 2 -c 32 -d "${WARMUP}s" "http://127.0.0.1:${PORT[$s]}/" >/dev/null
+  done
+fi
+
+echo "Measuring: ${#CELL_IDS[@]} cells x $ROUNDS rounds x 3 servers x ${DURATION}s"
+: >"$TMP/runs.tsv"
+for cell in "${CELL_IDS[@]}"; do
+  extra=()
+  [[ $cell == close32 ]] && extra=(-H "Connection: close")
+  for ((round = 1; round <= ROUNDS; round++)); do
+    for s in "${SERVERS[@]}"; do
+      run_wrk "$s" "$cell" "$round" "${CELL_CONNS[$cell]}" "${extra[@]}"
+    done
+  done
+done
+
+for s in "${SERVERS[@]}"; do
+  printf '%s\t%s\n' "$s" "$(mem_kb "${PID[$s]}" VmHWM)"
+done >"$TMP/mem.tsv"
+
+echo
+python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)"

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Summary tables for scripts/bench.sh (stdlib only).
+
+  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK
+  report.py idle IDLE.tsv LB_LABEL
+
+RUNS.tsv, one line per wrk run:
+  cell server round rps p50_ms p99_ms errors requests cpu_ticks error_detail
+MEM.tsv, one line per server: server peak_rss_kb(VmHWM)
+IDLE.tsv: the lines printed by idle.py (its label is the server).
+
+Server "lb" is the balancer under test; "nginx" and "haproxy" are the references.
+"""
+
+import math
+import sys
+from statistics import median
+
+SERVERS = ["lb", "nginx", "haproxy"]
+CELLS = [  # (cell id, description, target ratio to nginx)
+    ("c1", "1 conn keep-alive", 1.1),
+    ("c32", "32 conns keep-alive", 0.8),
+    ("c256", "256 conns keep-alive", 1.0),
+    ("close32", "32 conns Connection: close", 0.7),
+]
+# Idle targets, defined for 1000 idle clients.
+IDLE_RSS_MIB = 24
+IDLE_WALL_S = 0.5
+
+
+def fmt_ms(v):
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def report_wrk(runs_path, mem_path, lb_label, clk_tck):
+    runs = {}  # (cell, server) -> list of dicts, in round order
+    for line in open(runs_path):
+        f = line.rstrip("\n").split("\t")
+        if len(f) < 9:
+            continue
+        run = dict(round=int(f[2]), rps=float(f[3]), p50=float(f[4]), p99=float(f[5]),
+                   errors=int(f[6]), requests=int(f[7]), ticks=int(f[8]),
+                   detail=f[9] if len(f) > 9 else "")
+        runs.setdefault((f[0], f[1]), []).append(run)
+    peak = {}
+    for line in open(mem_path):
+        server, kb = line.split()[:2]
+        peak[server] = int(kb)
+
+    name = {"lb": lb_label, "nginx": "nginx", "haproxy": "haproxy"}
+    width = max(10, len(lb_label))
+    header = (f"{'cell':<27} {'server':<{width}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'CPU us/req':>10} {'x nginx':>8}  {'ERRORS':<8} target")
+    print(header)
+    print("-" * len(header))
+    verdicts, error_notes = [], []
+    for cell, desc, target in CELLS:
+        nginx_runs = {r["round"]: r for r in runs.get((cell, "nginx"), [])}
+        nginx_p99 = median(r["p99"] for r in nginx_runs.values()) if nginx_runs else math.nan
+        for i, server in enumerate(SERVERS):
+            rs = runs.get((cell, server), [])
+            if not rs:
+                continue
+            rps = median(r["rps"] for r in rs)
+            p50 = median(r["p50"] for r in rs)
+            p99 = median(r["p99"] for r in rs)
+            reqs = sum(r["requests"] for r in rs)
+            cpu_us = sum(r["ticks"] for r in rs) * 1e6 / clk_tck / reqs if reqs else math.nan
+            errors = sum(r["errors"] for r in rs)
+            # Paired ratio: each round's run against nginx's run of the same round.
+            paired = [r["rps"] / nginx_runs[r["round"]]["rps"] for r in rs
+                      if r["round"] in nginx_runs and nginx_runs[r["round"]]["rps"] > 0]
+            ratio = median(paired) if paired else math.nan
+            ratio_s = "" if server == "nginx" else f"{ratio:.2f}x"
+            err_s = f"ERR {errors}" if errors else "-"
+            if errors:
+                details = "; ".join(f"round {r['round']}: {r['detail']}" for r in rs if r["errors"])
+                error_notes.append(f"  {desc}, {name[server]}: {details}")
+            target_s = ""
+            if server == "lb":
+                ok = ratio >= target and errors == 0
+                want = f">={target:.1f}x"
+                if cell == "c256":
+                    ok = ok and p99 <= nginx_p99
+                    want += " & p99<=nginx"
+                target_s = f"{want} {'MET' if ok else 'NOT MET'}"
+                if errors:
+                    target_s += " (errors)"
+                verdicts.append(ok)
+            print(f"{desc if i == 0 else '':<27} {name[server]:<{width}} {rps:>9.0f} "
+                  f"{fmt_ms(p50):>8} {fmt_ms(p99):>8} {cpu_us:>10.1f} {ratio_s:>8}  "
+                  f"{err_s:<8} {target_s}")
+    print()
+    if error_notes:
+        print("ERRORS (wrk socket errors connect/read/write/timeout and non-2xx/3xx responses):")
+        print("\n".join(error_notes))
+        print()
+
+    print(f"{'server':<{width}} {'peak RSS (VmHWM)':>17} {'CPU us/req, all cells':>22}")
+    for server in SERVERS:
+        rs = [r for (c, s), lst in runs.items() if s == server for r in lst]
+        reqs = sum(r["requests"] for r in rs)
+        cpu_us = sum(r["ticks"] for r in rs) * 1e6 / clk_tck / reqs if reqs else math.nan
+        kb = peak.get(server)
+        rss = f"{kb / 1024:.1f} MiB" if kb is not None else "?"
+        print(f"{name[server]:<{width}} {rss:>17} {cpu_us:>22.1f}")
+    print()
+    met = sum(verdicts)
+    print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
+    print("(ratios: median over rounds of the per-round req/s ratio to nginx; req/s, p50, p99:"
+          " medians over rounds;\n RSS and CPU are summed over the process and its children"
+          " (nginx workers); wrk shares the same cores.)")
+
+
+def report_idle(idle_path, lb_label):
+    name = {"lb": lb_label, "nginx": "nginx", "haproxy": "haproxy"}
+    width = max(10, len(lb_label))
+    header = (f"{'server':<{width}} {'answered':>11} {'still open':>10} {'wall s':>8} "
+              f"{'RSS before':>11} {'RSS with N':>11}  target")
+    print(header)
+    print("-" * len(header))
+    for line in open(idle_path):
+        f = line.rstrip("\n").split("\t")
+        server, n, answered, failed, still_open = f[0], int(f[1]), int(f[2]), int(f[3]), int(f[4])
+        wall, before, with_n = float(f[5]), int(f[6]), int(f[7])
+        target_s = ""
+        if server == "lb":
+            ok_rss = with_n / 1024 <= IDLE_RSS_MIB
+            ok_wall = answered == n and wall <= IDLE_WALL_S
+            target_s = (f"RSS<={IDLE_RSS_MIB} MiB {'MET' if ok_rss else 'NOT MET'}, "
+                        f"all in <={IDLE_WALL_S}s {'MET' if ok_wall else 'NOT MET'}")
+            if n != 1000:
+                target_s += " (targets are defined for 1000)"
+        wall_s = f"{wall:.3f}" if not math.isnan(wall) else "timeout"
+        answered_s = f"{answered}/{n}" + (f" ({failed} failed)" if failed else "")
+        print(f"{name.get(server, server):<{width}} {answered_s:>11} {still_open:>10} {wall_s:>8} "
+              f"{before / 1024:>7.1f} MiB {with_n / 1024:>7.1f} MiB  {target_s}")
+    print("\n(wall s: first connect until the last of the N responses arrived;"
+          " RSS: VmRSS summed over the process and its children)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "wrk":
+        report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+    elif sys.argv[1] == "idle":
+        report_idle(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(__doc__)

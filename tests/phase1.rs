@@ -1,0 +1,543 @@
+//! Phase 1 over real sockets: round robin, and the HTTP/1.1 forwarding every phase builds on.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const PHASE1: &str = env!("CARGO_BIN_EXE_phase1_rr");
+
+/// Three demo backends and a phase-1 balancer in front of them (with `extra` flags).
+fn three_backends(extra: &[&str]) -> (Vec<DemoBackend>, Balancer) {
+    let backends: Vec<DemoBackend> = ["a", "b", "c"]
+        .iter()
+        .map(|n| DemoBackend::start(n))
+        .collect();
+    let mut args: Vec<String> = Vec::new();
+    for b in &backends {
+        args.push("--backend".into());
+        args.push(b.spec());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lb = Balancer::start(PHASE1, &args);
+    (backends, lb)
+}
+
+/// A balancer in front of one raw backend.
+fn in_front_of(backend: &RawBackend, extra: &[&str]) -> Balancer {
+    let spec = backend.spec();
+    let mut args = vec!["--backend", spec.as_str()];
+    args.extend_from_slice(extra);
+    Balancer::start(PHASE1, &args)
+}
+
+#[test]
+fn round_robin_visits_backends_in_order() {
+    let (_backends, lb) = three_backends(&[]);
+    assert_eq!(
+        backends_hit(lb.addr, 7),
+        ["a", "b", "c", "a", "b", "c", "a"]
+    );
+    let response = get(lb.addr, "/hello");
+    assert!(
+        response.text().starts_with("Hello from b"),
+        "{}",
+        response.text()
+    );
+    assert!(response.text().ends_with("GET /hello\n"));
+}
+
+#[test]
+fn fifty_requests_share_one_keep_alive_connection() {
+    let (_backends, lb) = three_backends(&[]);
+    let mut client = Client::connect(lb.addr);
+    let names: Vec<String> = (0..50)
+        .map(|i| {
+            client
+                .get(&format!("/{i}"))
+                .header("x-backend")
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let counts = count(&names);
+    assert_eq!((counts["a"], counts["b"], counts["c"]), (17, 17, 16));
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (_backends, lb) = three_backends(&[]);
+    let mut client = Client::connect(lb.addr);
+    let batch: String = (1..=5)
+        .map(|i| format!("GET /p{i} HTTP/1.1\r\nHost: t\r\n\r\n"))
+        .collect();
+    client.send(batch.as_bytes());
+    for i in 1..=5 {
+        let response = client.read_response("GET");
+        assert!(
+            response.text().ends_with(&format!("GET /p{i}\n")),
+            "{}",
+            response.text()
+        );
+    }
+}
+
+#[test]
+fn a_head_sent_one_byte_at_a_time_is_understood() {
+    let (_backends, lb) = three_backends(&[]);
+    let mut client = Client::connect(lb.addr);
+    for byte in b"GET /slowly HTTP/1.1\r\nHost: t\r\nX-A: b\r\n\r\n" {
+        client.send(&[*byte]);
+    }
+    let response = client.read_response("GET");
+    assert_eq!(response.status, 200);
+    assert!(response.text().ends_with("GET /slowly\n"));
+}
+
+/// A backend that answers with the MD5 and length of the request body it received.
+fn body_hasher() -> RawBackend {
+    responder(|request| {
+        (
+            200,
+            String::new(),
+            format!("{} {}", md5_hex(&request.body), request.body.len()).into_bytes(),
+        )
+    })
+}
+
+#[test]
+fn a_five_megabyte_request_body_arrives_intact() {
+    let backend = body_hasher();
+    let lb = in_front_of(&backend, &[]);
+    let body: Vec<u8> = (0..5_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let mut client = Client::connect(lb.addr);
+    client.send(
+        format!(
+            "POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    client.send(&body);
+    let response = client.read_response("POST");
+    assert_eq!(
+        response.text(),
+        format!("{} {}", md5_hex(&body), body.len())
+    );
+    // The connection is still in step for another request.
+    client.send(b"POST /again HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(
+        client.read_response("POST").text(),
+        format!("{} 3", md5_hex(b"abc"))
+    );
+}
+
+#[test]
+fn a_twenty_megabyte_response_body_arrives_intact() {
+    let body: Arc<Vec<u8>> = Arc::new((0..20_000_000u32).map(|i| (i * 13 % 253) as u8).collect());
+    let served = Arc::clone(&body);
+    let backend = responder(move |_| (200, String::new(), served.to_vec()));
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    let response = client.get("/big");
+    assert_eq!(response.body.len(), body.len());
+    assert_eq!(md5_hex(&response.body), md5_hex(&body));
+    assert_eq!(client.get("/next").status, 200);
+}
+
+#[test]
+fn chunked_request_and_response_bodies_arrive_intact() {
+    // The backend hashes the request body and answers in chunks of its own.
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        while let Some(request) = conn.read_request() {
+            let text = format!("{} {}", md5_hex(&request.body), request.body.len());
+            let (first, second) = text.split_at(10);
+            conn.send(
+                format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{first}\r\n{:x};ext=1\r\n{second}\r\n0\r\nX-Trailer: yes\r\n\r\n",
+                    first.len(),
+                    second.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i % 256) as u8).collect();
+    let mut request =
+        b"POST /chunks HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for piece in body.chunks(70_000) {
+        request.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        request.extend_from_slice(piece);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    client.send(&request);
+    let response = client.read_response("POST");
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(
+        response.text(),
+        format!("{} {}", md5_hex(&body), body.len())
+    );
+    client.send(b"POST /again HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
+    assert_eq!(
+        client.read_response("POST").text(),
+        format!("{} 3", md5_hex(b"abc"))
+    );
+}
+
+#[test]
+fn a_close_delimited_response_is_relayed_and_then_closed() {
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    let response = client.get("/");
+    assert_eq!(response.text(), "until the end");
+    assert_eq!(response.header("connection"), Some("close"));
+}
+
+#[test]
+fn bodiless_responses_leave_the_connection_usable() {
+    let backend = responder(|request| match request.path.as_str() {
+        "/204" => (204, String::new(), Vec::new()),
+        "/304" => (304, "ETag: \"x\"\r\n".into(), Vec::new()),
+        _ => (200, String::new(), b"full body".to_vec()),
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    client.send(b"HEAD /head HTTP/1.1\r\nHost: t\r\n\r\n");
+    let head = client.read_response("HEAD");
+    assert_eq!(
+        (head.status, head.header("content-length")),
+        (200, Some("9"))
+    );
+    assert_eq!(client.get("/204").status, 204);
+    assert_eq!(client.get("/304").status, 304);
+    assert_eq!(client.get("/after").text(), "full body");
+}
+
+/// A backend that answers with the request headers it received, one per line.
+fn header_echo() -> RawBackend {
+    responder(|request| {
+        let lines: String = request
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\n"))
+            .collect();
+        (
+            200,
+            "Connection: X-Private\r\nX-Private: secret\r\nKeep-Alive: timeout=5\r\n".into(),
+            lines.into_bytes(),
+        )
+    })
+}
+
+#[test]
+fn x_forwarded_for_gets_the_client_added() {
+    let backend = header_echo();
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    let first = client.get("/");
+    assert!(
+        first.text().contains("x-forwarded-for: 127.0.0.1\n"),
+        "{}",
+        first.text()
+    );
+    client.send(b"GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 203.0.113.9\r\n\r\n");
+    let second = client.read_response("GET");
+    assert!(
+        second
+            .text()
+            .contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"),
+        "{}",
+        second.text()
+    );
+    assert!(second.text().contains("host: t\n"));
+}
+
+#[test]
+fn hop_by_hop_headers_are_removed_both_ways() {
+    let backend = header_echo();
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    client.send(
+        b"GET / HTTP/1.1\r\nHost: t\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 300\r\nUpgrade: websocket\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\nX-End: kept\r\n\r\n",
+    );
+    let response = client.read_response("GET");
+    let received = response.text();
+    for gone in [
+        "connection:",
+        "x-hop:",
+        "keep-alive:",
+        "upgrade:",
+        "proxy-connection:",
+        "te:",
+    ] {
+        assert!(
+            !received.contains(gone),
+            "{gone} was forwarded:\n{received}"
+        );
+    }
+    assert!(received.contains("x-end: kept"));
+    // And on the way back: the backend's Connection and the field it names are not relayed.
+    assert_eq!(response.header("x-private"), None);
+    assert_eq!(response.header("keep-alive"), None);
+    assert_eq!(response.header("connection"), None);
+}
+
+#[test]
+fn bad_requests_get_their_status_and_the_next_connection_works() {
+    let (_backends, lb) = three_backends(&[]);
+    let too_large = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let cases: [(&str, &[u8], u16); 5] = [
+        ("garbage", b"NOT HTTP AT ALL\r\n\r\n", 400),
+        ("too large", too_large.as_bytes(), 431),
+        ("length and chunked", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", 400),
+        ("conflicting lengths", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
+        ("no host", b"GET / HTTP/1.1\r\n\r\n", 400),
+    ];
+    for (what, request, status) in cases {
+        let mut client = Client::connect(lb.addr);
+        let _ = client.stream.write_all(request);
+        let response = client
+            .try_read_response("GET")
+            .unwrap_or_else(|| panic!("{what}: no response"));
+        assert_eq!(response.status, status, "{what}");
+        assert_eq!(
+            response.header("content-type"),
+            Some("text/plain; charset=utf-8"),
+            "{what}"
+        );
+        assert_eq!(get(lb.addr, "/").status, 200, "after {what}");
+    }
+}
+
+#[test]
+fn a_killed_backend_is_skipped_without_a_failed_request() {
+    let (mut backends, lb) = three_backends(&[]);
+    assert_eq!(backends_hit(lb.addr, 3), ["a", "b", "c"]);
+    backends[1].stop();
+    let names = backends_hit(lb.addr, 12);
+    assert!(!names.contains(&"b".to_string()));
+    assert!(names.iter().all(|n| n == "a" || n == "c"), "{names:?}");
+}
+
+#[test]
+fn all_backends_down_gives_503_quickly() {
+    let (mut backends, lb) = three_backends(&[]);
+    for backend in &mut backends {
+        backend.stop();
+    }
+    let started = Instant::now();
+    let response = get(lb.addr, "/");
+    assert_eq!(response.status, 503);
+    assert!(response
+        .header("retry-after")
+        .is_some_and(|s| s.parse::<u64>().is_ok()));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn a_backend_that_never_answers_gives_504() {
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        while conn.read_request().is_some() {}
+    });
+    let lb = in_front_of(&backend, &["--backend-timeout", "500ms"]);
+    let started = Instant::now();
+    let response = get(lb.addr, "/");
+    assert_eq!(response.status, 504);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn a_response_cut_short_before_its_head_gives_502() {
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Le");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    assert_eq!(get(lb.addr, "/").status, 502);
+}
+
+#[test]
+fn a_slow_loris_client_is_dropped_without_delaying_others() {
+    let (_backends, lb) = three_backends(&["--client-timeout", "1s"]);
+    let mut slow = TcpStream::connect(lb.addr).unwrap();
+    slow.set_read_timeout(Some(WAIT)).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+    let trickle = thread::spawn(move || {
+        let started = Instant::now();
+        // One byte every 100 ms, for at most 5 s: the balancer must hang up after about 1 s.
+        for _ in 0..50 {
+            if slow.write_all(b"X").is_err() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let mut rest = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut slow, &mut rest);
+        (
+            started.elapsed(),
+            String::from_utf8_lossy(&rest).into_owned(),
+        )
+    });
+    let started = Instant::now();
+    assert_eq!(get(lb.addr, "/").status, 200);
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let (took, answer) = trickle.join().unwrap();
+    assert!(
+        took < Duration::from_secs(3),
+        "slow client kept for {took:?}"
+    );
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+}
+
+#[test]
+fn a_closed_pooled_connection_is_retried_on_a_fresh_one() {
+    // This backend serves one request per connection and then closes it without saying so,
+    // so the balancer's pooled connection is always already closed when it is reused.
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&connections);
+    let backend = RawBackend::start(move |stream| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_some() {
+            conn.respond(200, "", b"once");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    for _ in 0..5 {
+        assert_eq!(get(lb.addr, "/").text(), "once");
+    }
+    assert!(connections.load(Ordering::SeqCst) >= 5);
+}
+
+#[test]
+fn sigint_lets_the_request_in_flight_finish_and_exits_zero() {
+    let (arrived, wait_for_arrival) = mpsc::channel();
+    let arrived = Mutex::new(arrived);
+    let backend = RawBackend::start(move |stream| {
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_some() {
+            let _ = arrived.lock().unwrap().send(());
+            thread::sleep(Duration::from_millis(500));
+            conn.respond(200, "", b"finished");
+        }
+    });
+    let mut lb = in_front_of(&backend, &[]);
+    let idle = Client::connect(lb.addr);
+    let mut client = Client::connect(lb.addr);
+    client.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    wait_for_arrival
+        .recv_timeout(WAIT)
+        .expect("request reached the backend");
+    lb.interrupt();
+    assert_eq!(client.read_response("GET").text(), "finished");
+    assert_eq!(
+        lb.wait_exit(Duration::from_secs(5)),
+        Some(0),
+        "log:\n{}",
+        lb.log()
+    );
+    assert!(lb.log().contains("statistics:"));
+    drop(idle);
+}
+
+#[test]
+fn bad_flags_give_a_one_line_error_and_exit_code_2() {
+    let cases: [&[&str]; 5] = [
+        &["--backend", "127.0.0.1:1=0"],
+        &["--backend", "not-an-address"],
+        &["--listen", "nowhere"],
+        &["--connect-timeout", "soon"],
+        &["--no-such-flag"],
+    ];
+    for args in cases {
+        let output = std::process::Command::new(PHASE1)
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn a_port_in_use_is_a_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let output = std::process::Command::new(PHASE1)
+        .args(["--listen", &addr, "--admin", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains(&addr));
+}
+
+#[test]
+fn max_connections_pauses_accepting_until_a_client_leaves() {
+    let (_backends, lb) = three_backends(&["--max-connections", "1"]);
+    let mut first = Client::connect(lb.addr);
+    assert_eq!(first.get("/").status, 200);
+    // The second client's connection waits in the listen queue, unanswered, while the first
+    // stays connected.
+    let mut second = Client::connect(lb.addr);
+    second
+        .stream
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    second.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert!(
+        second.try_read_response("GET").is_none(),
+        "served beyond --max-connections"
+    );
+    assert!(eventually(WAIT, || lb.log().contains("accepting paused")));
+    drop(first);
+    second.stream.set_read_timeout(Some(WAIT)).unwrap();
+    assert_eq!(second.read_response("GET").status, 200);
+}
+
+#[test]
+fn demo_starts_backends_inside_the_balancer() {
+    // Free ports, found by binding port 0 and letting go.
+    let ports: Vec<u16> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+        .collect();
+    let specs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let lb = Balancer::start(PHASE1, &["--demo", "--backend", &specs[0], "--backend", &specs[1]]);
+    let names = backends_hit(lb.addr, 4);
+    let expected: Vec<String> = [0, 1, 0, 1].iter().map(|&i| format!("backend-{}", ports[i])).collect();
+    assert_eq!(names, expected);
+}
