@@ -117,10 +117,34 @@ fn serve(mut stream: TcpStream, lb: &LoadBalancer) {
     let answer = match read_head(&mut stream) {
         Ok(head) => route(&head, lb),
         Err(HeadError::Gone) => return,
-        Err(HeadError::TooLarge) => response(431, "text/plain", b"request head too large\n", true),
-        Err(HeadError::Malformed) => response(400, "text/plain", b"bad request\n", true),
+        Err(HeadError::TooLarge) => response(431, "text/plain", b"request head too large\n", false),
+        Err(HeadError::Malformed) => response(400, "text/plain", b"bad request\n", false),
     };
-    let _ = stream.write_all(&answer);
+    if stream.write_all(&answer).is_ok() {
+        linger(&mut stream);
+    }
+}
+
+/// Closes our side and reads what the client still sends, for a moment and a few kilobytes.
+/// Closing a socket with unread bytes makes the kernel send a reset, which can destroy the
+/// response before the client reads it (the problem nginx's `lingering_close` solves).
+fn linger(stream: &mut TcpStream) {
+    const LINGER_BYTES: usize = 64 * 1024;
+    if stream.shutdown(std::net::Shutdown::Write).is_err()
+        || stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 /// Why an admin request could not be read.
