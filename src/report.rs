@@ -321,12 +321,13 @@ const HTML_START: &str = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta cha
 /// The rest of the HTML page's head, up to the summary line.
 const HTML_STYLE: &str = concat!(
     "<title>Load balancer statistics</title>\n<style>\n",
-    "body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }\n",
+    "body { font-family: system-ui, sans-serif; margin: 1.5em; color: #222; }\n",
     "table { border-collapse: collapse; }\n",
-    "th, td { padding: 0.35em 0.8em; border-bottom: 1px solid #ddd; text-align: right; }\n",
-    "th:first-child, td:first-child { text-align: left; font-family: monospace; }\n",
+    "th, td { padding: 0.35em 0.6em; border-bottom: 1px solid #ddd; text-align: right; }\n",
+    "th:first-child, td:first-child { text-align: left; }\n",
+    "td { white-space: nowrap; } td:first-child { font-family: monospace; font-size: 1.1em; }\n",
     ".up { color: #17803d; font-weight: bold; } .down { color: #c0262d; font-weight: bold; }\n",
-    ".bar { display: inline-block; width: 12em; height: 0.8em; background: #eee; }\n",
+    ".bar { display: inline-block; width: 8em; height: 0.8em; background: #eee; vertical-align: middle; }\n",
     ".bar div { height: 100%; background: #3b7dd8; }\n",
     ".summary, .links { color: #555; }\n",
     "</style>\n</head>\n<body>\n<h1>Load balancer statistics</h1>\n",
