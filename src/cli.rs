@@ -324,6 +324,32 @@ mod tests {
     }
 
     #[test]
+    fn sticky_flags_build_a_table_only_with_sticky() {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            sticky: StickyArgs,
+        }
+        let off = Flags::try_parse_from(["lb"]).unwrap();
+        assert!(off.sticky.session_table().is_none());
+        let on = Flags::try_parse_from([
+            "lb",
+            "--sticky",
+            "--cookie-name",
+            "SID",
+            "--max-sessions",
+            "7",
+        ])
+        .unwrap();
+        let table = on.sticky.session_table().expect("a table with --sticky");
+        assert_eq!(table.cookie_name(), "SID");
+        assert_eq!(table.max_sessions(), 7);
+        assert_eq!(on.sticky.session.session_ttl, Duration::from_secs(30 * 60));
+        assert!(Flags::try_parse_from(["lb", "--max-sessions", "0"]).is_err());
+        assert!(Flags::try_parse_from(["lb", "--cookie-name", "a=b"]).is_err());
+    }
+
+    #[test]
     fn cookie_names_are_tokens() {
         assert_eq!(parse_cookie_name("SESSION_ID"), Ok("SESSION_ID".into()));
         assert!(parse_cookie_name("").is_err());

@@ -377,6 +377,39 @@ fn admin_off_means_no_statistics_listener() {
     assert!(!lb.log().contains("statistics on"), "{}", lb.log());
 }
 
+#[test]
+fn an_admin_port_in_use_is_a_start_up_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = std::process::Command::new(PHASE1)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            &addr,
+            "--backend",
+            "127.0.0.1:9",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = eventually(WAIT, || {
+        child.try_wait().is_ok_and(|status| status.is_some())
+    });
+    if !exited {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        exited,
+        "the balancer kept running with its admin port taken"
+    );
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("--admin {addr}")), "{stderr}");
+}
+
 // ---------------------------------------------------------------- X-Request-Id
 
 /// A backend that answers with the request's header fields, one `name: value` per line.
