@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser};
 
 use crate::backend::Backend;
+use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::settings::Settings;
 use crate::sticky::SessionTable;
 
@@ -99,6 +100,65 @@ impl CommonArgs {
             explain: self.explain,
         }
     }
+}
+
+/// The health-check flags of the `phase3_*` binaries and `loadbalancer` (the contract's table).
+#[derive(Args, Debug, Clone)]
+pub struct HealthArgs {
+    /// Active checks GET this path; a 2xx answer is healthy.
+    #[arg(long, value_name = "PATH", default_value = "/health", value_parser = parse_health_path)]
+    pub health_path: String,
+
+    /// Time between active checks of each backend.
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_nonzero_duration)]
+    pub health_interval: Duration,
+
+    /// Time one active check may take.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_nonzero_duration)]
+    pub health_timeout: Duration,
+
+    /// Passed checks in a row that bring a backend back.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_count)]
+    pub rise: u32,
+
+    /// Failed checks in a row that take a backend down.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    pub fall: u32,
+
+    /// Passive: failed requests in a row that take a backend out.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    pub max_fails: u32,
+
+    /// Passive: how long a backend stays out before one trial request.
+    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    pub fail_timeout: Duration,
+}
+
+impl HealthArgs {
+    /// The health configuration for `mode`, to hand to `LoadBalancer::with_health`.
+    pub fn config(&self, mode: HealthMode) -> HealthConfig {
+        HealthConfig {
+            active: mode.is_active().then(|| ActivePolicy {
+                path: self.health_path.clone(),
+                interval: self.health_interval,
+                timeout: self.health_timeout,
+                rise: self.rise,
+                fall: self.fall,
+            }),
+            passive: mode.is_passive().then_some(PassivePolicy {
+                max_fails: self.max_fails,
+                fail_timeout: self.fail_timeout,
+            }),
+        }
+    }
+}
+
+/// The `loadbalancer` binary's `--health-check` flag, to flatten beside [`HealthArgs`].
+#[derive(Args, Debug, Clone)]
+pub struct HealthCheckArgs {
+    /// Which health checks run.
+    #[arg(long, value_enum, value_name = "MODE", default_value_t = HealthMode::Both)]
+    pub health_check: HealthMode,
 }
 
 /// The sticky-session flags of `loadbalancer`: `--sticky` turns sessions on.
@@ -225,6 +285,31 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("'{text}' is too long a duration"))
 }
 
+/// Parses a duration that must not be zero (a zero health interval would probe in a busy loop).
+pub fn parse_nonzero_duration(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        Duration::ZERO => Err(format!("'{text}' must be longer than zero")),
+        duration => Ok(duration),
+    }
+}
+
+/// Parses a count of at least 1, such as `--rise` or `--max-fails`.
+pub fn parse_count(text: &str) -> Result<u32, String> {
+    match text.parse::<u32>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("'{text}' is not a whole number of at least 1")),
+    }
+}
+
+/// Parses `--health-path`: an absolute path, as it goes on the request line.
+pub fn parse_health_path(text: &str) -> Result<String, String> {
+    if text.starts_with('/') && !text.contains(|c: char| c.is_whitespace() || c.is_control()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("'{text}' is not a path starting with /"))
+    }
+}
+
 /// Parses a cookie name: an RFC 9110 token (letters, digits and ``!#$%&'*+-.^_`|~``).
 pub fn parse_cookie_name(text: &str) -> Result<String, String> {
     let is_token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
@@ -321,6 +406,55 @@ mod tests {
             Ok(AdminAddr(Some("127.0.0.1:9000".parse().unwrap())))
         );
         assert!(parse_admin("nowhere").is_err());
+    }
+
+    #[test]
+    fn health_values_are_checked() {
+        assert_eq!(parse_count("2"), Ok(2));
+        assert!(parse_count("0").is_err());
+        assert_eq!(
+            parse_nonzero_duration("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        assert!(parse_nonzero_duration("0").is_err());
+        assert_eq!(parse_health_path("/healthz"), Ok("/healthz".to_string()));
+        assert!(parse_health_path("health").is_err());
+        assert!(parse_health_path("/a b").is_err());
+    }
+
+    #[test]
+    fn health_args_build_the_chosen_checks() {
+        #[derive(Parser)]
+        struct Test {
+            #[command(flatten)]
+            health: HealthArgs,
+            #[command(flatten)]
+            check: HealthCheckArgs,
+        }
+        let parsed = Test::try_parse_from(["test", "--rise", "4", "--fail-timeout", "1m"]).unwrap();
+        assert_eq!(parsed.check.health_check, HealthMode::Both);
+        let config = parsed.health.config(parsed.check.health_check);
+        let active = config.active.expect("active checks on");
+        assert_eq!(active.path, "/health");
+        assert_eq!(active.interval, Duration::from_secs(5));
+        assert_eq!(active.timeout, Duration::from_secs(2));
+        assert_eq!((active.rise, active.fall), (4, 3));
+        let passive = config.passive.expect("passive checks on");
+        assert_eq!(passive.max_fails, 3);
+        assert_eq!(passive.fail_timeout, Duration::from_secs(60));
+
+        let parsed = Test::try_parse_from(["test", "--health-check", "passive"]).unwrap();
+        assert_eq!(
+            parsed.health.config(parsed.check.health_check).mode(),
+            HealthMode::Passive
+        );
+        let parsed = Test::try_parse_from(["test", "--health-check", "none"]).unwrap();
+        assert_eq!(
+            parsed.health.config(parsed.check.health_check),
+            HealthConfig::default()
+        );
+        assert!(Test::try_parse_from(["test", "--health-check", "sometimes"]).is_err());
+        assert!(Test::try_parse_from(["test", "--fall", "0"]).is_err());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use crate::backend::{Backend, Connection};
 use crate::balance::{self, Balancer};
 use crate::error::ProxyError;
+use crate::health::{self, HealthConfig};
 use crate::http::{
     self, BodyLength, BufferedStream, HeadError, Headers, RelayError, RequestHead, ResponseHead,
     Sink, Version,
@@ -36,6 +37,7 @@ pub struct LoadBalancer {
     balancer: Box<dyn Balancer>,
     stats: Stats,
     settings: Settings,
+    health: HealthConfig,
     sessions: Option<SessionTable>,
 }
 
@@ -47,8 +49,24 @@ impl LoadBalancer {
             balancer,
             stats: Stats::new(),
             settings,
+            health: HealthConfig::default(),
             sessions: None,
         }
+    }
+
+    /// Turns on the health checks of `config` for every backend (phase 3). Without it, every
+    /// backend is always considered healthy. Call it before the balancer starts serving.
+    pub fn with_health(mut self, config: HealthConfig) -> Self {
+        for backend in &self.backends {
+            backend.health().configure(config.clone());
+        }
+        self.health = config;
+        self
+    }
+
+    /// Which health checks run, and how.
+    pub fn health_config(&self) -> &HealthConfig {
+        &self.health
     }
 
     /// The same balancer with sticky sessions: a client that sends back its session cookie
@@ -112,7 +130,12 @@ enum Failure {
     /// Nothing of a response reached the client yet: answer with this error.
     Answer(ProxyError),
     /// The connection cannot carry more: the client went away, or a response was cut short.
-    Abort(String),
+    Abort {
+        /// What happened.
+        why: String,
+        /// Whether the backend broke the exchange (rather than the client).
+        by_backend: bool,
+    },
 }
 
 /// What one exchange with one backend ended in.
@@ -225,7 +248,7 @@ impl<'a> ClientConnection<'a> {
                     Flow::KeepAlive
                 }
             }
-            Err(Failure::Abort(why)) => {
+            Err(Failure::Abort { why, .. }) => {
                 log::debug!(
                     "{} {} {}: connection dropped: {why}",
                     self.client_ip,
@@ -274,6 +297,10 @@ impl<'a> ClientConnection<'a> {
             }
             tried.push(pick.index);
             let backend = &self.lb.backends[pick.index];
+            if !backend.health().admit() {
+                // Another request took this backend's one trial after its fail-timeout.
+                continue;
+            }
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest {
                 head,
@@ -398,7 +425,7 @@ impl<'a> ClientConnection<'a> {
         let connection = connection.map_err(|err| {
             log::warn!("backend {} unreachable: {err}", backend.name());
             backend.stats().record_error();
-            backend.health().observe_request(false);
+            self.observe(backend, Some(false));
             TryError::Unreachable
         })?;
         let out = self.request_bytes(backend, request);
@@ -420,7 +447,7 @@ impl<'a> ClientConnection<'a> {
                     ),
                     Err(err) => {
                         backend.stats().record_error();
-                        backend.health().observe_request(false);
+                        self.observe(backend, Some(false));
                         log::warn!("backend {} unreachable: {err}", backend.name());
                         return Err(TryError::Unreachable);
                     }
@@ -430,7 +457,7 @@ impl<'a> ClientConnection<'a> {
         };
         let failed = !matches!(result, Ok((_, status)) if !matches!(status, 502..=504));
         backend.stats().record(started.elapsed(), failed);
-        backend.health().observe_request(!failed);
+        self.observe(backend, backend_verdict(&result));
         match result {
             Ok((flow, status)) => {
                 log::debug!(
@@ -452,6 +479,15 @@ impl<'a> ClientConnection<'a> {
                 ProxyError::BadGateway("connection closed".into()),
             ))),
             Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
+        }
+    }
+
+    /// Tells passive health checks how a request went (`None`: not the backend's doing), and
+    /// reports the backend's state flipping.
+    fn observe(&self, backend: &Backend, ok: Option<bool>) {
+        let Some(ok) = ok else { return };
+        if let Some(change) = backend.health().observe_request(ok) {
+            health::report(&self.lb.backends, backend, &change);
         }
     }
 
@@ -636,7 +672,10 @@ impl<'a> ClientConnection<'a> {
                     bad_gateway("the response body was cut short")
                 }
                 RelayError::Write(e) => abort(&format!("writing the response: {e}")),
-                other => abort(&format!("relaying the response: {other:?}")),
+                other => ExchangeError::Failed(Failure::Abort {
+                    why: format!("relaying the response: {other:?}"),
+                    by_backend: true,
+                }),
             });
         }
         let backend_keeps_alive = body != BodyLength::UntilClose
@@ -810,6 +849,28 @@ fn bad_gateway(why: &str) -> ExchangeError {
     ExchangeError::Failed(Failure::Answer(ProxyError::BadGateway(why.to_string())))
 }
 
+/// The client broke the exchange.
 fn abort(why: &str) -> ExchangeError {
-    ExchangeError::Failed(Failure::Abort(why.to_string()))
+    ExchangeError::Failed(Failure::Abort {
+        why: why.to_string(),
+        by_backend: false,
+    })
+}
+
+/// How an exchange counts for passive health checks (the contract's failed request): a 502,
+/// 503 or 504 from the backend, or an exchange it broke or let time out, is a failure; any
+/// other answer is a success; a client that went away or sent a malformed body says nothing
+/// about the backend.
+fn backend_verdict(result: &Result<(Flow, u16), ExchangeError>) -> Option<bool> {
+    match result {
+        Ok((_, status)) => Some(!matches!(status, 502..=504)),
+        Err(ExchangeError::Stale) => Some(false),
+        Err(ExchangeError::Failed(Failure::Answer(
+            ProxyError::BadGateway(_) | ProxyError::GatewayTimeout,
+        ))) => Some(false),
+        Err(ExchangeError::Failed(Failure::Answer(_))) => None,
+        Err(ExchangeError::Failed(Failure::Abort { by_backend, .. })) => {
+            by_backend.then_some(false)
+        }
+    }
 }

@@ -13,6 +13,7 @@ use crate::admin::AdminServer;
 use crate::cli::CommonArgs;
 use crate::demo::{self, DemoBackend};
 use crate::error::StartError;
+use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::server::Server;
 
@@ -45,9 +46,13 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     };
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
+    let checker = start_active_checks(&lb)?;
 
     server.serve(Arc::clone(&lb));
 
+    if let Some(checker) = checker {
+        checker.stop();
+    }
     drop(stop_stats);
     if let Some(admin) = admin {
         admin.stop();
@@ -110,6 +115,16 @@ fn start_demo_backends(lb: &LoadBalancer) -> Result<Vec<DemoBackend>, StartError
                 .map_err(|err| StartError(format!("--demo: {err}")))
         })
         .collect()
+}
+
+/// Starts the active health checker when the balancer's health configuration asks for it.
+fn start_active_checks(lb: &LoadBalancer) -> Result<Option<ActiveChecker>, StartError> {
+    let Some(policy) = &lb.health_config().active else {
+        return Ok(None);
+    };
+    ActiveChecker::start(lb.backends(), policy)
+        .map(Some)
+        .map_err(|err| StartError(format!("cannot start health checks: {err}")))
 }
 
 /// Logs the statistics every `interval` until `stop` is dropped; no thread when `interval` is 0.

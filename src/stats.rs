@@ -90,14 +90,14 @@ impl Stats {
             let stats = backend.stats();
             let _ = write!(
                 text,
-                "\n  {}: {} requests, {} errors ({:.1}% error rate), {} active, avg {:.2} ms{}",
+                "\n  {}: {} requests, {} errors ({:.1}% error rate), {} active, avg {:.2} ms, {}",
                 backend.name(),
                 stats.requests(),
                 stats.errors(),
                 stats.error_rate() * 100.0,
                 stats.active(),
                 stats.latency_ms_avg(),
-                if backend.is_healthy() { "" } else { ", DOWN" }
+                backend.health().describe()
             );
         }
         text

@@ -533,11 +533,23 @@ fn max_connections_pauses_accepting_until_a_client_leaves() {
 fn demo_starts_backends_inside_the_balancer() {
     // Free ports, found by binding port 0 and letting go.
     let ports: Vec<u16> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
         .collect();
     let specs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let lb = Balancer::start(PHASE1, &["--demo", "--backend", &specs[0], "--backend", &specs[1]]);
+    let lb = Balancer::start(
+        PHASE1,
+        &["--demo", "--backend", &specs[0], "--backend", &specs[1]],
+    );
     let names = backends_hit(lb.addr, 4);
-    let expected: Vec<String> = [0, 1, 0, 1].iter().map(|&i| format!("backend-{}", ports[i])).collect();
+    let expected: Vec<String> = [0, 1, 0, 1]
+        .iter()
+        .map(|&i| format!("backend-{}", ports[i]))
+        .collect();
     assert_eq!(names, expected);
 }

@@ -1,0 +1,63 @@
+//! Phase 3 of the chapter, "헬스 체크" (health checks), part one: round robin with active health
+//! checks.
+//!
+//! ```text
+//! scripts/backends.sh                                # three demo backends on 8001-8003
+//! cargo run --bin phase3_active_health               # the balancer on :8080
+//! # stop one backend: within interval × fall the log says ❌ and curl never reaches it;
+//! # start it again: after rise passed checks the log says ✅ and it is back in turn
+//! ```
+//!
+//! Since phase 1, a checker thread per backend probes `GET /health` every `--health-interval`;
+//! `--fall` failed probes in a row take a backend out of rotation and `--rise` passed ones bring
+//! it back. Unlike the chapter's single checker thread, one hung backend never delays the verdict
+//! on the others, and one bad probe does not flip a backend.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::balance::RoundRobin;
+use lb::cli::{self, CommonArgs, HealthArgs};
+use lb::error::StartError;
+use lb::health::HealthMode;
+use lb::proxy::LoadBalancer;
+
+/// Phase 3: round robin over the backends that pass active health checks.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(args.common.verbose);
+    cli::exit_code(run(args))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let backends = args.common.backends(&[1, 1, 1]);
+    let balancer = RoundRobin::new();
+    // What phase 3 adds: probes decide which backends round robin may choose.
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
+        .with_health(args.health.config(HealthMode::Active));
+    lb::startup::run(lb, &args.common)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Args::command().debug_assert();
+    }
+}

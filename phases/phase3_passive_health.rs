@@ -1,0 +1,64 @@
+//! Phase 3 of the chapter, "헬스 체크" (health checks), part two: round robin with passive health
+//! checks.
+//!
+//! ```text
+//! scripts/backends.sh                                # three demo backends on 8001-8003
+//! cargo run --bin phase3_passive_health              # the balancer on :8080
+//! # stop one backend: after --max-fails failed requests the log says ❌ and it is out;
+//! # clients never see an error, since a refused connection is retried on the next backend
+//! ```
+//!
+//! Since phase 1, real traffic is the probe: `--max-fails` failed requests in a row (refused,
+//! timed out, reset, or a 502/503/504) take a backend out for `--fail-timeout`, after which one
+//! trial request decides whether it is back. The chapter's version can never bring a backend
+//! back: once it is out, no traffic reaches it, so no success can ever reset its count. The
+//! trial request is what fixes that.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::balance::RoundRobin;
+use lb::cli::{self, CommonArgs, HealthArgs};
+use lb::error::StartError;
+use lb::health::HealthMode;
+use lb::proxy::LoadBalancer;
+
+/// Phase 3: round robin that takes out backends whose requests fail, and tries them again later.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(args.common.verbose);
+    cli::exit_code(run(args))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let backends = args.common.backends(&[1, 1, 1]);
+    let balancer = RoundRobin::new();
+    // What phase 3 adds: failed requests decide which backends round robin may choose.
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
+        .with_health(args.health.config(HealthMode::Passive));
+    lb::startup::run(lb, &args.common)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Args::command().debug_assert();
+    }
+}
