@@ -43,6 +43,17 @@ pub struct BackendSnapshot {
     pub weight: u32,
     /// Whether the backend is considered healthy.
     pub healthy: bool,
+    /// The health state and the counts behind it, in one line (`up, checks 3 passed / 0 failed
+    /// in a row, last 200 1.2s ago`).
+    pub health: String,
+    /// Active checks passed in a row.
+    pub checks_passed: u32,
+    /// Active checks failed in a row.
+    pub checks_failed: u32,
+    /// Requests failed in a row, as passive checks count them.
+    pub failed_requests: u32,
+    /// The latest active check's result and how many seconds ago it ended.
+    pub last_check: Option<(String, f64)>,
     /// Requests that reached it.
     pub requests: u64,
     /// Failed requests and connection attempts.
@@ -70,10 +81,18 @@ impl Snapshot {
             .iter()
             .map(|backend| {
                 let counters = backend.stats();
+                let health = backend.health();
                 BackendSnapshot {
                     address: backend.name().to_string(),
                     weight: backend.weight(),
                     healthy: backend.is_healthy(),
+                    health: health.describe(),
+                    checks_passed: health.consecutive_successes(),
+                    checks_failed: health.consecutive_failures(),
+                    failed_requests: health.failed_requests(),
+                    last_check: health
+                        .last_check()
+                        .map(|check| (check.result.clone(), check.ago().as_secs_f64())),
                     requests: counters.requests(),
                     errors: counters.errors(),
                     error_rate: counters.error_rate(),
@@ -120,6 +139,14 @@ impl Snapshot {
                     "latency_ms_p99": round3(b.latency_ms_p99),
                     "error_rate": round3(b.error_rate),
                     "share": round3(share(b.requests, reached)),
+                    "health": b.health,
+                    "checks_passed_in_a_row": b.checks_passed,
+                    "checks_failed_in_a_row": b.checks_failed,
+                    "failed_requests_in_a_row": b.failed_requests,
+                    "last_check": b.last_check.as_ref().map(|(result, ago)| json!({
+                        "result": result,
+                        "seconds_ago": round3(*ago),
+                    })),
                 })
             })
             .collect();
@@ -292,9 +319,11 @@ impl Snapshot {
             } else {
                 ("down", "down")
             };
+            // The health line (the counts behind the state) shows when the pointer rests on it.
+            let health = escape_html(&b.health);
             let _ = writeln!(
                 page,
-                "<tr><td>{}</td><td class=\"{class}\">{state}</td><td>{}</td><td>{}</td>\
+                "<tr><td>{}</td><td class=\"{class}\" title=\"{health}\">{state}</td><td>{}</td><td>{}</td>\
                  <td>{}</td><td>{:.1}%</td><td>{}</td><td>{:.2} ms</td><td>{:.1} ms</td>\
                  <td><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td></tr>",
                 escape_html(&b.address),
@@ -391,6 +420,11 @@ mod tests {
             address: address.into(),
             weight: 1,
             healthy,
+            health: if healthy { "up".into() } else { "DOWN".into() },
+            checks_passed: 0,
+            checks_failed: 3,
+            failed_requests: 0,
+            last_check: Some(("refused".into(), 1.5)),
             requests,
             errors: 1,
             error_rate: 1.0 / requests as f64,
@@ -428,6 +462,9 @@ mod tests {
         }
         assert_eq!(first["share"], 0.6);
         assert_eq!(value["backends"][1]["healthy"], false);
+        assert_eq!(value["backends"][1]["health"], "DOWN");
+        assert_eq!(value["backends"][1]["last_check"]["result"], "refused");
+        assert_eq!(value["backends"][1]["checks_failed_in_a_row"], 3);
     }
 
     #[test]

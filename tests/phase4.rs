@@ -13,6 +13,7 @@ use common::*;
 
 const PHASE1: &str = env!("CARGO_BIN_EXE_phase1_rr");
 const PHASE4: &str = env!("CARGO_BIN_EXE_phase4_sticky");
+const PHASE3_PASSIVE: &str = env!("CARGO_BIN_EXE_phase3_passive_health");
 
 /// Three demo backends called a, b and c, and `bin` in front of them with `extra` flags.
 fn three_backends(bin: &str, extra: &[&str]) -> (Vec<DemoBackend>, Balancer) {
@@ -524,6 +525,61 @@ fn explain_tells_sticky_hits_from_misses() {
         );
         assert_eq!(&address[backend_of(&again).as_str()], chosen);
     }
+}
+
+#[test]
+fn explain_lists_retries_and_the_backends_health_checks_took_out() {
+    let flags = [
+        "--explain",
+        "--max-fails",
+        "1",
+        "--fail-timeout",
+        "1m",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let (mut backends, lb) = three_backends(PHASE3_PASSIVE, &flags);
+    let dead = backends[0].spec();
+    backends[0].stop();
+
+    // Round robin's first turn is the stopped backend: the request moves on to the next one,
+    // and that one failure takes the stopped backend out (--max-fails 1).
+    let first = get(lb.addr, "/");
+    assert_eq!(backend_of(&first), "b");
+    let decision = first.header("x-lb-decision").unwrap_or_default();
+    assert!(
+        decision.contains(&format!("retry after {dead}")),
+        "{decision}"
+    );
+    assert!(
+        decision.ends_with(&format!("chose {}", backends[1].spec())),
+        "{decision}"
+    );
+
+    for _ in 0..4 {
+        let response = get(lb.addr, "/");
+        assert_ne!(backend_of(&response), "a");
+        let decision = response.header("x-lb-decision").unwrap_or_default();
+        assert!(
+            decision.contains(&format!("unavailable: {dead}")),
+            "{decision}"
+        );
+        assert!(!decision.contains("retry"), "{decision}");
+    }
+
+    // The statistics show the same verdict.
+    let stats = stats_json(&lb);
+    assert_eq!(stats["backends"][0]["healthy"], false, "{stats}");
+    assert_eq!(stats["backends"][1]["healthy"], true, "{stats}");
+    let metrics = get(lb.admin.unwrap(), "/metrics").text();
+    let families = prometheus::parse(&metrics).unwrap();
+    let up: Vec<(String, f64)> = families["lb_backend_up"]
+        .samples
+        .iter()
+        .map(|s| (s.labels["backend"].clone(), s.value))
+        .collect();
+    assert_eq!(up[0], (dead, 0.0));
+    assert!(up[1..].iter().all(|(_, value)| *value == 1.0), "{up:?}");
 }
 
 // ---------------------------------------------------------------- checkers
