@@ -208,7 +208,7 @@ fn route(request: &AdminRequest, lb: &LoadBalancer) -> Vec<u8> {
         return response(405, "text/plain", b"only GET and HEAD\n", false);
     }
     let (content_type, body) = match request.path.as_str() {
-        "/" | "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
+        "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
         "/stats.json" => ("application/json", Snapshot::of(lb).to_json()),
         "/metrics" => (
             "text/plain; version=0.0.4; charset=utf-8",
