@@ -13,6 +13,7 @@ use clap::{Args, Parser};
 use crate::backend::Backend;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::settings::Settings;
+use crate::sticky::SessionTable;
 
 /// The backends used when no `--backend` is given: the three demo backends of `scripts/backends.sh`.
 pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "127.0.0.1:8003"];
@@ -160,6 +161,48 @@ pub struct HealthCheckArgs {
     pub health_check: HealthMode,
 }
 
+/// The sticky-session flags of `loadbalancer`: `--sticky` turns sessions on.
+#[derive(Args, Debug, Clone)]
+pub struct StickyArgs {
+    /// Keep each client on one backend with a session cookie.
+    #[arg(long)]
+    pub sticky: bool,
+
+    /// How the session table is set up.
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+impl StickyArgs {
+    /// The session table when `--sticky` is on, else none.
+    pub fn session_table(&self) -> Option<SessionTable> {
+        self.sticky.then(|| self.session.session_table())
+    }
+}
+
+/// The session-table flags, shared by `phase4_sticky` (always sticky) and `loadbalancer --sticky`.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
+    /// Name of the session cookie.
+    #[arg(long, value_name = "NAME", default_value = crate::sticky::DEFAULT_COOKIE, value_parser = parse_cookie_name)]
+    pub cookie_name: String,
+
+    /// Forget a session after this long without a request.
+    #[arg(long, value_name = "DUR", default_value = "30m", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+
+    /// The most sessions remembered; the least recently used is forgotten first.
+    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
+    pub max_sessions: usize,
+}
+
+impl SessionArgs {
+    /// A session table with these settings.
+    pub fn session_table(&self) -> SessionTable {
+        SessionTable::new(&self.cookie_name, self.session_ttl, self.max_sessions)
+    }
+}
+
 /// One `--backend HOST:PORT[=WEIGHT]` flag, resolved at start-up.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendSpec {
@@ -264,6 +307,18 @@ pub fn parse_health_path(text: &str) -> Result<String, String> {
         Ok(text.to_string())
     } else {
         Err(format!("'{text}' is not a path starting with /"))
+    }
+}
+
+/// Parses a cookie name: an RFC 9110 token (letters, digits and ``!#$%&'*+-.^_`|~``).
+pub fn parse_cookie_name(text: &str) -> Result<String, String> {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !text.is_empty() && text.chars().all(is_token_char) {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "'{text}' is not a cookie name (letters, digits, - and _)"
+        ))
     }
 }
 
@@ -400,6 +455,41 @@ mod tests {
         );
         assert!(Test::try_parse_from(["test", "--health-check", "sometimes"]).is_err());
         assert!(Test::try_parse_from(["test", "--fall", "0"]).is_err());
+    }
+
+    #[test]
+    fn sticky_flags_build_a_table_only_with_sticky() {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            sticky: StickyArgs,
+        }
+        let off = Flags::try_parse_from(["lb"]).unwrap();
+        assert!(off.sticky.session_table().is_none());
+        let on = Flags::try_parse_from([
+            "lb",
+            "--sticky",
+            "--cookie-name",
+            "SID",
+            "--max-sessions",
+            "7",
+        ])
+        .unwrap();
+        let table = on.sticky.session_table().expect("a table with --sticky");
+        assert_eq!(table.cookie_name(), "SID");
+        assert_eq!(table.max_sessions(), 7);
+        assert_eq!(on.sticky.session.session_ttl, Duration::from_secs(30 * 60));
+        assert!(Flags::try_parse_from(["lb", "--max-sessions", "0"]).is_err());
+        assert!(Flags::try_parse_from(["lb", "--cookie-name", "a=b"]).is_err());
+    }
+
+    #[test]
+    fn cookie_names_are_tokens() {
+        assert_eq!(parse_cookie_name("SESSION_ID"), Ok("SESSION_ID".into()));
+        assert!(parse_cookie_name("").is_err());
+        assert!(parse_cookie_name("a=b").is_err());
+        assert!(parse_cookie_name("a b").is_err());
+        assert!(parse_cookie_name("a;b").is_err());
     }
 
     #[test]

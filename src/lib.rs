@@ -12,12 +12,13 @@
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
-//! | 4 | `sticky`, [`stats`] | cookie sessions, statistics pages |
+//! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
 //! every step of a request can be read top to bottom, as in the chapter's Python.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
@@ -26,8 +27,10 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod proxy;
+pub mod report;
 pub mod server;
 pub mod settings;
 pub mod simulate;
 pub mod startup;
 pub mod stats;
+pub mod sticky;

@@ -21,6 +21,7 @@ use crate::http::{
 };
 use crate::settings::Settings;
 use crate::stats::Stats;
+use crate::sticky::SessionTable;
 
 /// The client read buffer's starting size; it grows only for a large head.
 const CLIENT_BUFFER: usize = 4 * 1024;
@@ -37,6 +38,7 @@ pub struct LoadBalancer {
     stats: Stats,
     settings: Settings,
     health: HealthConfig,
+    sessions: Option<SessionTable>,
 }
 
 impl LoadBalancer {
@@ -48,6 +50,7 @@ impl LoadBalancer {
             stats: Stats::new(),
             settings,
             health: HealthConfig::default(),
+            sessions: None,
         }
     }
 
@@ -64,6 +67,18 @@ impl LoadBalancer {
     /// Which health checks run, and how.
     pub fn health_config(&self) -> &HealthConfig {
         &self.health
+    }
+
+    /// The same balancer with sticky sessions: a client that sends back its session cookie
+    /// goes to its session's backend while that backend is available.
+    pub fn with_sessions(mut self, sessions: SessionTable) -> Self {
+        self.sessions = Some(sessions);
+        self
+    }
+
+    /// The sticky-session table, when sessions are on.
+    pub fn sessions(&self) -> Option<&SessionTable> {
+        self.sessions.as_ref()
     }
 
     /// The backends, in the order they were given.
@@ -259,13 +274,27 @@ impl<'a> ClientConnection<'a> {
             None => Some(uuid::Uuid::new_v4().to_string()),
         };
         let (prefix, rest) = self.take_body_prefix(body);
+        let session = self
+            .lb
+            .sessions
+            .as_ref()
+            .map(|table| Session::of(table, head));
+        let set_cookie = session.as_ref().and_then(Session::set_cookie);
         let mut tried: Vec<usize> = Vec::new();
         loop {
-            let Some(pick) = self.choose(&tried) else {
+            let Some(pick) = self.choose(&tried, session.as_ref()) else {
                 return Err(Failure::Answer(ProxyError::NoBackend {
                     retry_after: self.lb.retry_after(),
                 }));
             };
+            let decision = if self.lb.settings.explain {
+                self.explain(&pick, session.as_ref(), &tried)
+            } else {
+                String::new()
+            };
+            if let Some(session) = &session {
+                session.follow(pick.index);
+            }
             tried.push(pick.index);
             let backend = &self.lb.backends[pick.index];
             if !backend.health().admit() {
@@ -279,7 +308,8 @@ impl<'a> ClientConnection<'a> {
                 prefix: &prefix,
                 rest,
                 request_id: request_id.as_deref(),
-                reason: &pick.reason,
+                reason: &decision,
+                set_cookie: set_cookie.as_deref(),
             };
             match self.try_backend(backend, &request, started) {
                 // Nothing reached the backend, so the next one may safely get the request.
@@ -313,15 +343,61 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
-    /// Asks the balancer for a backend among those available and not yet tried.
-    fn choose(&self, tried: &[usize]) -> Option<balance::Pick> {
+    /// Chooses a backend among those available and not yet tried: the session's own backend
+    /// when it is one of them, else whichever the balancer picks.
+    fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
         let backends = &self.lb.backends;
+        let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
+        if let Some(index) = session.and_then(|s| s.backend).filter(|&i| is_candidate(i)) {
+            return Some(balance::Pick {
+                index,
+                reason: String::new(),
+            });
+        }
         let request = balance::Request {
             client_ip: self.client_ip,
             explain: self.lb.settings.explain,
         };
-        let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
         self.lb.balancer.pick(backends, &request, &is_candidate)
+    }
+
+    /// The `X-Lb-Decision` line: the sticky verdict, the algorithm's reason, the backends left
+    /// out as unavailable and those already tried for this request, then the choice.
+    fn explain(&self, pick: &balance::Pick, session: Option<&Session>, tried: &[usize]) -> String {
+        let backends = &self.lb.backends;
+        let name = |i: usize| backends[i].name();
+        let mut parts = Vec::new();
+        match session {
+            Some(s) if s.backend == Some(pick.index) => {
+                parts.push(format!(
+                    "sticky hit: session {} belongs to {}",
+                    s.id,
+                    name(pick.index)
+                ));
+            }
+            Some(s) => {
+                parts.push(match s.backend {
+                    Some(old) => format!("sticky miss: session {} moves from {}", s.id, name(old)),
+                    None => format!("sticky miss: new session {}", s.id),
+                });
+                parts.push(pick.reason.clone());
+            }
+            None => parts.push(pick.reason.clone()),
+        }
+        let unavailable: Vec<&str> = backends
+            .iter()
+            .filter(|b| !b.health().is_available())
+            .map(|b| b.name())
+            .collect();
+        if !unavailable.is_empty() {
+            parts.push(format!("unavailable: {}", unavailable.join(", ")));
+        }
+        if !tried.is_empty() {
+            let names: Vec<&str> = tried.iter().map(|&i| name(i)).collect();
+            parts.push(format!("retry after {}", names.join(", ")));
+        }
+        parts.push(format!("chose {}", name(pick.index)));
+        parts.join("; ")
     }
 
     /// Sends the request to one backend, once more on a fresh connection if a pooled one turns
@@ -569,6 +645,11 @@ impl<'a> ClientConnection<'a> {
         if self.lb.settings.explain {
             http::push_header(&mut out, "X-Lb-Decision", request.reason.as_bytes());
         }
+        // The balancer's cookie is a field of its own, so the backend's own Set-Cookie fields
+        // (already copied above) all reach the client too (RFC 6265 §3: one cookie per field).
+        if let Some(cookie) = request.set_cookie {
+            http::push_header(&mut out, "Set-Cookie", cookie.as_bytes());
+        }
         if !keep_alive {
             http::push_header(&mut out, "Connection", b"close");
         } else if client_http10 {
@@ -635,7 +716,55 @@ struct OutgoingRequest<'r> {
     /// How the rest of the body, still to be read from the client, is framed.
     rest: BodyLength,
     request_id: Option<&'r str>,
+    /// The `X-Lb-Decision` value; empty unless `--explain`.
     reason: &'r str,
+    /// The balancer's `Set-Cookie` value, for a new sticky session.
+    set_cookie: Option<&'r str>,
+}
+
+/// A request's sticky session: the id it goes by, and the backend the table holds for it.
+struct Session<'t> {
+    table: &'t SessionTable,
+    id: uuid::Uuid,
+    /// The session's backend; `None` for a new session (no cookie, or one the table forgot).
+    backend: Option<usize>,
+}
+
+impl<'t> Session<'t> {
+    /// The session named by the request's cookie, or a new one with a fresh id. An id the table
+    /// does not know is replaced rather than adopted, so clients cannot choose their session ids.
+    fn of(table: &'t SessionTable, head: &RequestHead) -> Self {
+        let known = table
+            .session_in(&head.headers)
+            .and_then(|id| Some((id, table.backend_of(id)?)));
+        match known {
+            Some((id, backend)) => Session {
+                table,
+                id,
+                backend: Some(backend),
+            },
+            None => Session {
+                table,
+                id: uuid::Uuid::new_v4(),
+                backend: None,
+            },
+        }
+    }
+
+    /// The `Set-Cookie` value a new session's response carries.
+    fn set_cookie(&self) -> Option<String> {
+        self.backend
+            .is_none()
+            .then(|| self.table.set_cookie(self.id))
+    }
+
+    /// Records that the session now goes to `backend` (a new session, or one whose backend was
+    /// unavailable and moved); the cookie stays the same.
+    fn follow(&self, backend: usize) {
+        if self.backend != Some(backend) {
+            self.table.remember(self.id, backend);
+        }
+    }
 }
 
 impl OutgoingRequest<'_> {

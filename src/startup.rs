@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use crate::admin::AdminServer;
 use crate::cli::CommonArgs;
 use crate::demo::{self, DemoBackend};
 use crate::error::StartError;
@@ -39,6 +40,10 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
 
     let lb = Arc::new(lb);
     log_banner(&lb, &server);
+    let admin = match args.admin.0 {
+        Some(addr) => Some(start_admin(addr, Arc::clone(&lb))?),
+        None => None,
+    };
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
     let checker = start_active_checks(&lb)?;
@@ -49,6 +54,9 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
         checker.stop();
     }
     drop(stop_stats);
+    if let Some(admin) = admin {
+        admin.stop();
+    }
     if let Some(logger) = stats_logger {
         let _ = logger.join();
     }
@@ -79,6 +87,17 @@ fn log_banner(lb: &LoadBalancer, server: &Server) {
         backends.len(),
         backends.join(", ")
     );
+}
+
+/// Starts the statistics listener and says where it is (tests read the address from this line).
+fn start_admin(
+    addr: std::net::SocketAddr,
+    lb: Arc<LoadBalancer>,
+) -> Result<AdminServer, StartError> {
+    let admin =
+        AdminServer::start(addr, lb).map_err(|err| StartError(format!("--admin {addr}: {err}")))?;
+    log::info!("statistics on http://{}/stats", admin.local_addr());
+    Ok(admin)
 }
 
 /// Starts one demo backend on each backend address, named after its port as

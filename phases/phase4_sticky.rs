@@ -1,0 +1,65 @@
+//! Phase 4 of the chapter, "추가 기능" (additional features): cookie sticky sessions
+//! ("Cookie 기반 Sticky Session") on top of round robin, and statistics on the admin port.
+//!
+//! ```text
+//! scripts/backends.sh                              # three demo backends on 8001-8003
+//! cargo run --bin phase4_sticky                    # the balancer on :8080, statistics on :8404
+//! curl -c jar -b jar localhost:8080/               # the same backend every time, thanks to the cookie
+//! curl localhost:8080/                             # no cookie kept: the next backend in turn
+//! open http://127.0.0.1:8404/stats                 # the statistics page
+//! ```
+//!
+//! Compared with phase 1, one thing is added: a [`SessionTable`](lb::sticky::SessionTable). A
+//! request whose `SESSION_ID` cookie names a known session goes to that session's backend while
+//! it is available; any other request is balanced round robin and its response gets a new
+//! session cookie. The table is bounded (`--max-sessions`) and forgets idle sessions
+//! (`--session-ttl`), where the chapter's dict grew forever.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lb::balance::RoundRobin;
+use lb::cli::{self, CommonArgs, SessionArgs};
+use lb::error::StartError;
+use lb::proxy::LoadBalancer;
+
+/// Phase 4: round robin with cookie sticky sessions, and statistics on the admin port.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    #[command(flatten)]
+    session: SessionArgs,
+}
+
+fn main() -> ExitCode {
+    let args = match cli::parse::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    cli::init_logging(args.common.verbose);
+    cli::exit_code(run(args))
+}
+
+fn run(args: Args) -> Result<(), StartError> {
+    let backends = args.common.backends(&[1, 1, 1]);
+    let balancer = RoundRobin::new();
+    // What phase 4 adds: a session's requests stay on the backend its first request went to.
+    let sessions = args.session.session_table();
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
+        .with_sessions(sessions);
+    lb::startup::run(lb, &args.common)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Args::command().debug_assert();
+    }
+}

@@ -1,0 +1,264 @@
+//! The admin listener: statistics over HTTP on a port of its own (`--admin`, default
+//! 127.0.0.1:8404, loopback so that only the machine itself can read them).
+//!
+//! It is deliberately tiny and separate from the traffic path: its own thread accepts, each
+//! connection is one request answered and closed, heads are bounded in size and time, and at
+//! most a few connections are served at once, so a misbehaving client of the admin port cannot
+//! slow the balancer down. It serves `/stats` (HTML), `/stats.json` and `/metrics` (Prometheus),
+//! all rendered by [`crate::report`].
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::proxy::LoadBalancer;
+use crate::report::Snapshot;
+
+/// The largest request head read from an admin client; the three pages need only a request line.
+const MAX_HEAD: usize = 8 * 1024;
+
+/// How long an admin client may take to send its request, and to read the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Admin connections served at once; more are answered `503` at once.
+const MAX_CLIENTS: usize = 8;
+
+/// A running admin listener; [`AdminServer::stop`] ends it.
+pub struct AdminServer {
+    addr: SocketAddr,
+    stopping: Arc<AtomicBool>,
+    thread: thread::JoinHandle<()>,
+}
+
+impl AdminServer {
+    /// Binds `addr` and serves the statistics of `lb` on a thread of its own.
+    pub fn start(addr: SocketAddr, lb: Arc<LoadBalancer>) -> io::Result<AdminServer> {
+        let listener = TcpListener::bind(addr)?;
+        let addr = listener.local_addr()?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let stop_flag = Arc::clone(&stopping);
+        let thread = thread::Builder::new()
+            .name("admin".into())
+            .spawn(move || accept_loop(&listener, &lb, &stop_flag))?;
+        Ok(AdminServer {
+            addr,
+            stopping,
+            thread,
+        })
+    }
+
+    /// The address it listens on (with the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting and waits for the accepting thread to end.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // `accept` blocks until a client arrives, so become that client.
+        let mut wake = self.addr;
+        if wake.ip().is_unspecified() {
+            wake.set_ip(match wake {
+                SocketAddr::V4(_) => [127, 0, 0, 1].into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
+        let _ = self.thread.join();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &AtomicBool) {
+    let busy = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(err) => {
+                log::debug!("admin accept failed: {err}");
+                // Out of file descriptors, for instance: give closing connections a moment.
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CLIENTS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+            let _ = stream.write_all(&response(503, "text/plain", b"busy\n", false));
+            continue;
+        }
+        let lb = Arc::clone(lb);
+        let done = Arc::clone(&busy);
+        let spawned = thread::Builder::new()
+            .name("admin-client".into())
+            .spawn(move || {
+                serve(stream, &lb);
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(err) = spawned {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("admin: cannot start a thread: {err}");
+        }
+    }
+}
+
+/// Answers the one request of an admin connection.
+fn serve(mut stream: TcpStream, lb: &LoadBalancer) {
+    if stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
+        || stream.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err()
+    {
+        return;
+    }
+    let answer = match read_head(&mut stream) {
+        Ok(head) => route(&head, lb),
+        Err(HeadError::Gone) => return,
+        Err(HeadError::TooLarge) => response(431, "text/plain", b"request head too large\n", false),
+        Err(HeadError::Malformed) => response(400, "text/plain", b"bad request\n", false),
+    };
+    if stream.write_all(&answer).is_ok() {
+        linger(&mut stream);
+    }
+}
+
+/// Closes our side and reads what the client still sends, for a moment and a few kilobytes.
+/// Closing a socket with unread bytes makes the kernel send a reset, which can destroy the
+/// response before the client reads it (the problem nginx's `lingering_close` solves).
+fn linger(stream: &mut TcpStream) {
+    const LINGER_BYTES: usize = 64 * 1024;
+    if stream.shutdown(std::net::Shutdown::Write).is_err()
+        || stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .is_err()
+    {
+        return;
+    }
+    let mut sink = [0u8; 4096];
+    let mut drained = 0;
+    while drained < LINGER_BYTES {
+        match stream.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
+}
+
+/// Why an admin request could not be read.
+enum HeadError {
+    /// The client closed, stalled or broke the connection before a whole head arrived.
+    Gone,
+    /// The head exceeds [`MAX_HEAD`].
+    TooLarge,
+    /// The head is not HTTP/1.x.
+    Malformed,
+}
+
+/// The method and path of an admin request.
+struct AdminRequest {
+    method: String,
+    path: String,
+}
+
+/// Reads one request head within [`CLIENT_TIMEOUT`] and [`MAX_HEAD`] bytes.
+fn read_head(stream: &mut TcpStream) -> Result<AdminRequest, HeadError> {
+    let deadline = Instant::now() + CLIENT_TIMEOUT;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut request = httparse::Request::new(&mut fields);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let method = request.method.unwrap_or_default().to_string();
+                let target = request.path.unwrap_or_default();
+                let path = target.split(['?', '#']).next().unwrap_or_default();
+                return Ok(AdminRequest {
+                    method,
+                    path: path.to_string(),
+                });
+            }
+            Ok(httparse::Status::Partial) => {}
+            Err(_) => return Err(HeadError::Malformed),
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(HeadError::TooLarge);
+        }
+        // Each read may take only what is left of the deadline, so a client trickling one byte
+        // at a time is still cut off in time.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(HeadError::Gone);
+        }
+        let wanted = chunk.len().min(MAX_HEAD - buf.len());
+        match stream.read(&mut chunk[..wanted]) {
+            Ok(0) | Err(_) => return Err(HeadError::Gone),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The response to an admin request: one of the three views, 404 or 405.
+fn route(request: &AdminRequest, lb: &LoadBalancer) -> Vec<u8> {
+    let head_only = request.method == "HEAD";
+    if request.method != "GET" && !head_only {
+        return response(405, "text/plain", b"only GET and HEAD\n", false);
+    }
+    let (content_type, body) = match request.path.as_str() {
+        "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
+        "/stats.json" => ("application/json", Snapshot::of(lb).to_json()),
+        "/metrics" => (
+            "text/plain; version=0.0.4; charset=utf-8",
+            Snapshot::of(lb).to_prometheus(),
+        ),
+        _ => return response(404, "text/plain", b"not found: try /stats\n", head_only),
+    };
+    response(200, content_type, body.as_bytes(), head_only)
+}
+
+/// A whole response that closes the connection; `head_only` leaves the body out (for HEAD).
+fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        _ => "Service Unavailable",
+    };
+    let allow = if status == 405 {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let mut out = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\n{allow}Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if !head_only {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn responses_state_their_length_and_close() {
+        let text = String::from_utf8(response(404, "text/plain", b"gone\n", false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
+        assert!(text.contains("Content-Length: 5\r\n"));
+        assert!(text.contains("Connection: close\r\n"));
+        assert!(text.ends_with("\r\n\r\ngone\n"));
+        let head = String::from_utf8(response(405, "text/plain", b"x", true)).unwrap();
+        assert!(head.contains("Allow: GET, HEAD\r\n"));
+        assert!(head.ends_with("\r\n\r\n"));
+    }
+}
