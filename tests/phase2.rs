@@ -33,9 +33,12 @@ fn demo_backends(names: &[&str]) -> Vec<DemoBackend> {
     names.iter().map(|n| DemoBackend::start(n)).collect()
 }
 
-/// The `X-Lb-Decision` header of a response.
+/// The algorithm's part of a response's `X-Lb-Decision` header (the balancer ends the header
+/// with `; chose NAME`).
 fn decision(response: &Response) -> String {
-    response.header("x-lb-decision").unwrap_or("").to_string()
+    let line = response.header("x-lb-decision").unwrap_or("");
+    let (reason, _chosen) = line.rsplit_once("; chose ").unwrap_or((line, ""));
+    reason.to_string()
 }
 
 #[test]

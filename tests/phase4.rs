@@ -486,7 +486,10 @@ fn explain_names_the_backend_round_robin_actually_chose() {
         let chosen = &address[backend_of(&response).as_str()];
         assert!(decision.starts_with("round-robin: turn "), "{decision}");
         assert!(
-            decision.contains(&format!("-> {} of 3", turn % 3 + 1)),
+            decision.starts_with(&format!(
+                "round-robin: turn {turn} goes to {chosen} ({} of 3)",
+                turn % 3 + 1
+            )),
             "{decision}"
         );
         assert!(decision.ends_with(&format!("chose {chosen}")), "{decision}");

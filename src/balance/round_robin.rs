@@ -42,23 +42,33 @@ impl Balancer for RoundRobin {
             .map(|step| (turn + step) % count)
             .find(|&i| is_candidate(i))?;
         let reason = if request.explain {
-            let skipped = (0..count)
-                .map(|step| (turn + step) % count)
-                .take_while(|&i| i != index)
-                .count();
-            format!(
-                "round-robin: turn {turn} -> {} of {count}{}",
-                index + 1,
-                if skipped > 0 {
-                    format!(" (skipped {skipped} unavailable)")
-                } else {
-                    String::new()
-                }
-            )
+            explain(backends, turn, index)
         } else {
             String::new()
         };
         Some(Pick { index, reason })
+    }
+}
+
+/// Says whose turn it was, and which backends were passed over because they were not candidates.
+fn explain(backends: &[Arc<Backend>], turn: usize, index: usize) -> String {
+    let count = backends.len();
+    let skipped: Vec<&str> = (0..count)
+        .map(|step| (turn + step) % count)
+        .take_while(|&i| i != index)
+        .map(|i| backends[i].name())
+        .collect();
+    let chosen = backends[index].name();
+    if skipped.is_empty() {
+        format!(
+            "round-robin: turn {turn} goes to {chosen} ({} of {count})",
+            index + 1
+        )
+    } else {
+        format!(
+            "round-robin: turn {turn} skips {} (not available) and goes to {chosen}",
+            skipped.join(", ")
+        )
     }
 }
 

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use lb::balance::Algorithm;
-use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs};
+use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs, StickyArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 use lb::simulate::{self, SimulateArgs};
@@ -37,6 +37,9 @@ struct Cli {
 
     #[command(flatten)]
     health: HealthArgs,
+
+    #[command(flatten)]
+    sticky: StickyArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -67,8 +70,11 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<(), StartError> {
     let backends = cli.common.backends(&[1, 1, 1]);
     let balancer = cli.algorithm.balancer(&backends);
-    let lb = LoadBalancer::new(backends, balancer, cli.common.settings())
+    let mut lb = LoadBalancer::new(backends, balancer, cli.common.settings())
         .with_health(cli.health.config(cli.health_check.health_check));
+    if let Some(sessions) = cli.sticky.session_table() {
+        lb = lb.with_sessions(sessions);
+    }
     lb::startup::run(lb, &cli.common)
 }
 
