@@ -8,7 +8,8 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, Parser};
 
 use crate::backend::Backend;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
@@ -333,18 +334,34 @@ pub fn parse_positive(text: &str) -> Result<usize, String> {
 /// Parses the command line; on a bad flag prints clap's one-line error and returns exit code 2.
 /// `--help` and `--version` print as usual and return exit code 0.
 pub fn parse<A: Parser>() -> Result<A, ExitCode> {
-    A::try_parse().map_err(|err| {
-        if err.use_stderr() {
-            let rendered = err.to_string();
-            let first_line = rendered.lines().next().unwrap_or("error: bad arguments");
-            eprintln!("{first_line}");
-            ExitCode::from(2)
-        } else {
-            // Help and version requests are not errors: clap prints them to standard output.
-            let _ = err.print();
-            ExitCode::SUCCESS
-        }
-    })
+    A::try_parse().map_err(report)
+}
+
+/// Parses the command line like [`parse`], and also returns clap's matches, so that a binary can
+/// ask which flags were given explicitly (see [`given`]).
+pub fn parse_with_matches<A: Parser>() -> Result<(A, ArgMatches), ExitCode> {
+    let matches = A::command().try_get_matches().map_err(report)?;
+    let args = A::from_arg_matches(&matches).map_err(report)?;
+    Ok((args, matches))
+}
+
+/// Whether the flag with clap id `id` was written on the command line (not just defaulted).
+pub fn given(matches: &ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(ValueSource::CommandLine)
+}
+
+/// Prints a clap error as one line and returns exit code 2; help and version requests are not
+/// errors: clap prints them to standard output and the exit code is 0.
+fn report(err: clap::Error) -> ExitCode {
+    if err.use_stderr() {
+        let rendered = err.to_string();
+        let first_line = rendered.lines().next().unwrap_or("error: bad arguments");
+        eprintln!("{first_line}");
+        ExitCode::from(2)
+    } else {
+        let _ = err.print();
+        ExitCode::SUCCESS
+    }
 }
 
 /// Sets up logging: `info` by default, `debug` with `-v`, and `RUST_LOG` overrides both.

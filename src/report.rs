@@ -307,7 +307,7 @@ impl Snapshot {
                 .unwrap_or_default()
         );
         page.push_str(
-            "<table>\n<thead><tr><th>backend</th><th>state</th><th>weight</th><th>requests</th>\
+            "<table>\n<thead><tr><th>backend</th><th>state</th><th>health checks</th><th>weight</th><th>requests</th>\
              <th>errors</th><th>error rate</th><th>active</th><th>avg latency</th>\
              <th>p99 latency</th><th>share of traffic</th></tr></thead>\n<tbody>\n",
         );
@@ -319,11 +319,11 @@ impl Snapshot {
             } else {
                 ("down", "down")
             };
-            // The health line (the counts behind the state) shows when the pointer rests on it.
+            // The counts behind the state, so a learner can watch rise and fall happen.
             let health = escape_html(&b.health);
             let _ = writeln!(
                 page,
-                "<tr><td>{}</td><td class=\"{class}\" title=\"{health}\">{state}</td><td>{}</td><td>{}</td>\
+                "<tr><td>{}</td><td class=\"{class}\">{state}</td><td class=\"health\">{health}</td><td>{}</td><td>{}</td>\
                  <td>{}</td><td>{:.1}%</td><td>{}</td><td>{:.2} ms</td><td>{:.1} ms</td>\
                  <td><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td></tr>",
                 escape_html(&b.address),
@@ -358,7 +358,7 @@ const HTML_STYLE: &str = concat!(
     ".up { color: #17803d; font-weight: bold; } .down { color: #c0262d; font-weight: bold; }\n",
     ".bar { display: inline-block; width: 8em; height: 0.8em; background: #eee; vertical-align: middle; }\n",
     ".bar div { height: 100%; background: #3b7dd8; }\n",
-    ".summary, .links { color: #555; }\n",
+    ".summary, .links { color: #555; } td.health { text-align: left; font-size: 0.85em; color: #555; }\n",
     "</style>\n</head>\n<body>\n<h1>Load balancer statistics</h1>\n",
 );
 

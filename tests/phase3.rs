@@ -5,7 +5,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -26,38 +26,6 @@ const FAST_CHECKS: [&str; 8] = [
     "--fall",
     "3",
 ];
-
-/// What a test backend's `/health` answers, changed by the test while it runs.
-#[derive(Default)]
-struct HealthControl {
-    /// The status `/health` answers; 0 means 200.
-    status: AtomicU16,
-    /// While true, `/health` does not answer (for at most [`WAIT`]).
-    hang: AtomicBool,
-    /// Probes received.
-    probes: AtomicUsize,
-}
-
-/// A backend named `name` whose `/health` follows `control`; every other path answers
-/// `Hello from NAME` with `X-Backend: NAME`.
-fn controlled(name: &str, control: &Arc<HealthControl>) -> RawBackend {
-    let (name, control) = (name.to_string(), Arc::clone(control));
-    responder(move |request| {
-        if request.path != "/health" {
-            let body = format!("Hello from {name}").into_bytes();
-            return (200, format!("X-Backend: {name}\r\n"), body);
-        }
-        control.probes.fetch_add(1, Ordering::SeqCst);
-        let deadline = Instant::now() + WAIT;
-        while control.hang.load(Ordering::SeqCst) && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(20));
-        }
-        match control.status.load(Ordering::SeqCst) {
-            0 => (200, String::new(), b"ok".to_vec()),
-            status => (status, String::new(), b"unhealthy".to_vec()),
-        }
-    })
-}
 
 /// Starts `bin` in front of `backends` with `extra` flags.
 fn balancer(bin: &str, backends: &[String], extra: &[&str]) -> Balancer {

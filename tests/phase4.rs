@@ -5,7 +5,6 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::net::SocketAddr;
 use std::thread;
 use std::time::Duration;
 
@@ -29,34 +28,6 @@ fn three_backends(bin: &str, extra: &[&str]) -> (Vec<DemoBackend>, Balancer) {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let lb = Balancer::start(bin, &args);
     (backends, lb)
-}
-
-/// `GET /` on a new connection with the given extra header lines (each ending in CRLF).
-fn get_with(addr: SocketAddr, headers: &str) -> Response {
-    let mut client = Client::connect(addr);
-    client.send(format!("GET / HTTP/1.1\r\nHost: test\r\n{headers}\r\n").as_bytes());
-    client.read_response("GET")
-}
-
-/// The session id in the balancer's `Set-Cookie`, if the response has one.
-fn session_cookie(response: &Response) -> Option<String> {
-    response
-        .headers_named("set-cookie")
-        .into_iter()
-        .find_map(|value| value.strip_prefix("SESSION_ID="))
-        .map(|rest| rest.split(';').next().unwrap_or_default().to_string())
-}
-
-fn backend_of(response: &Response) -> String {
-    response.header("x-backend").unwrap_or("none").to_string()
-}
-
-/// The `/stats.json` document of a balancer started with `--admin 127.0.0.1:0`.
-fn stats_json(lb: &Balancer) -> serde_json::Value {
-    let response = get(lb.admin.expect("admin is on"), "/stats.json");
-    assert_eq!(response.status, 200);
-    assert_eq!(response.header("content-type"), Some("application/json"));
-    serde_json::from_slice(&response.body).expect("stats.json is JSON")
 }
 
 // ---------------------------------------------------------------- sticky sessions

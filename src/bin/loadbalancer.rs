@@ -11,34 +11,47 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{ArgMatches, Parser, Subcommand};
 use lb::balance::Algorithm;
 use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs, StickyArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 use lb::simulate::{self, SimulateArgs};
 
-/// An HTTP/1.1 load balancer with every algorithm of the chapter, chosen by flags.
+/// An HTTP/1.1 load balancer with every phase of the chapter "Load Balancer Implementation"
+/// (로드 밸런서 구현), chosen by flags.
+///
+/// Phase 1 forwards HTTP/1.1 and takes backends in turn. Phase 2 chooses how to balance
+/// (--algorithm). Phase 3 keeps failing backends out (--health-check, active probes and passive
+/// observation of real traffic). Phase 4 keeps clients on one backend (--sticky) and serves
+/// statistics on --admin (/stats, /stats.json, /metrics). `loadbalancer simulate` compares the
+/// algorithms offline.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Phase 1: serving and statistics (every binary)"
+    )]
     common: CommonArgs,
 
-    /// How to choose a backend for each request (phase 2).
-    #[arg(long, value_enum, default_value_t = Algorithm::RoundRobin)]
+    /// How to choose a backend for each request.
+    #[arg(long, value_enum, default_value_t = Algorithm::RoundRobin, help_heading = "Phase 2: algorithms (고급 알고리즘)")]
     algorithm: Algorithm,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Phase 3: health checks (헬스 체크)")]
     health_check: HealthCheckArgs,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Phase 3: health checks (헬스 체크)")]
     health: HealthArgs,
 
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Phase 4: sticky sessions (Cookie 기반 Sticky Session)"
+    )]
     sticky: StickyArgs,
 }
 
@@ -50,10 +63,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match cli::parse::<Cli>() {
-        Ok(cli) => cli,
+    let (cli, matches) = match cli::parse_with_matches::<Cli>() {
+        Ok(parsed) => parsed,
         Err(code) => return code,
     };
+    if let Err(why) = check_combinations(&cli, &matches) {
+        eprintln!("error: {why}");
+        return ExitCode::from(2);
+    }
     match cli.command {
         Some(Command::Simulate(args)) => {
             println!("{}", simulate::simulate(&args));
@@ -64,6 +81,41 @@ fn main() -> ExitCode {
             cli::exit_code(run(cli))
         }
     }
+}
+
+/// Refuses flags that would be silently ignored because what they tune is off, the way nginx
+/// refuses a directive in the wrong place: `--max-sessions` without `--sticky`, say.
+fn check_combinations(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
+    let mode = cli.health_check.health_check;
+    let rules: [(&[&str], bool, &str); 3] = [
+        (
+            &["cookie_name", "session_ttl", "max_sessions"],
+            cli.sticky.sticky,
+            "--sticky",
+        ),
+        (
+            &[
+                "health_path",
+                "health_interval",
+                "health_timeout",
+                "rise",
+                "fall",
+            ],
+            mode.is_active(),
+            "--health-check active or both",
+        ),
+        (
+            &["max_fails", "fail_timeout"],
+            mode.is_passive(),
+            "--health-check passive or both",
+        ),
+    ];
+    for (ids, enabled, needed) in rules {
+        if let Some(id) = ids.iter().find(|&&id| !enabled && cli::given(matches, id)) {
+            return Err(format!("--{} needs {needed}", id.replace('_', "-")));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the load balancer the flags describe and serves until Ctrl-C.

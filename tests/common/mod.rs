@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -87,6 +88,11 @@ impl Balancer {
     /// Everything the balancer logged so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Sends SIGINT, as Ctrl-C does.
@@ -576,4 +582,64 @@ pub fn md5_hex(bytes: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// What a test backend's `/health` answers, changed by the test while it runs.
+#[derive(Default)]
+pub struct HealthControl {
+    /// The status `/health` answers; 0 means 200.
+    pub status: AtomicU16,
+    /// While true, `/health` does not answer (for at most [`WAIT`]).
+    pub hang: AtomicBool,
+    /// Probes received.
+    pub probes: AtomicUsize,
+}
+
+/// A backend named `name` whose `/health` follows `control`; every other path answers
+/// `Hello from NAME` with `X-Backend: NAME`.
+pub fn controlled(name: &str, control: &Arc<HealthControl>) -> RawBackend {
+    let (name, control) = (name.to_string(), Arc::clone(control));
+    responder(move |request| {
+        if request.path != "/health" {
+            let body = format!("Hello from {name}").into_bytes();
+            return (200, format!("X-Backend: {name}\r\n"), body);
+        }
+        control.probes.fetch_add(1, Ordering::SeqCst);
+        let deadline = Instant::now() + WAIT;
+        while control.hang.load(Ordering::SeqCst) && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        match control.status.load(Ordering::SeqCst) {
+            0 => (200, String::new(), b"ok".to_vec()),
+            status => (status, String::new(), b"unhealthy".to_vec()),
+        }
+    })
+}
+
+/// `GET /` on a new connection with the given extra header lines (each ending in CRLF).
+pub fn get_with(addr: SocketAddr, headers: &str) -> Response {
+    let mut client = Client::connect(addr);
+    client.send(format!("GET / HTTP/1.1\r\nHost: test\r\n{headers}\r\n").as_bytes());
+    client.read_response("GET")
+}
+
+/// The session id in the balancer's `Set-Cookie`, if the response has one.
+pub fn session_cookie(response: &Response) -> Option<String> {
+    response
+        .headers_named("set-cookie")
+        .into_iter()
+        .find_map(|value| value.strip_prefix("SESSION_ID="))
+        .map(|rest| rest.split(';').next().unwrap_or_default().to_string())
+}
+
+pub fn backend_of(response: &Response) -> String {
+    response.header("x-backend").unwrap_or("none").to_string()
+}
+
+/// The `/stats.json` document of a balancer started with `--admin 127.0.0.1:0`.
+pub fn stats_json(lb: &Balancer) -> serde_json::Value {
+    let response = get(lb.admin.expect("admin is on"), "/stats.json");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("content-type"), Some("application/json"));
+    serde_json::from_slice(&response.body).expect("stats.json is JSON")
 }
