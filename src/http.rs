@@ -9,6 +9,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The largest request or response head accepted, in bytes; a larger request gets `431`.
@@ -40,9 +41,14 @@ pub struct BufferedStream {
 impl BufferedStream {
     /// Wraps `stream` with a read buffer of `capacity` bytes (it grows only to fit a large head).
     pub fn new(stream: TcpStream, capacity: usize) -> Self {
+        BufferedStream::with_buffer(stream, vec![0; capacity])
+    }
+
+    /// Wraps `stream` with `buf` as its read buffer (its contents are ignored).
+    pub fn with_buffer(stream: TcpStream, buf: Vec<u8>) -> Self {
         BufferedStream {
             stream,
-            buf: vec![0; capacity],
+            buf,
             start: 0,
             end: 0,
         }
@@ -101,9 +107,49 @@ impl BufferedStream {
         &self.stream
     }
 
-    /// Gives the socket back, dropping the buffer.
-    pub fn into_socket(self) -> TcpStream {
-        self.stream
+    /// Gives the socket and the buffer back, for reuse.
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+}
+
+/// Read buffers kept for reuse by every client thread.
+///
+/// A buffer allocated (and zeroed) for each request showed up in profiles, mostly as the
+/// allocator tidying its free lists before handing out a block that large. Taking a spare buffer
+/// costs one short lock instead. Only a bounded number are kept, so an idle balancer holds
+/// little memory.
+#[derive(Debug)]
+pub struct BufferPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+    size: usize,
+    keep: usize,
+}
+
+impl BufferPool {
+    /// A pool of buffers of `size` bytes that keeps at most `keep` spare ones.
+    pub fn new(size: usize, keep: usize) -> Self {
+        BufferPool {
+            spare: Mutex::new(Vec::new()),
+            size,
+            keep,
+        }
+    }
+
+    /// A spare buffer, or a new one.
+    pub fn take(&self) -> Vec<u8> {
+        let spare = self.spare.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        spare.unwrap_or_else(|| vec![0; self.size])
+    }
+
+    /// Keeps `buf` for reuse, unless it grew (for a long body) or enough are kept already.
+    pub fn give(&self, buf: Vec<u8>) {
+        if buf.len() == self.size {
+            let mut spare = self.spare.lock().unwrap_or_else(|e| e.into_inner());
+            if spare.len() < self.keep {
+                spare.push(buf);
+            }
+        }
     }
 }
 
@@ -116,26 +162,93 @@ pub enum Version {
     Http11,
 }
 
-/// One header field, with its name as sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+/// Where a piece of a head lies in its bytes.
+type Span = std::ops::Range<usize>;
+
+/// The header fields of a head, kept as they arrived: one copy of the head's bytes and where
+/// each name and value lies in it. A head then costs two allocations however many fields it
+/// has, which matters on a path that runs for every request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderFields {
+    bytes: Vec<u8>,
+    spans: Vec<(Span, Span)>,
+}
+
+/// One header field, borrowed from its head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Field<'a> {
     /// The field name, in the case the peer used.
-    pub name: String,
+    pub name: &'a str,
     /// The raw field value (HTTP allows bytes that are not UTF-8).
-    pub value: Vec<u8>,
+    pub value: &'a [u8],
+}
+
+impl HeaderFields {
+    /// Fields built from name and value pairs (for tests and hand-made heads).
+    pub fn from_pairs(pairs: &[(&str, &[u8])]) -> Self {
+        let mut fields = HeaderFields::default();
+        for (name, value) in pairs {
+            let name_at = fields.push_bytes(name.as_bytes());
+            let value_at = fields.push_bytes(value);
+            fields.spans.push((name_at, value_at));
+        }
+        fields
+    }
+
+    fn with_bytes(mut self, bytes: &[u8]) -> Self {
+        self.bytes.extend_from_slice(bytes);
+        self
+    }
+
+    fn push_bytes(&mut self, bytes: &[u8]) -> Span {
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        start..self.bytes.len()
+    }
+
+    /// The text at `span` (names, methods and targets are ASCII, checked by the parser).
+    fn text(&self, span: &Span) -> &str {
+        std::str::from_utf8(&self.bytes[span.clone()]).unwrap_or_default()
+    }
+
+    /// The fields in order.
+    pub fn iter(&self) -> impl Iterator<Item = Field<'_>> {
+        self.spans.iter().map(|(name, value)| Field {
+            name: self.text(name),
+            value: &self.bytes[value.clone()],
+        })
+    }
+
+    /// The fields called `name` (compared case-insensitively), in order.
+    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Field<'a>> {
+        self.iter()
+            .filter(move |f| f.name.eq_ignore_ascii_case(name))
+    }
+
+    /// The value of the first field called `name`.
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.iter()
+            .find(|f| f.name.eq_ignore_ascii_case(name))
+            .map(|f| f.value)
+    }
+
+    /// Whether any field called `name` lists `token` among its comma-separated values.
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.named(name)
+            .flat_map(|f| f.value.split(|&b| b == b','))
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    }
 }
 
 /// A parsed request line and its header fields.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestHead {
-    /// The method, e.g. `GET`.
-    pub method: String,
-    /// The request target, e.g. `/index.html?x=1`.
-    pub target: String,
+    method: Span,
+    target: Span,
     /// The protocol version.
     pub version: Version,
     /// The header fields in order.
-    pub headers: Vec<Header>,
+    pub headers: HeaderFields,
 }
 
 /// A parsed status line and its header fields.
@@ -143,50 +256,59 @@ pub struct RequestHead {
 pub struct ResponseHead {
     /// The status code, e.g. 200.
     pub status: u16,
-    /// The reason phrase, e.g. `OK` (may be empty).
-    pub reason: String,
+    reason: Span,
     /// The protocol version.
     pub version: Version,
     /// The header fields in order.
-    pub headers: Vec<Header>,
+    pub headers: HeaderFields,
 }
 
-/// The header fields of a request or a response, and the questions asked of them.
+/// The questions asked of a head's header fields, for requests and responses alike.
 pub trait Headers {
     /// The header fields in order.
-    fn fields(&self) -> &[Header];
+    fn fields(&self) -> &HeaderFields;
 
     /// The value of the first field called `name` (compared case-insensitively).
     fn header(&self, name: &str) -> Option<&[u8]> {
-        self.fields()
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(name))
-            .map(|h| h.value.as_slice())
+        self.fields().get(name)
     }
 
     /// Whether any field called `name` lists `token` among its comma-separated values.
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.fields()
-            .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case(name))
-            .flat_map(|h| h.value.split(|&b| b == b','))
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+        self.fields().has_token(name, token)
     }
 }
 
 impl Headers for RequestHead {
-    fn fields(&self) -> &[Header] {
+    fn fields(&self) -> &HeaderFields {
         &self.headers
     }
 }
 
 impl Headers for ResponseHead {
-    fn fields(&self) -> &[Header] {
+    fn fields(&self) -> &HeaderFields {
         &self.headers
     }
 }
 
+impl ResponseHead {
+    /// The reason phrase, e.g. `OK` (may be empty).
+    pub fn reason(&self) -> &str {
+        self.headers.text(&self.reason)
+    }
+}
+
 impl RequestHead {
+    /// The method, e.g. `GET`.
+    pub fn method(&self) -> &str {
+        self.headers.text(&self.method)
+    }
+
+    /// The request target, e.g. `/index.html?x=1`.
+    pub fn target(&self) -> &str {
+        self.headers.text(&self.target)
+    }
+
     /// Whether the client asks to keep the connection open after this exchange
     /// (RFC 9112 §9.3: the default for HTTP/1.1, opt-in for HTTP/1.0).
     pub fn wants_keep_alive(&self) -> bool {
@@ -199,7 +321,7 @@ impl RequestHead {
     /// Whether the method is idempotent (RFC 9110 §9.2.2), so sending it twice is harmless.
     pub fn is_idempotent(&self) -> bool {
         matches!(
-            self.method.as_str(),
+            self.method(),
             "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
         )
     }
@@ -344,11 +466,14 @@ fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, Head
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(err) => return Err(parse_error(err)),
     };
+    let mut headers = fields_of(&bytes[..len], req.headers);
+    let method = headers.push_bytes(req.method.unwrap_or_default().as_bytes());
+    let target = headers.push_bytes(req.path.unwrap_or_default().as_bytes());
     let head = RequestHead {
-        method: req.method.unwrap_or_default().to_string(),
-        target: req.path.unwrap_or_default().to_string(),
+        method,
+        target,
         version: version(req.version),
-        headers: owned_headers(req.headers),
+        headers,
     };
     Ok(Some((len, head)))
 }
@@ -361,11 +486,13 @@ fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, He
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(err) => return Err(parse_error(err)),
     };
+    let mut headers = fields_of(&bytes[..len], res.headers);
+    let reason = headers.push_bytes(res.reason.unwrap_or_default().as_bytes());
     let head = ResponseHead {
         status: res.code.unwrap_or_default(),
-        reason: res.reason.unwrap_or_default().to_string(),
+        reason,
         version: version(res.version),
-        headers: owned_headers(res.headers),
+        headers,
     };
     Ok(Some((len, head)))
 }
@@ -385,14 +512,20 @@ fn version(minor: Option<u8>) -> Version {
     }
 }
 
-fn owned_headers(fields: &[httparse::Header]) -> Vec<Header> {
-    fields
-        .iter()
-        .map(|h| Header {
-            name: h.name.to_string(),
-            value: h.value.to_vec(),
-        })
-        .collect()
+/// Copies the header section of a head in one piece, noting where each field lies in it.
+/// `httparse` hands out slices of `head`, so their offsets follow from their addresses.
+fn fields_of(head: &[u8], parsed: &[httparse::Header]) -> HeaderFields {
+    let base = head.as_ptr() as usize;
+    let offset = |slice: &[u8]| slice.as_ptr() as usize - base;
+    let span = |slice: &[u8]| offset(slice)..offset(slice) + slice.len();
+    HeaderFields {
+        bytes: Vec::with_capacity(head.len() + 64),
+        spans: parsed
+            .iter()
+            .map(|h| (span(h.name.as_bytes()), span(h.value)))
+            .collect(),
+    }
+    .with_bytes(head)
 }
 
 /// How the body of a message is delimited (RFC 9112 §6.3).
@@ -456,22 +589,18 @@ pub fn response_body_length(
 fn is_chunked(head: &impl Headers) -> bool {
     let last = head
         .fields()
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+        .named("transfer-encoding")
         .flat_map(|h| h.value.split(|&b| b == b','))
         .map(|t| t.trim_ascii())
-        .rfind(|t| !t.is_empty());
+        .filter(|t| !t.is_empty())
+        .last();
     last.is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
 }
 
 /// The Content-Length, if any. Repeated values (in one field or several) must all agree.
 fn content_length(head: &impl Headers) -> Result<Option<u64>, String> {
     let mut length = None;
-    for field in head
-        .fields()
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("content-length"))
-    {
+    for field in head.fields().named("content-length") {
         for part in field.value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
@@ -506,6 +635,8 @@ const HOP_BY_HOP: [&str; 9] = [
 
 /// Whether the field `name` must not be forwarded, given the message's own `Connection` tokens.
 pub fn is_hop_by_hop(name: &str, head: &impl Headers) -> bool {
+    // Most fields are neither on the list nor named by `Connection`; the list check is first
+    // because it needs no look at the other fields.
     HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || head.has_token("connection", name)
 }
 
@@ -777,8 +908,8 @@ mod tests {
     #[test]
     fn parses_a_request_head() {
         let head = request("POST /a?b=1 HTTP/1.0\r\nHost: x\r\nContent-Length: 3\r\n\r\n");
-        assert_eq!(head.method, "POST");
-        assert_eq!(head.target, "/a?b=1");
+        assert_eq!(head.method(), "POST");
+        assert_eq!(head.target(), "/a?b=1");
         assert_eq!(head.version, Version::Http10);
         assert_eq!(head.header("HOST"), Some(&b"x"[..]));
         assert_eq!(request_body_length(&head), Ok(BodyLength::Fixed(3)));
@@ -869,10 +1000,7 @@ mod tests {
         let timeout = Duration::from_secs(5);
         let first = read_request_head(&mut stream, timeout).unwrap().unwrap();
         let second = read_request_head(&mut stream, timeout).unwrap().unwrap();
-        assert_eq!(
-            (first.target.as_str(), second.target.as_str()),
-            ("/one", "/two")
-        );
+        assert_eq!((first.target(), second.target()), ("/one", "/two"));
         drop(writer.join().unwrap());
         assert!(read_request_head(&mut stream, timeout).unwrap().is_none());
     }

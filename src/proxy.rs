@@ -6,6 +6,7 @@
 //! connection and closed it; this loop serves as many requests as the client sends, streams
 //! bodies of any size both ways, and answers each kind of failure with its own status.
 
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -16,19 +17,19 @@ use crate::balance::{self, Balancer};
 use crate::error::ProxyError;
 use crate::health::{self, HealthConfig};
 use crate::http::{
-    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, RequestHead, ResponseHead,
-    Sink, Version,
+    self, BodyLength, BufferPool, BufferedStream, HeadError, Headers, RelayError, RequestHead,
+    ResponseHead, Sink, Version,
 };
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::sticky::SessionTable;
 
-/// The client read buffer's starting size; it grows only for a large head.
-const CLIENT_BUFFER: usize = 4 * 1024;
+/// The size of a read buffer, for a client or a backend connection: enough for the head and body
+/// of most small messages. A buffer grows only for a large head or a long body.
+const BUFFER_SIZE: usize = 4 * 1024;
 
-/// The backend read buffer's starting size, allocated per exchange so idle clients hold none;
-/// it grows for a large head or a long body.
-const BACKEND_BUFFER: usize = 4 * 1024;
+/// Spare read buffers kept for reuse (at most 1 MiB of them).
+const SPARE_BUFFERS: usize = 256;
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -37,6 +38,7 @@ pub struct LoadBalancer {
     balancer: Box<dyn Balancer>,
     stats: Stats,
     settings: Settings,
+    buffers: BufferPool,
     health: HealthConfig,
     sessions: Option<SessionTable>,
 }
@@ -48,6 +50,7 @@ impl LoadBalancer {
             backends: backends.into_iter().map(Arc::new).collect(),
             balancer,
             stats: Stats::new(),
+            buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
             settings,
             health: HealthConfig::default(),
             sessions: None,
@@ -177,7 +180,7 @@ impl<'a> ClientConnection<'a> {
         }
         Ok(ClientConnection {
             lb,
-            client: BufferedStream::new(stream, CLIENT_BUFFER),
+            client: BufferedStream::with_buffer(stream, lb.buffers.take()),
             client_ip: peer.ip(),
             state,
             shutdown,
@@ -191,7 +194,7 @@ impl<'a> ClientConnection<'a> {
         loop {
             self.state.idle.store(true, Ordering::SeqCst);
             if self.shutdown.load(Ordering::SeqCst) {
-                return;
+                break;
             }
             let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
             self.state.idle.store(false, Ordering::SeqCst);
@@ -201,9 +204,11 @@ impl<'a> ClientConnection<'a> {
                 Err(err) => self.reject_head(err),
             };
             if flow == Flow::Close {
-                return;
+                break;
             }
         }
+        let (_, buffer) = self.client.into_parts();
+        self.lb.buffers.give(buffer);
     }
 
     /// Answers a head that could not be read, when there is anyone left to answer.
@@ -236,8 +241,8 @@ impl<'a> ClientConnection<'a> {
                 log::debug!(
                     "{} {} {} -> {} ({:?})",
                     self.client_ip,
-                    head.method,
-                    head.target,
+                    head.method(),
+                    head.target(),
                     err.status().0,
                     started.elapsed()
                 );
@@ -252,8 +257,8 @@ impl<'a> ClientConnection<'a> {
                 log::debug!(
                     "{} {} {}: connection dropped: {why}",
                     self.client_ip,
-                    head.method,
-                    head.target
+                    head.method(),
+                    head.target()
                 );
                 Flow::Close
             }
@@ -269,9 +274,10 @@ impl<'a> ClientConnection<'a> {
     fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
         let body = check_request(head).map_err(Failure::Answer)?;
         self.body_pending = body != BodyLength::Empty;
+        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = match head.header("x-request-id") {
             Some(_) => None,
-            None => Some(uuid::Uuid::new_v4().to_string()),
+            None => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text)),
         };
         let (prefix, rest) = self.take_body_prefix(body);
         let session = self
@@ -307,7 +313,7 @@ impl<'a> ClientConnection<'a> {
                 body,
                 prefix: &prefix,
                 rest,
-                request_id: request_id.as_deref(),
+                request_id,
                 reason: &decision,
                 set_cookie: set_cookie.as_deref(),
             };
@@ -463,8 +469,8 @@ impl<'a> ClientConnection<'a> {
                 log::debug!(
                     "{} {} {} -> {} {} ({:?}){}",
                     self.client_ip,
-                    request.head.method,
-                    request.head.target,
+                    request.head.method(),
+                    request.head.target(),
                     backend.name(),
                     status,
                     started.elapsed(),
@@ -510,7 +516,7 @@ impl<'a> ClientConnection<'a> {
         request: &OutgoingRequest,
     ) -> Result<(Flow, u16), ExchangeError> {
         let reused = connection.reused;
-        let mut upstream = BufferedStream::new(connection.stream, BACKEND_BUFFER);
+        let mut upstream = BufferedStream::with_buffer(connection.stream, self.lb.buffers.take());
         if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {
             // Everything sent is still in `out`, and the client's bytes are still buffered.
             return Err(if reused {
@@ -622,7 +628,7 @@ impl<'a> ClientConnection<'a> {
         response: ResponseHead,
     ) -> Result<(Flow, u16), ExchangeError> {
         let status = response.status;
-        let body = http::response_body_length(&request.head.method, &response)
+        let body = http::response_body_length(request.head.method(), &response)
             .map_err(|why| bad_gateway(&why))?;
         let client_http10 = request.head.version == Version::Http10;
         // Without a length, the end of the body can only be shown by closing the connection;
@@ -684,8 +690,10 @@ impl<'a> ClientConnection<'a> {
                 Version::Http11 => !response.has_token("connection", "close"),
                 Version::Http10 => response.has_token("connection", "keep-alive"),
             };
+        let (socket, buffer) = upstream.into_parts();
+        self.lb.buffers.give(buffer);
         if backend_keeps_alive {
-            backend.put_idle(upstream.into_socket());
+            backend.put_idle(socket);
         }
         Ok((
             if keep_alive {
@@ -777,8 +785,8 @@ impl OutgoingRequest<'_> {
 
 /// Refuses requests a balancer must not forward, and says how the body is framed.
 fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError> {
-    if head.method == "CONNECT" {
-        return Err(ProxyError::NotImplemented(head.method.clone()));
+    if head.method() == "CONNECT" {
+        return Err(ProxyError::NotImplemented(head.method().to_string()));
     }
     // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
     if head.version == Version::Http11 && head.header("host").is_none() {
@@ -796,34 +804,36 @@ fn write_request_head(
     backend_name: &str,
 ) {
     let head = request.head;
-    out.extend_from_slice(head.method.as_bytes());
+    out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target.as_bytes());
+    out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut forwarded_for: Vec<u8> = Vec::new();
-    for field in &head.headers {
-        let name = field.name.as_str();
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for.extend_from_slice(&field.value);
-            forwarded_for.extend_from_slice(b", ");
-        } else if !(http::is_hop_by_hop(name, head)
+    for field in head.headers.iter() {
+        let name = field.name;
+        let rewritten = name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("content-length")
-            || (name.eq_ignore_ascii_case("expect") && head.has_token("expect", "100-continue")))
-        {
-            http::push_header(out, name, &field.value);
+            || (name.eq_ignore_ascii_case("expect") && head.has_token("expect", "100-continue"));
+        if !rewritten && !http::is_hop_by_hop(name, head) {
+            http::push_header(out, name, field.value);
         }
     }
     if head.header("host").is_none() {
         http::push_header(out, "Host", backend_name.as_bytes());
     }
-    forwarded_for.extend_from_slice(client_ip.to_string().as_bytes());
-    http::push_header(out, "X-Forwarded-For", &forwarded_for);
+    // X-Forwarded-For lists every hop so far: the values the client sent, then the client.
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for field in head.headers.named("x-forwarded-for") {
+        out.extend_from_slice(field.value);
+        out.extend_from_slice(b", ");
+    }
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{client_ip}\r\n");
     if let Some(id) = request.request_id {
         http::push_header(out, "X-Request-Id", id.as_bytes());
     }
     match request.body {
         BodyLength::Fixed(length) => {
-            http::push_header(out, "Content-Length", length.to_string().as_bytes())
+            let _ = write!(out, "Content-Length: {length}\r\n");
         }
         BodyLength::Chunked => http::push_header(out, "Transfer-Encoding", b"chunked"),
         BodyLength::Empty | BodyLength::UntilClose => {}
@@ -834,13 +844,15 @@ fn write_request_head(
 /// Writes a status line and the end-to-end headers of a response (without the blank line, so
 /// the caller can add its own fields). Framing headers that the relay replaces are left out.
 fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead) {
-    out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", head.status, head.reason).as_bytes());
+    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(head.reason().as_bytes());
+    out.extend_from_slice(b"\r\n");
     let framed_by_length = head.header("transfer-encoding").is_none();
-    for field in &head.headers {
-        let name = field.name.as_str();
+    for field in head.headers.iter() {
+        let name = field.name;
         let stale_length = name.eq_ignore_ascii_case("content-length") && !framed_by_length;
         if !http::is_hop_by_hop(name, head) && !stale_length {
-            http::push_header(out, name, &field.value);
+            http::push_header(out, name, field.value);
         }
     }
 }

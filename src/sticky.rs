@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use crate::http::Header;
+use crate::http::HeaderFields;
 
 /// The cookie name used unless `--cookie-name` says otherwise.
 pub const DEFAULT_COOKIE: &str = "SESSION_ID";
@@ -93,7 +93,7 @@ impl SessionTable {
     }
 
     /// The session id a request carries in its cookie, if it carries a well-formed one.
-    pub fn session_in(&self, headers: &[Header]) -> Option<Uuid> {
+    pub fn session_in(&self, headers: &HeaderFields) -> Option<Uuid> {
         cookie_values(headers, &self.cookie_name)
             .find_map(|value| std::str::from_utf8(value).ok()?.parse().ok())
     }
@@ -164,10 +164,12 @@ impl Sessions {
 /// RFC 6265 §4.2.1 writes cookies as `name=value` pairs separated by `; `; clients also send
 /// several `Cookie` fields (HTTP/2 gateways split them), stray spaces, and values in double
 /// quotes (§4.1.1), all of which are accepted here. Cookie names are case-sensitive.
-pub fn cookie_values<'h>(headers: &'h [Header], name: &'h str) -> impl Iterator<Item = &'h [u8]> {
+pub fn cookie_values<'h>(
+    headers: &'h HeaderFields,
+    name: &'h str,
+) -> impl Iterator<Item = &'h [u8]> {
     headers
-        .iter()
-        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+        .named("cookie")
         .flat_map(|h| h.value.split(|&b| b == b';'))
         .filter_map(move |pair| {
             let pair = pair.trim_ascii();
@@ -189,11 +191,10 @@ fn unquote(value: &[u8]) -> &[u8] {
 mod tests {
     use super::*;
 
-    fn cookie(value: &str) -> Header {
-        Header {
-            name: "Cookie".into(),
-            value: value.as_bytes().to_vec(),
-        }
+    /// Header fields with one `Cookie` field per value.
+    fn cookies(values: &[&str]) -> HeaderFields {
+        let pairs: Vec<(&str, &[u8])> = values.iter().map(|v| ("Cookie", v.as_bytes())).collect();
+        HeaderFields::from_pairs(&pairs)
     }
 
     fn table(max: usize) -> SessionTable {
@@ -205,14 +206,11 @@ mod tests {
         let id = Uuid::new_v4();
         let sessions = table(10);
         let cases = [
-            vec![cookie(&format!("SESSION_ID={id}"))],
-            vec![cookie(&format!("a=1; SESSION_ID={id}; b=2"))],
-            vec![cookie(&format!("a=1;SESSION_ID = \"{id}\"  ;b=2"))],
-            vec![cookie("a=1; b"), cookie(&format!("  SESSION_ID={id}"))],
-            vec![
-                cookie("SESSION_ID=not-a-uuid"),
-                cookie(&format!("SESSION_ID={id}")),
-            ],
+            cookies(&[&format!("SESSION_ID={id}")]),
+            cookies(&[&format!("a=1; SESSION_ID={id}; b=2")]),
+            cookies(&[&format!("a=1;SESSION_ID = \"{id}\"  ;b=2")]),
+            cookies(&["a=1; b", &format!("  SESSION_ID={id}")]),
+            cookies(&["SESSION_ID=not-a-uuid", &format!("SESSION_ID={id}")]),
         ];
         for headers in cases {
             assert_eq!(sessions.session_in(&headers), Some(id), "{headers:?}");
@@ -223,15 +221,13 @@ mod tests {
     fn ignores_other_names_and_malformed_values() {
         let id = Uuid::new_v4();
         let sessions = table(10);
+        let other_field = format!("SESSION_ID={id}");
         let cases = [
-            vec![cookie(&format!("session_id={id}"))],
-            vec![cookie(&format!("XSESSION_ID={id}"))],
-            vec![cookie("SESSION_ID=abc123")],
-            vec![cookie("SESSION_ID")],
-            vec![Header {
-                name: "X-Cookie".into(),
-                value: format!("SESSION_ID={id}").into_bytes(),
-            }],
+            cookies(&[&format!("session_id={id}")]),
+            cookies(&[&format!("XSESSION_ID={id}")]),
+            cookies(&["SESSION_ID=abc123"]),
+            cookies(&["SESSION_ID"]),
+            HeaderFields::from_pairs(&[("X-Cookie", other_field.as_bytes())]),
         ];
         for headers in cases {
             assert_eq!(sessions.session_in(&headers), None, "{headers:?}");
