@@ -213,29 +213,47 @@ impl HeaderFields {
 
     /// The fields in order.
     pub fn iter(&self) -> impl Iterator<Item = Field<'_>> {
-        self.spans.iter().map(|(name, value)| Field {
-            name: self.text(name),
-            value: &self.bytes[value.clone()],
-        })
+        self.spans
+            .iter()
+            .map(|(name, value)| self.field(name, value))
     }
 
-    /// The fields called `name` (compared case-insensitively), in order.
+    fn field(&self, name: &Span, value: &Span) -> Field<'_> {
+        Field {
+            name: self.text(name),
+            value: &self.bytes[value.clone()],
+        }
+    }
+
+    /// The fields called `name` (compared case-insensitively), in order. Names are compared as
+    /// bytes, which keeps the many look-ups per request cheap.
     pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Field<'a>> {
-        self.iter()
-            .filter(move |f| f.name.eq_ignore_ascii_case(name))
+        self.spans
+            .iter()
+            .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(name, value)| self.field(name, value))
+    }
+
+    /// The values of the fields called `name`, in order.
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> {
+        self.spans
+            .iter()
+            .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| &self.bytes[value.clone()])
     }
 
     /// The value of the first field called `name`.
     pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.iter()
-            .find(|f| f.name.eq_ignore_ascii_case(name))
-            .map(|f| f.value)
+        self.spans
+            .iter()
+            .find(|(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, value)| &self.bytes[value.clone()])
     }
 
     /// Whether any field called `name` lists `token` among its comma-separated values.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.named(name)
-            .flat_map(|f| f.value.split(|&b| b == b','))
+        self.values(name)
+            .flat_map(|value| value.split(|&b| b == b','))
             .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
     }
 }
@@ -633,11 +651,34 @@ const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
-/// Whether the field `name` must not be forwarded, given the message's own `Connection` tokens.
-pub fn is_hop_by_hop(name: &str, head: &impl Headers) -> bool {
-    // Most fields are neither on the list nor named by `Connection`; the list check is first
-    // because it needs no look at the other fields.
-    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h)) || head.has_token("connection", name)
+/// The hop-by-hop fields of one head: the fixed list, plus whatever its `Connection` fields name.
+pub struct HopByHop<'a> {
+    headers: &'a HeaderFields,
+    /// Whether `Connection` names anything besides `close` and `keep-alive`. Usually it does
+    /// not, and then no field needs checking against it.
+    names_fields: bool,
+}
+
+impl<'a> HopByHop<'a> {
+    /// Reads the `Connection` fields of `head` once, for the checks of all its fields.
+    pub fn of(head: &'a impl Headers) -> Self {
+        let headers = head.fields();
+        let names_fields = headers
+            .values("connection")
+            .flat_map(|value| value.split(|&b| b == b','))
+            .map(|token| token.trim_ascii())
+            .any(|t| !t.eq_ignore_ascii_case(b"close") && !t.eq_ignore_ascii_case(b"keep-alive"));
+        HopByHop {
+            headers,
+            names_fields,
+        }
+    }
+
+    /// Whether the field `name` must not be forwarded.
+    pub fn contains(&self, name: &str) -> bool {
+        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+            || (self.names_fields && self.headers.has_token("connection", name))
+    }
 }
 
 /// Appends `Name: value\r\n` to a head being built.
@@ -981,10 +1022,13 @@ mod tests {
     #[test]
     fn hop_by_hop_includes_fields_named_by_connection() {
         let head = request("GET / HTTP/1.1\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\r\n");
-        assert!(is_hop_by_hop("Keep-Alive", &head));
-        assert!(is_hop_by_hop("x-secret", &head));
-        assert!(is_hop_by_hop("Transfer-Encoding", &head));
-        assert!(!is_hop_by_hop("Host", &head));
+        let hop_by_hop = HopByHop::of(&head);
+        assert!(hop_by_hop.contains("Keep-Alive"));
+        assert!(hop_by_hop.contains("x-secret"));
+        assert!(hop_by_hop.contains("Transfer-Encoding"));
+        assert!(!hop_by_hop.contains("Host"));
+        let plain = request("GET / HTTP/1.1\r\nConnection: keep-alive\r\nX-Secret: 1\r\n\r\n");
+        assert!(!HopByHop::of(&plain).contains("x-secret"));
     }
 
     #[test]

@@ -808,12 +808,13 @@ fn write_request_head(
     out.push(b' ');
     out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let hop_by_hop = http::HopByHop::of(head);
     for field in head.headers.iter() {
         let name = field.name;
         let rewritten = name.eq_ignore_ascii_case("x-forwarded-for")
             || name.eq_ignore_ascii_case("content-length")
             || (name.eq_ignore_ascii_case("expect") && head.has_token("expect", "100-continue"));
-        if !rewritten && !http::is_hop_by_hop(name, head) {
+        if !rewritten && !hop_by_hop.contains(name) {
             http::push_header(out, name, field.value);
         }
     }
@@ -848,10 +849,11 @@ fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead) {
     out.extend_from_slice(head.reason().as_bytes());
     out.extend_from_slice(b"\r\n");
     let framed_by_length = head.header("transfer-encoding").is_none();
+    let hop_by_hop = http::HopByHop::of(head);
     for field in head.headers.iter() {
         let name = field.name;
         let stale_length = name.eq_ignore_ascii_case("content-length") && !framed_by_length;
-        if !http::is_hop_by_hop(name, head) && !stale_length {
+        if !hop_by_hop.contains(name) && !stale_length {
             http::push_header(out, name, field.value);
         }
     }
