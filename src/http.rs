@@ -174,15 +174,6 @@ pub struct HeaderFields {
     spans: Vec<(Span, Span)>,
 }
 
-/// One header field, borrowed from its head.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Field<'a> {
-    /// The field name, in the case the peer used.
-    pub name: &'a str,
-    /// The raw field value (HTTP allows bytes that are not UTF-8).
-    pub value: &'a [u8],
-}
-
 impl HeaderFields {
     /// Fields built from name and value pairs (for tests and hand-made heads).
     pub fn from_pairs(pairs: &[(&str, &[u8])]) -> Self {
@@ -211,27 +202,11 @@ impl HeaderFields {
         std::str::from_utf8(&self.bytes[span.clone()]).unwrap_or_default()
     }
 
-    /// The fields in order.
-    pub fn iter(&self) -> impl Iterator<Item = Field<'_>> {
+    /// The fields in order, as name and value bytes.
+    pub fn pairs(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.spans
             .iter()
-            .map(|(name, value)| self.field(name, value))
-    }
-
-    fn field(&self, name: &Span, value: &Span) -> Field<'_> {
-        Field {
-            name: self.text(name),
-            value: &self.bytes[value.clone()],
-        }
-    }
-
-    /// The fields called `name` (compared case-insensitively), in order. Names are compared as
-    /// bytes, which keeps the many look-ups per request cheap.
-    pub fn named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = Field<'a>> {
-        self.spans
-            .iter()
-            .filter(move |(n, _)| self.bytes[n.clone()].eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(name, value)| self.field(name, value))
+            .map(|(name, value)| (&self.bytes[name.clone()], &self.bytes[value.clone()]))
     }
 
     /// The values of the fields called `name`, in order.
@@ -607,8 +582,8 @@ pub fn response_body_length(
 fn is_chunked(head: &impl Headers) -> bool {
     let last = head
         .fields()
-        .named("transfer-encoding")
-        .flat_map(|h| h.value.split(|&b| b == b','))
+        .values("transfer-encoding")
+        .flat_map(|value| value.split(|&b| b == b','))
         .map(|t| t.trim_ascii())
         .filter(|t| !t.is_empty())
         .last();
@@ -618,8 +593,8 @@ fn is_chunked(head: &impl Headers) -> bool {
 /// The Content-Length, if any. Repeated values (in one field or several) must all agree.
 fn content_length(head: &impl Headers) -> Result<Option<u64>, String> {
     let mut length = None;
-    for field in head.fields().named("content-length") {
-        for part in field.value.split(|&b| b == b',') {
+    for value in head.fields().values("content-length") {
+        for part in value.split(|&b| b == b',') {
             let part = part.trim_ascii();
             let n = std::str::from_utf8(part)
                 .ok()
@@ -675,15 +650,30 @@ impl<'a> HopByHop<'a> {
     }
 
     /// Whether the field `name` must not be forwarded.
-    pub fn contains(&self, name: &str) -> bool {
-        HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
-            || (self.names_fields && self.headers.has_token("connection", name))
+    pub fn contains(&self, name: &[u8]) -> bool {
+        HOP_BY_HOP
+            .iter()
+            .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
+            || (self.names_fields && self.names(name))
+    }
+
+    /// Whether a `Connection` field lists `name`.
+    fn names(&self, name: &[u8]) -> bool {
+        self.headers
+            .values("connection")
+            .flat_map(|value| value.split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(name))
     }
 }
 
 /// Appends `Name: value\r\n` to a head being built.
 pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
+    push_field(out, name.as_bytes(), value);
+}
+
+/// Appends a field given as bytes, as it came from a parsed head.
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
@@ -1023,12 +1013,12 @@ mod tests {
     fn hop_by_hop_includes_fields_named_by_connection() {
         let head = request("GET / HTTP/1.1\r\nConnection: close, X-Secret\r\nX-Secret: 1\r\n\r\n");
         let hop_by_hop = HopByHop::of(&head);
-        assert!(hop_by_hop.contains("Keep-Alive"));
-        assert!(hop_by_hop.contains("x-secret"));
-        assert!(hop_by_hop.contains("Transfer-Encoding"));
-        assert!(!hop_by_hop.contains("Host"));
+        assert!(hop_by_hop.contains(b"Keep-Alive"));
+        assert!(hop_by_hop.contains(b"x-secret"));
+        assert!(hop_by_hop.contains(b"Transfer-Encoding"));
+        assert!(!hop_by_hop.contains(b"Host"));
         let plain = request("GET / HTTP/1.1\r\nConnection: keep-alive\r\nX-Secret: 1\r\n\r\n");
-        assert!(!HopByHop::of(&plain).contains("x-secret"));
+        assert!(!HopByHop::of(&plain).contains(b"x-secret"));
     }
 
     #[test]

@@ -155,6 +155,8 @@ pub struct ClientConnection<'a> {
     lb: &'a LoadBalancer,
     client: BufferedStream,
     client_ip: IpAddr,
+    /// The client's address as text, written once per connection rather than per request.
+    client_ip_text: String,
     state: &'a ConnectionState,
     shutdown: &'a AtomicBool,
     /// Whether the current request still has body bytes unread: the connection then cannot be
@@ -182,6 +184,7 @@ impl<'a> ClientConnection<'a> {
             lb,
             client: BufferedStream::with_buffer(stream, lb.buffers.take()),
             client_ip: peer.ip(),
+            client_ip_text: peer.ip().to_string(),
             state,
             shutdown,
             body_pending: false,
@@ -501,7 +504,7 @@ impl<'a> ClientConnection<'a> {
     /// part of the body already arrived with it.
     fn request_bytes(&self, backend: &Backend, request: &OutgoingRequest) -> Vec<u8> {
         let mut out = Vec::with_capacity(512 + request.prefix.len());
-        write_request_head(&mut out, request, self.client_ip, backend.name());
+        write_request_head(&mut out, request, &self.client_ip_text, backend.name());
         out.extend_from_slice(request.prefix);
         out
     }
@@ -800,7 +803,7 @@ fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError> {
 fn write_request_head(
     out: &mut Vec<u8>,
     request: &OutgoingRequest,
-    client_ip: IpAddr,
+    client_ip: &str,
     backend_name: &str,
 ) {
     let head = request.head;
@@ -809,13 +812,12 @@ fn write_request_head(
     out.extend_from_slice(head.target().as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let hop_by_hop = http::HopByHop::of(head);
-    for field in head.headers.iter() {
-        let name = field.name;
-        let rewritten = name.eq_ignore_ascii_case("x-forwarded-for")
-            || name.eq_ignore_ascii_case("content-length")
-            || (name.eq_ignore_ascii_case("expect") && head.has_token("expect", "100-continue"));
+    for (name, value) in head.headers.pairs() {
+        let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
         if !rewritten && !hop_by_hop.contains(name) {
-            http::push_header(out, name, field.value);
+            http::push_field(out, name, value);
         }
     }
     if head.header("host").is_none() {
@@ -823,17 +825,18 @@ fn write_request_head(
     }
     // X-Forwarded-For lists every hop so far: the values the client sent, then the client.
     out.extend_from_slice(b"X-Forwarded-For: ");
-    for field in head.headers.named("x-forwarded-for") {
-        out.extend_from_slice(field.value);
+    for value in head.headers.values("x-forwarded-for") {
+        out.extend_from_slice(value);
         out.extend_from_slice(b", ");
     }
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{client_ip}\r\n");
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if let Some(id) = request.request_id {
         http::push_header(out, "X-Request-Id", id.as_bytes());
     }
     match request.body {
         BodyLength::Fixed(length) => {
+            // Writing into a Vec cannot fail.
             let _ = write!(out, "Content-Length: {length}\r\n");
         }
         BodyLength::Chunked => http::push_header(out, "Transfer-Encoding", b"chunked"),
@@ -845,16 +848,19 @@ fn write_request_head(
 /// Writes a status line and the end-to-end headers of a response (without the blank line, so
 /// the caller can add its own fields). Framing headers that the relay replaces are left out.
 fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead) {
-    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    // The parser accepts only three-digit status codes, so the digits are written directly.
+    let digits = [100, 10, 1].map(|unit| b'0' + (head.status / unit % 10) as u8);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&digits);
+    out.push(b' ');
     out.extend_from_slice(head.reason().as_bytes());
     out.extend_from_slice(b"\r\n");
     let framed_by_length = head.header("transfer-encoding").is_none();
     let hop_by_hop = http::HopByHop::of(head);
-    for field in head.headers.iter() {
-        let name = field.name;
-        let stale_length = name.eq_ignore_ascii_case("content-length") && !framed_by_length;
+    for (name, value) in head.headers.pairs() {
+        let stale_length = name.eq_ignore_ascii_case(b"content-length") && !framed_by_length;
         if !hop_by_hop.contains(name) && !stale_length {
-            http::push_header(out, name, field.value);
+            http::push_field(out, name, value);
         }
     }
 }

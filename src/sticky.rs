@@ -169,8 +169,8 @@ pub fn cookie_values<'h>(
     name: &'h str,
 ) -> impl Iterator<Item = &'h [u8]> {
     headers
-        .named("cookie")
-        .flat_map(|h| h.value.split(|&b| b == b';'))
+        .values("cookie")
+        .flat_map(|value| value.split(|&b| b == b';'))
         .filter_map(move |pair| {
             let pair = pair.trim_ascii();
             let equals = pair.iter().position(|&b| b == b'=')?;
