@@ -59,13 +59,7 @@ impl AdminServer {
     pub fn stop(self) {
         self.stopping.store(true, Ordering::SeqCst);
         // `accept` blocks until a client arrives, so become that client.
-        let mut wake = self.addr;
-        if wake.ip().is_unspecified() {
-            wake.set_ip(match wake {
-                SocketAddr::V4(_) => [127, 0, 0, 1].into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
+        let wake = crate::server::wake_address(self.addr);
         let _ = TcpStream::connect_timeout(&wake, Duration::from_secs(1));
         let _ = self.thread.join();
     }

@@ -8,13 +8,15 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use httparse::Status;
+
+use crate::server::wake_address;
 
 /// Longest request head accepted; a longer one is answered `431`, as the contract says.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
@@ -152,16 +154,6 @@ impl Shared {
             connections: Connections::default(),
         }))
     }
-}
-
-/// The address `stop` connects to: the listener's own, with a wildcard IP replaced by loopback.
-fn wake_address(addr: SocketAddr) -> SocketAddr {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, addr.port())
 }
 
 /// Open connections, kept so that stopping a backend can shut them down.
@@ -1105,13 +1097,5 @@ mod tests {
             result.err().map(|err| err.kind()),
             Some(io::ErrorKind::InvalidInput)
         );
-    }
-
-    #[test]
-    fn wake_address_replaces_wildcards() {
-        let v4: SocketAddr = "0.0.0.0:8001".parse().expect("address");
-        let v6: SocketAddr = "[::]:8001".parse().expect("address");
-        assert_eq!(wake_address(v4), "127.0.0.1:8001".parse().expect("address"));
-        assert_eq!(wake_address(v6), "[::1]:8001".parse().expect("address"));
     }
 }

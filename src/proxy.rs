@@ -437,6 +437,7 @@ impl<'a> ClientConnection<'a> {
             self.observe(backend, Some(false));
             TryError::Unreachable
         })?;
+        backend.stats().count_request();
         let out = self.request_bytes(backend, request);
         let result = match self.exchange(backend, connection, &out, request) {
             Err(ExchangeError::Stale) => {
@@ -455,7 +456,9 @@ impl<'a> ClientConnection<'a> {
                         request,
                     ),
                     Err(err) => {
-                        backend.stats().record_error();
+                        // The request did reach this backend, on the closed connection: it
+                        // counts as failed here and goes on to the next backend.
+                        backend.stats().record(started.elapsed(), true);
                         self.observe(backend, Some(false));
                         log::warn!("backend {} unreachable: {err}", backend.name());
                         return Err(TryError::Unreachable);

@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -128,14 +128,7 @@ impl Server {
 
     /// A handle that stops this server.
     pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
-        let mut wake_addr = self.local_addr()?;
-        // Connecting to an unspecified address (0.0.0.0) is not portable; loopback always works.
-        if wake_addr.ip().is_unspecified() {
-            wake_addr.set_ip(match wake_addr {
-                SocketAddr::V4(_) => [127, 0, 0, 1].into(),
-                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-            });
-        }
+        let wake_addr = wake_address(self.local_addr()?);
         Ok(ShutdownHandle {
             shared: Arc::clone(&self.shared),
             wake_addr,
@@ -164,6 +157,18 @@ impl Server {
         drop(self.listener);
         self.shared.drain();
     }
+}
+
+/// The address to connect to in order to wake a thread blocked in `accept` on `addr`: the
+/// listener's own, with a wildcard IP (0.0.0.0 or ::) replaced by loopback, since connecting to a
+/// wildcard address is not portable.
+pub fn wake_address(addr: SocketAddr) -> SocketAddr {
+    let ip = match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, addr.port())
 }
 
 impl ShutdownHandle {
@@ -367,5 +372,20 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wake_address_replaces_wildcards_with_loopback() {
+        let v4: SocketAddr = "0.0.0.0:8001".parse().unwrap();
+        let v6: SocketAddr = "[::]:8001".parse().unwrap();
+        let bound: SocketAddr = "127.0.0.2:8001".parse().unwrap();
+        assert_eq!(wake_address(v4), "127.0.0.1:8001".parse().unwrap());
+        assert_eq!(wake_address(v6), "[::1]:8001".parse().unwrap());
+        assert_eq!(wake_address(bound), bound);
     }
 }

@@ -121,9 +121,14 @@ impl BackendStats {
         Gauge::raise(&self.active)
     }
 
-    /// Records a request that reached this backend and how long it took.
-    pub fn record(&self, latency: Duration, failed: bool) {
+    /// Counts a request that reached this backend. It is counted as soon as it is on its way,
+    /// so that a client that has its response and then reads the statistics finds it there.
+    pub fn count_request(&self) {
         self.requests.fetch_add(1, Relaxed);
+    }
+
+    /// Records how long a request to this backend took, and whether it failed.
+    pub fn record(&self, latency: Duration, failed: bool) {
         if failed {
             self.errors.fetch_add(1, Relaxed);
         }
@@ -169,11 +174,11 @@ impl BackendStats {
 
     /// Average latency in milliseconds.
     pub fn latency_ms_avg(&self) -> f64 {
-        let requests = self.requests();
-        if requests == 0 {
+        let finished: u64 = self.latency_buckets().iter().sum();
+        if finished == 0 {
             0.0
         } else {
-            self.latency_micros_sum.load(Relaxed) as f64 / requests as f64 / 1000.0
+            self.latency_micros_sum.load(Relaxed) as f64 / finished as f64 / 1000.0
         }
     }
 
@@ -250,8 +255,10 @@ mod tests {
     fn latency_lands_in_buckets() {
         let stats = BackendStats::default();
         for _ in 0..99 {
+            stats.count_request();
             stats.record(Duration::from_micros(300), false);
         }
+        stats.count_request();
         stats.record(Duration::from_millis(200), true);
         assert_eq!(stats.requests(), 100);
         assert_eq!(stats.errors(), 1);
