@@ -17,7 +17,9 @@ BINARY            balancer binary under test (default: phase1_rr); a name is loo
                   (containing '/') is used as is.
 -- FLAGS...       extra flags for the balancer, appended after the standard ones:
                     BINARY --listen 127.0.0.1:P --backend 127.0.0.1:B1 --backend ...
-                           --admin off --stats-interval 0 FLAGS...
+                           --admin 127.0.0.1:0 FLAGS...
+                  (every other flag at its default: statistics on a free port, health
+                  checks as the binary has them)
 
 Options:
   --rounds N      rounds per cell; servers alternate within a round (default 3)
@@ -379,9 +381,9 @@ start_balancer() {
     fi
     [[ -x $bin ]] || die "balancer binary '$bin' not found or not executable"
     LB_LABEL=${LB_LABEL:-$(basename "$bin")}
-    cmd="$bin --listen 127.0.0.1:$LB_PORT ${backend_flags[*]} --admin off --stats-interval 0"
+    cmd="$bin --listen 127.0.0.1:$LB_PORT ${backend_flags[*]} --admin 127.0.0.1:0"
     "$bin" --listen "127.0.0.1:$LB_PORT" "${backend_flags[@]}" \
-      --admin off --stats-interval 0 "${EXTRA_FLAGS[@]}" >"$log" 2>&1 &
+      --admin 127.0.0.1:0 "${EXTRA_FLAGS[@]}" >"$log" 2>&1 &
     cmd+=" ${EXTRA_FLAGS[*]}"
   fi
   PIDS+=($!)
