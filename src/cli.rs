@@ -277,9 +277,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     } else {
         (text, 1_000)
     };
-    let number: u64 = number.parse().map_err(|_| {
-        format!("'{text}' is not a duration (try 500ms, 5s, 1m or a number of seconds)")
-    })?;
+    // Only digits: `u64::from_str` would also take a leading `+`.
+    let number: u64 = Some(number)
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| {
+            format!("'{text}' is not a duration (try 500ms, 5s, 1m or a number of seconds)")
+        })?;
     number
         .checked_mul(unit_ms)
         .map(Duration::from_millis)
@@ -377,7 +381,7 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            log::error!("{err}");
+            // One line on standard error, as for a bad flag; not also in the log, which goes there too.
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
@@ -398,6 +402,8 @@ mod tests {
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("+1s").is_err());
+        assert!(parse_duration("1.5s").is_err());
     }
 
     #[test]

@@ -39,11 +39,13 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))?;
 
     let lb = Arc::new(lb);
-    log_banner(&lb, &server);
+    // The admin port is bound before anything is announced, so that a port in use is the one
+    // line the user sees.
     let admin = match args.admin.0 {
         Some(addr) => Some(start_admin(addr, Arc::clone(&lb))?),
         None => None,
     };
+    log_banner(&lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
     let checker = start_active_checks(&lb)?;

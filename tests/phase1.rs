@@ -503,7 +503,9 @@ fn a_port_in_use_is_a_start_up_error() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains(&addr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&format!("--listen {addr}")), "{stderr}");
 }
 
 #[test]

@@ -381,6 +381,7 @@ fn an_admin_port_in_use_is_a_start_up_error() {
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&format!("--admin {addr}")), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
 
 // ---------------------------------------------------------------- X-Request-Id
