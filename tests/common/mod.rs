@@ -230,13 +230,18 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// The first value of header `name` (lower case) among `headers`.
+fn first_value<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
 impl Response {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        first_value(&self.headers, name)
     }
 
     /// Every value of header `name` (lower case).
@@ -339,24 +344,33 @@ impl Client {
         if no_body {
             return Some(response);
         }
-        if response
-            .header("transfer-encoding")
-            .is_some_and(|v| v.contains("chunked"))
-        {
-            response.body = self.read_chunked()?;
-        } else if let Some(length) = response.header("content-length") {
+        response.body = self.read_body(&response.headers, true)?;
+        Some(response)
+    }
+
+    /// Reads a body framed by `headers`: chunked, by Content-Length, or else (responses) until
+    /// the connection closes.
+    fn read_body(&mut self, headers: &[(String, String)], until_close: bool) -> Option<Vec<u8>> {
+        if first_value(headers, "transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+            return self.read_chunked();
+        }
+        if let Some(length) = first_value(headers, "content-length") {
             let length: usize = length.trim().parse().ok()?;
             while self.buf.len() < length {
                 if !self.fill() {
                     return None;
                 }
             }
-            response.body = self.buf.drain(..length).collect();
-        } else {
-            while self.fill() {}
-            response.body = std::mem::take(&mut self.buf);
+            return Some(self.buf.drain(..length).collect());
         }
-        Some(response)
+        if until_close {
+            while self.fill() {}
+        }
+        Some(if until_close {
+            std::mem::take(&mut self.buf)
+        } else {
+            Vec::new()
+        })
     }
 
     fn read_chunked(&mut self) -> Option<Vec<u8>> {
@@ -471,10 +485,7 @@ pub struct ReceivedRequest {
 impl ReceivedRequest {
     /// The first value of header `name` (lower case).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        first_value(&self.headers, name)
     }
 }
 
@@ -527,20 +538,7 @@ impl ServerConn {
             headers,
             body: Vec::new(),
         };
-        if request
-            .header("transfer-encoding")
-            .is_some_and(|v| v.contains("chunked"))
-        {
-            request.body = r.read_chunked()?;
-        } else if let Some(length) = request.header("content-length") {
-            let length: usize = length.trim().parse().ok()?;
-            while r.buf.len() < length {
-                if !r.fill() {
-                    return None;
-                }
-            }
-            request.body = r.buf.drain(..length).collect();
-        }
+        request.body = r.read_body(&request.headers, false)?;
         Some(request)
     }
 
