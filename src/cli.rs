@@ -220,6 +220,14 @@ pub struct BackendSpec {
 pub struct AdminAddr(pub Option<SocketAddr>);
 
 /// Parses `HOST:PORT[=WEIGHT]`; the weight defaults to 1 and must not be 0.
+///
+/// ```
+/// use lb::cli::parse_backend_spec;
+///
+/// let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
+/// assert_eq!((spec.addr.port(), spec.weight), (8001, 5));
+/// assert!(parse_backend_spec("127.0.0.1:8001=0").is_err());
+/// ```
 pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
     let (address, weight) = match text.split_once('=') {
         Some((address, weight)) => {
@@ -266,6 +274,15 @@ pub fn parse_admin(text: &str) -> Result<AdminAddr, String> {
 }
 
 /// Parses a duration: `500ms`, `5s`, `1m`, or a bare number of seconds.
+///
+/// ```
+/// use std::time::Duration;
+/// use lb::cli::parse_duration;
+///
+/// assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+/// assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+/// assert!(parse_duration("soon").is_err());
+/// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit_ms) = if let Some(n) = text.strip_suffix("ms") {
