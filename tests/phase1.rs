@@ -555,3 +555,134 @@ fn demo_starts_backends_inside_the_balancer() {
         .collect();
     assert_eq!(names, expected);
 }
+
+#[test]
+fn http10_closes_unless_it_asks_for_keep_alive() {
+    let (_backends, lb) = three_backends(&[]);
+    let mut plain = Client::connect(lb.addr);
+    plain.send(b"GET /old HTTP/1.0\r\n\r\n");
+    let response = plain.read_response("GET");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(plain.is_closed());
+
+    let mut kept = Client::connect(lb.addr);
+    for _ in 0..2 {
+        kept.send(b"GET /old HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        let response = kept.read_response("GET");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+    }
+}
+
+#[test]
+fn connection_close_from_the_client_is_honoured() {
+    let (_backends, lb) = three_backends(&[]);
+    let mut client = Client::connect(lb.addr);
+    client.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let response = client.read_response("GET");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert!(client.is_closed());
+}
+
+#[test]
+fn a_chunked_response_reaches_an_http10_client_as_plain_bytes() {
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        while conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    client.send(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    let response = client.read_response("GET");
+    assert_eq!(response.header("transfer-encoding"), None);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_eq!(response.text(), "hello world");
+}
+
+/// Reads raw bytes from `client` until `marker` has arrived (bounded by the read timeout).
+fn read_until(client: &mut TcpStream, marker: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !seen.windows(marker.len()).any(|w| w == marker) {
+        match std::io::Read::read(client, &mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => seen.extend_from_slice(&chunk[..n]),
+        }
+    }
+    seen
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let backend = body_hasher();
+    let lb = in_front_of(&backend, &[]);
+    let mut client = TcpStream::connect(lb.addr).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client
+        .write_all(
+            b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+        )
+        .unwrap();
+    let interim = read_until(&mut client, b"\r\n\r\n");
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100 Continue\r\n"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+    client.write_all(b"hello").unwrap();
+    let answer = read_until(&mut client, md5_hex(b"hello").as_bytes());
+    assert!(String::from_utf8_lossy(&answer).contains(&format!("{} 5", md5_hex(b"hello"))));
+}
+
+#[test]
+fn interim_responses_are_passed_on_before_the_final_one() {
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        while conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = TcpStream::connect(lb.addr).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let seen = String::from_utf8_lossy(&read_until(&mut client, b"\r\n\r\nok")).into_owned();
+    assert!(
+        seen.starts_with(
+            "HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\nHTTP/1.1 200 "
+        ),
+        "{seen}"
+    );
+}
+
+#[test]
+fn too_many_header_fields_get_431() {
+    let (_backends, lb) = three_backends(&[]);
+    let fields: String = (0..150).map(|i| format!("X-F{i}: v\r\n")).collect();
+    let mut client = Client::connect(lb.addr);
+    client.send(format!("GET / HTTP/1.1\r\nHost: t\r\n{fields}\r\n").as_bytes());
+    assert_eq!(client.read_response("GET").status, 431);
+}
+
+#[test]
+fn a_response_with_both_framings_is_relayed_as_chunked() {
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which must not be passed on.
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        while conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    let response = client.get("/");
+    assert_eq!(response.header("content-length"), None);
+    assert_eq!(response.text(), "ok");
+    assert_eq!(client.get("/again").text(), "ok");
+}

@@ -426,9 +426,22 @@ impl Client {
         }
     }
 
-    /// Whether the server closed the connection (reads end of stream within [`WAIT`]).
+    /// Whether the server closed the connection: the next read ends the stream (or finds it
+    /// reset) within [`WAIT`]. Unread bytes, or a connection still open after [`WAIT`], are not
+    /// closed.
     pub fn is_closed(&mut self) -> bool {
-        !self.buf.is_empty() || !self.fill()
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        match self.stream.read(&mut byte) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(err) => !matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        }
     }
 }
 
