@@ -467,9 +467,10 @@ impl<'a> ClientConnection<'a> {
             }
             other => other,
         };
-        let failed = !matches!(result, Ok((_, status)) if !matches!(status, 502..=504));
-        backend.stats().record(started.elapsed(), failed);
-        self.observe(backend, backend_verdict(&result));
+        // A client that went away or sent a broken body is not the backend's error.
+        let verdict = backend_verdict(&result);
+        backend.stats().record(started.elapsed(), verdict == Some(false));
+        self.observe(backend, verdict);
         match result {
             Ok((flow, status)) => {
                 log::debug!(
