@@ -469,7 +469,9 @@ impl<'a> ClientConnection<'a> {
         };
         // A client that went away or sent a broken body is not the backend's error.
         let verdict = backend_verdict(&result);
-        backend.stats().record(started.elapsed(), verdict == Some(false));
+        backend
+            .stats()
+            .record(started.elapsed(), verdict == Some(false));
         self.observe(backend, verdict);
         match result {
             Ok((flow, status)) => {

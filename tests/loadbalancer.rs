@@ -218,3 +218,35 @@ fn sigterm_also_shuts_down_gracefully() {
     assert_eq!(lb.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(lb.log().contains("statistics:"));
 }
+
+#[test]
+fn a_client_that_gives_up_is_not_counted_against_the_backend() {
+    let (backends, _controls) = controlled_backends();
+    let lb = start(
+        &backends,
+        &["--admin", "127.0.0.1:0", "--backend-timeout", "1s"],
+    );
+    let mut client = Client::connect(lb.addr);
+    client
+        .send(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\nonly the start");
+    drop(client);
+    assert!(eventually(WAIT, || {
+        let stats = stats_json(&lb);
+        let backends = stats["backends"].as_array().unwrap().clone();
+        backends
+            .iter()
+            .map(|b| b["requests"].as_u64().unwrap())
+            .sum::<u64>()
+            == 1
+            && backends.iter().all(|b| b["active_connections"] == 0)
+    }));
+    let stats = stats_json(&lb);
+    assert!(
+        stats["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["errors"] == 0 && b["healthy"] == true),
+        "{stats}"
+    );
+}
