@@ -7,33 +7,24 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use httparse::Status;
-
+use crate::http::{
+    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, Sink, Version,
+};
 use crate::server::wake_address;
 
-/// Longest request head accepted; a longer one is answered `431`, as the contract says.
-const MAX_HEAD_BYTES: usize = 64 * 1024;
-/// Most header lines in one request head (or chunked trailer); more is answered `431` too.
-const MAX_HEADERS: usize = 100;
-/// Longest chunk-size line (size plus extensions) accepted in a chunked request body.
-const MAX_CHUNK_LINE_BYTES: usize = 4 * 1024;
 /// A connection whose next request head has not fully arrived within this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bytes asked of the socket in one read; it also bounds how much body is buffered at once.
-const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// The read buffer of a connection; it also bounds how much body is buffered at once.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
 /// Stack of each connection thread. Buffers live on the heap, so a small stack is plenty.
 const CONNECTION_STACK_BYTES: usize = 128 * 1024;
-/// How long a closing connection keeps reading (and discarding) what the client still sends.
-const LINGER: Duration = Duration::from_secs(1);
-/// Most bytes discarded while lingering before the connection is dropped anyway.
-const MAX_LINGER_BYTES: usize = 1024 * 1024;
 /// How long `stop` waits to connect to its own listener to wake the accept thread.
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept`, so running out of file descriptors does not spin the loop.
@@ -247,14 +238,15 @@ fn spawn_connection(stream: TcpStream, shared: &Arc<Shared>) {
 /// Serves requests on one connection, one after another, until either side closes it.
 fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     stream.set_nodelay(true)?;
-    // A client that stops reading must not hold this thread forever.
+    // A client that stops sending or reading must not hold this thread forever.
+    stream.set_read_timeout(Some(IDLE_TIMEOUT))?;
     stream.set_write_timeout(Some(IDLE_TIMEOUT))?;
-    let mut conn = Connection::new(stream);
+    let mut conn = BufferedStream::new(stream, READ_BUFFER_BYTES);
     loop {
         match exchange(&mut conn, shared) {
             Ok(Persist::KeepAlive) => {}
             Ok(Persist::Close) => {
-                conn.close_gracefully();
+                http::close_gracefully(conn.socket());
                 return Ok(());
             }
             Err(Abort::ClientClosed) => return Ok(()),
@@ -266,8 +258,8 @@ fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                     Some("close"),
                     &shared.name,
                 );
-                conn.stream.write_all(&response)?;
-                conn.close_gracefully();
+                conn.socket().write_all(&response)?;
+                http::close_gracefully(conn.socket());
                 return Ok(());
             }
             Err(Abort::Io(err)) => return Err(err),
@@ -283,7 +275,7 @@ enum Persist {
 
 /// Why a connection stops before a response could be written.
 enum Abort {
-    /// The client closed the connection between requests, as it may.
+    /// The client closed the connection between requests (or went quiet), as it may.
     ClientClosed,
     /// The request broke a rule; it is answered with an error status and the connection closed.
     Reject(Reject),
@@ -303,12 +295,33 @@ impl From<Reject> for Abort {
     }
 }
 
+impl From<HeadError> for Abort {
+    fn from(err: HeadError) -> Abort {
+        match err {
+            HeadError::TooLarge => Reject::HeadTooLarge.into(),
+            HeadError::Malformed(_) => Reject::BadRequest.into(),
+            HeadError::TimedOut | HeadError::Truncated => Abort::ClientClosed,
+            HeadError::Io(err) => Abort::Io(err),
+        }
+    }
+}
+
+impl From<RelayError> for Abort {
+    fn from(err: RelayError) -> Abort {
+        match err {
+            RelayError::Malformed(_) => Reject::BadRequest.into(),
+            RelayError::Read(err) | RelayError::Write(err) => Abort::Io(err),
+            RelayError::Truncated => Abort::Io(io::ErrorKind::UnexpectedEof.into()),
+        }
+    }
+}
+
 /// A request the backend refuses to answer normally.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reject {
     /// Malformed request line, headers, framing or chunked body: `400`.
     BadRequest,
-    /// Request head over [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`]: `431`.
+    /// Request head over 64 KiB or 100 fields: `431`.
     HeadTooLarge,
 }
 
@@ -328,40 +341,52 @@ impl Reject {
     }
 }
 
-/// One request and response: read the head, skip the body, wait the delay, answer.
-fn exchange(conn: &mut Connection, shared: &Shared) -> Result<Persist, Abort> {
-    let request = read_head(conn)?;
+/// One request and response: read the head, skip the body, wait the delay, answer. The head and
+/// the body are read by the same `http` module the balancer uses.
+fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort> {
+    let Some(request) = http::read_request_head(conn, IDLE_TIMEOUT)? else {
+        return Err(Abort::ClientClosed);
+    };
+    let body = http::request_body_length(&request).map_err(|_| Reject::BadRequest)?;
+    let is_http11 = request.version == Version::Http11;
     // A client that sent `Expect: 100-continue` waits for this before sending the body
     // (RFC 9110 section 10.1.1); HTTP/1.0 clients do not know the interim status.
-    if request.expects_continue && request.body != Body::Empty && request.is_http11 {
-        conn.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    if is_http11 && body != BodyLength::Empty && request.has_token("expect", "100-continue") {
+        conn.socket().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
-    discard_body(conn, request.body)?;
+    // The body is read and thrown away, so the next request on the connection starts in step.
+    http::relay_body(conn, body, &mut Sink::discard(), true)?;
 
-    let is_health =
-        matches!(request.method.as_str(), "GET" | "HEAD") && request.path() == "/health";
-    let body = if is_health {
+    let method = request.method();
+    let path = request.target().split('?').next().unwrap_or_default();
+    let text = if matches!(method, "GET" | "HEAD") && path == "/health" {
         "ok\n".to_string()
     } else {
         if !shared.delay.is_zero() {
             thread::sleep(shared.delay);
         }
         format!(
-            "Hello from {} ({}): {} {}\n",
-            shared.name, shared.addr, request.method, request.target
+            "Hello from {} ({}): {method} {}\n",
+            shared.name,
+            shared.addr,
+            request.target()
         )
     };
+    // Transfer-Encoding in an HTTP/1.0 request is a framing fault that ends the connection
+    // (RFC 9112 section 6.1).
+    let keep_alive =
+        request.wants_keep_alive() && (is_http11 || request.header("transfer-encoding").is_none());
+    // `close` when closing, and `keep-alive` for an HTTP/1.0 client that asked to keep the
+    // connection (it would assume close otherwise).
+    let connection = match (keep_alive, is_http11) {
+        (false, _) => Some("close"),
+        (true, false) => Some("keep-alive"),
+        (true, true) => None,
+    };
     // HEAD gets the headers a GET would get, Content-Length included, but no body (RFC 9110 9.3.2).
-    let include_body = request.method != "HEAD";
-    let response = render(
-        "200 OK",
-        &body,
-        include_body,
-        request.connection_header(),
-        &shared.name,
-    );
-    conn.stream.write_all(&response)?;
-    Ok(if request.keep_alive {
+    let response = render("200 OK", &text, method != "HEAD", connection, &shared.name);
+    conn.socket().write_all(&response)?;
+    Ok(if keep_alive {
         Persist::KeepAlive
     } else {
         Persist::Close
@@ -393,331 +418,13 @@ fn render(
     response
 }
 
-/// How a request's body is delimited (RFC 9112 section 6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
-    Empty,
-    Length(u64),
-    Chunked,
-}
-
-/// The parts of a request head the backend uses, copied out of the read buffer.
-#[derive(Debug)]
-struct Request {
-    method: String,
-    target: String,
-    is_http11: bool,
-    keep_alive: bool,
-    expects_continue: bool,
-    body: Body,
-}
-
-impl Request {
-    /// Builds a request from a completely parsed head, checking its framing headers.
-    fn from_parsed(parsed: &httparse::Request<'_, '_>) -> Result<Request, Reject> {
-        let (Some(method), Some(target), Some(version)) =
-            (parsed.method, parsed.path, parsed.version)
-        else {
-            return Err(Reject::BadRequest);
-        };
-        let mut content_length: Option<u64> = None;
-        let mut transfer_codings: Vec<String> = Vec::new();
-        let mut connection_close = false;
-        let mut connection_keep_alive = false;
-        let mut expects_continue = false;
-        for header in parsed.headers.iter() {
-            let value = std::str::from_utf8(header.value).map_err(|_| Reject::BadRequest)?;
-            let name = header.name;
-            if name.eq_ignore_ascii_case("content-length") {
-                // Repeated or comma-listed lengths are allowed only when they all agree (RFC 9112 6.3).
-                for item in value.split(',') {
-                    let length = parse_content_length(item.trim())?;
-                    if content_length.is_some_and(|seen| seen != length) {
-                        return Err(Reject::BadRequest);
-                    }
-                    content_length = Some(length);
-                }
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                transfer_codings.extend(tokens(value));
-            } else if name.eq_ignore_ascii_case("connection") {
-                for token in tokens(value) {
-                    connection_close |= token == "close";
-                    connection_keep_alive |= token == "keep-alive";
-                }
-            } else if name.eq_ignore_ascii_case("expect") {
-                expects_continue |= value.trim().eq_ignore_ascii_case("100-continue");
-            }
-        }
-
-        let body = match (transfer_codings.last(), content_length) {
-            (None, None | Some(0)) => Body::Empty,
-            (None, Some(length)) => Body::Length(length),
-            // Both framings at once is how request smuggling starts; the contract says 400.
-            (Some(_), Some(_)) => return Err(Reject::BadRequest),
-            (Some(last), None) if last == "chunked" => Body::Chunked,
-            // A request body whose final coding is not chunked has no knowable end (RFC 9112 6.3).
-            (Some(_), None) => return Err(Reject::BadRequest),
-        };
-        let is_http11 = version == 1;
-        // HTTP/1.1 is persistent unless told otherwise; HTTP/1.0 only when asked (RFC 9112 9.3).
-        // Transfer-Encoding in an HTTP/1.0 request is a framing fault that ends the connection (RFC 9112 6.1).
-        let keep_alive = !connection_close
-            && if is_http11 {
-                true
-            } else {
-                connection_keep_alive && transfer_codings.is_empty()
-            };
-        Ok(Request {
-            method: method.to_string(),
-            target: target.to_string(),
-            is_http11,
-            keep_alive,
-            expects_continue,
-            body,
-        })
-    }
-
-    /// The request target without its query string.
-    fn path(&self) -> &str {
-        self.target.split('?').next().unwrap_or("")
-    }
-
-    /// The `Connection` header the response needs: `close` when closing, and `keep-alive` for an
-    /// HTTP/1.0 client that asked to keep the connection (it would assume close otherwise).
-    fn connection_header(&self) -> Option<&'static str> {
-        match (self.keep_alive, self.is_http11) {
-            (false, _) => Some("close"),
-            (true, false) => Some("keep-alive"),
-            (true, true) => None,
-        }
-    }
-}
-
-/// Parses one Content-Length value: digits only, so `+5` or `-1` are refused rather than guessed at.
-fn parse_content_length(value: &str) -> Result<u64, Reject> {
-    if value.is_empty() || !value.bytes().all(|byte| byte.is_ascii_digit()) {
-        return Err(Reject::BadRequest);
-    }
-    value.parse().map_err(|_| Reject::BadRequest)
-}
-
-/// The comma-separated tokens of a header value, trimmed and lowercased.
-fn tokens(value: &str) -> impl Iterator<Item = String> + '_ {
-    value
-        .split(',')
-        .map(|token| token.trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
-}
-
-/// Reads until a whole request head is buffered, then parses and removes it from the buffer.
-///
-/// The head may arrive in pieces, so it is re-parsed as bytes come in; bytes after it (a body or the
-/// next pipelined request) stay in the buffer. The whole head must arrive within [`IDLE_TIMEOUT`].
-fn read_head(conn: &mut Connection) -> Result<Request, Abort> {
-    let deadline = Instant::now() + IDLE_TIMEOUT;
-    // Leftover bytes may already hold a pipelined request.
-    let mut worth_parsing = !conn.buf.is_empty();
-    loop {
-        if worth_parsing {
-            if let Some(request) = parse_head(&mut conn.buf)? {
-                return Ok(request);
-            }
-            if conn.buf.len() >= MAX_HEAD_BYTES {
-                return Err(Reject::HeadTooLarge.into());
-            }
-        }
-        let before = conn.buf.len();
-        if conn.fill(deadline)? == 0 {
-            return Err(if before == 0 {
-                Abort::ClientClosed
-            } else {
-                io::Error::from(io::ErrorKind::UnexpectedEof).into()
-            });
-        }
-        // A head can only complete, or fail, at a line end; re-parsing only then keeps a head sent
-        // a byte at a time from costing a full parse per byte.
-        worth_parsing = conn.buf[before..].contains(&b'\n');
-    }
-}
-
-/// Parses a complete head at the start of `buf` and removes it; `None` while it is still partial.
-fn parse_head(buf: &mut Vec<u8>) -> Result<Option<Request>, Reject> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut parsed = httparse::Request::new(&mut headers);
-    let head_len = match parsed.parse(buf) {
-        Ok(Status::Complete(head_len)) => head_len,
-        Ok(Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(Reject::HeadTooLarge),
-        Err(_) => return Err(Reject::BadRequest),
-    };
-    if head_len > MAX_HEAD_BYTES {
-        return Err(Reject::HeadTooLarge);
-    }
-    let request = Request::from_parsed(&parsed)?;
-    buf.drain(..head_len);
-    Ok(Some(request))
-}
-
-/// Reads a request body and throws it away, so the next request on the connection starts in step.
-fn discard_body(conn: &mut Connection, body: Body) -> Result<(), Abort> {
-    match body {
-        Body::Empty => Ok(()),
-        Body::Length(length) => conn.skip(length),
-        Body::Chunked => discard_chunked(conn),
-    }
-}
-
-/// Skips a chunked body (RFC 9112 section 7.1): chunks until the zero-size one, then the trailers.
-fn discard_chunked(conn: &mut Connection) -> Result<(), Abort> {
-    loop {
-        let size = conn.chunk_size()?;
-        if size == 0 {
-            return conn.skip_trailers();
-        }
-        conn.skip(size)?;
-        conn.expect_crlf()?;
-    }
-}
-
-/// A client connection with the bytes read from it but not yet used.
-struct Connection {
-    stream: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Connection {
-    fn new(stream: TcpStream) -> Connection {
-        Connection {
-            stream,
-            buf: Vec::with_capacity(READ_CHUNK_BYTES),
-        }
-    }
-
-    /// Appends one read's worth of bytes to the buffer, waiting no later than `deadline`.
-    /// Returns how many bytes arrived; 0 means the client closed its side.
-    fn fill(&mut self, deadline: Instant) -> io::Result<usize> {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
-        self.stream.set_read_timeout(Some(remaining))?;
-        let start = self.buf.len();
-        self.buf.resize(start + READ_CHUNK_BYTES, 0);
-        let result = loop {
-            match self.stream.read(&mut self.buf[start..]) {
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
-                result => break result,
-            }
-        };
-        self.buf
-            .truncate(start + result.as_ref().map_or(0, |read| *read));
-        result
-    }
-
-    /// Reads until at least `len` bytes are buffered; the client closing first is an error.
-    /// Each read may wait up to [`IDLE_TIMEOUT`].
-    fn fill_to(&mut self, len: usize) -> io::Result<()> {
-        while self.buf.len() < len {
-            if self.fill(Instant::now() + IDLE_TIMEOUT)? == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-        }
-        Ok(())
-    }
-
-    /// Consumes `len` bytes, buffered or not, holding at most one read's worth at a time.
-    fn skip(&mut self, len: u64) -> Result<(), Abort> {
-        let mut remaining = len;
-        while remaining > 0 {
-            if self.buf.is_empty() {
-                self.fill_to(1)?;
-            }
-            let take =
-                usize::try_from(remaining).map_or(self.buf.len(), |left| left.min(self.buf.len()));
-            self.buf.drain(..take);
-            remaining -= take as u64;
-        }
-        Ok(())
-    }
-
-    /// Reads and consumes a chunk-size line, returning the size.
-    fn chunk_size(&mut self) -> Result<u64, Abort> {
-        loop {
-            // httparse reads an empty line as size 0, so insist on a hex digit first.
-            if self
-                .buf
-                .first()
-                .is_some_and(|byte| !byte.is_ascii_hexdigit())
-            {
-                return Err(Reject::BadRequest.into());
-            }
-            match httparse::parse_chunk_size(&self.buf) {
-                Ok(Status::Complete((line_len, size))) => {
-                    self.buf.drain(..line_len);
-                    return Ok(size);
-                }
-                Ok(Status::Partial) if self.buf.len() < MAX_CHUNK_LINE_BYTES => {
-                    let wanted = self.buf.len() + 1;
-                    self.fill_to(wanted)?;
-                }
-                Ok(Status::Partial) | Err(_) => return Err(Reject::BadRequest.into()),
-            }
-        }
-    }
-
-    /// Consumes the CRLF that ends a chunk's data.
-    fn expect_crlf(&mut self) -> Result<(), Abort> {
-        self.fill_to(2)?;
-        if !self.buf.starts_with(b"\r\n") {
-            return Err(Reject::BadRequest.into());
-        }
-        self.buf.drain(..2);
-        Ok(())
-    }
-
-    /// Consumes the trailer section after the last chunk, up to and including its empty line.
-    fn skip_trailers(&mut self) -> Result<(), Abort> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            match httparse::parse_headers(&self.buf, &mut headers) {
-                Ok(Status::Complete((len, _))) => {
-                    self.buf.drain(..len);
-                    return Ok(());
-                }
-                Ok(Status::Partial) if self.buf.len() < MAX_HEAD_BYTES => {
-                    let wanted = self.buf.len() + 1;
-                    self.fill_to(wanted)?;
-                }
-                Ok(Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-                    return Err(Reject::HeadTooLarge.into())
-                }
-                Err(_) => return Err(Reject::BadRequest.into()),
-            }
-        }
-    }
-
-    /// Closes after a final response without losing it.
-    ///
-    /// Closing a socket that still has unread input makes the kernel send a reset, which can destroy
-    /// the response before the client reads it. So send our FIN first, then read and discard what the
-    /// client still sends, for a bounded time and amount, before dropping the socket.
-    fn close_gracefully(mut self) {
-        let _ = self.stream.shutdown(Shutdown::Write);
-        let deadline = Instant::now() + LINGER;
-        let mut discarded = 0;
-        while discarded < MAX_LINGER_BYTES {
-            self.buf.clear();
-            match self.fill(deadline) {
-                Ok(0) | Err(_) => break,
-                Ok(read) => discarded += read,
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::MAX_HEAD as MAX_HEAD_BYTES;
+    use httparse::Status;
+    use std::io::Read;
+    use std::time::Instant;
 
     /// How long a test waits for any one read before failing instead of hanging.
     const TEST_TIMEOUT: Duration = Duration::from_secs(5);

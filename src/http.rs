@@ -696,7 +696,8 @@ pub enum RelayError {
 /// The writing half of a relay: output is gathered and written in as few system calls as
 /// possible, and always before the relay blocks on reading its source.
 pub struct Sink<'a> {
-    dst: &'a TcpStream,
+    /// Where output goes; none to throw it away.
+    dst: Option<&'a TcpStream>,
     out: Vec<u8>,
     written: u64,
 }
@@ -705,14 +706,26 @@ impl<'a> Sink<'a> {
     /// A sink that writes to `dst`, starting with the bytes in `out` (usually a head).
     pub fn new(dst: &'a TcpStream, out: Vec<u8>) -> Self {
         Sink {
-            dst,
+            dst: Some(dst),
             out,
+            written: 0,
+        }
+    }
+
+    /// A sink that throws everything away: relaying into it skips a body.
+    pub fn discard() -> Self {
+        Sink {
+            dst: None,
+            out: Vec::new(),
             written: 0,
         }
     }
 
     /// Queues `data`, writing directly when it is large.
     pub fn emit(&mut self, data: &[u8]) -> Result<(), RelayError> {
+        if self.dst.is_none() {
+            return Ok(());
+        }
         if self.out.len() + data.len() <= SINK_LIMIT {
             self.out.extend_from_slice(data);
             return Ok(());
@@ -739,7 +752,9 @@ impl<'a> Sink<'a> {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
-        let mut dst = self.dst;
+        let Some(mut dst) = self.dst else {
+            return Ok(());
+        };
         dst.write_all(data).map_err(RelayError::Write)?;
         self.written += data.len() as u64;
         Ok(())
@@ -886,6 +901,29 @@ fn chunk_size(line: &[u8]) -> Result<u64, RelayError> {
     }
     let text = std::str::from_utf8(digits).map_err(|_| RelayError::Malformed("bad chunk size"))?;
     u64::from_str_radix(text, 16).map_err(|_| RelayError::Malformed("bad chunk size"))
+}
+
+/// How long, and how much, a closing connection's unread input is drained for.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
+
+/// Closes a connection after a final response without losing it. Closing a socket with unread
+/// input (the rest of a refused request, say) makes the kernel send a reset, which can destroy the
+/// response before the client reads it (RFC 9112 §9.6). So the FIN goes first, and what the client
+/// still sends is read and dropped, for a bounded time and amount, as nginx's lingering close does.
+pub fn close_gracefully(socket: &TcpStream) {
+    let _ = socket.shutdown(std::net::Shutdown::Write);
+    let _ = socket.set_read_timeout(Some(LINGER_TIME));
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut scratch = [0u8; 4096];
+    let mut drained = 0;
+    let mut reader = socket;
+    while drained < LINGER_BYTES && Instant::now() < deadline {
+        match reader.read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => drained += n,
+        }
+    }
 }
 
 #[cfg(test)]

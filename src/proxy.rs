@@ -274,7 +274,7 @@ impl<'a> ClientConnection<'a> {
         let mut socket = self.client.socket();
         let _ = std::io::Write::write_all(&mut socket, &err.to_response(close));
         if close {
-            linger(socket);
+            http::close_gracefully(socket);
         }
     }
 
@@ -794,29 +794,6 @@ impl OutgoingRequest<'_> {
     /// an idempotent method (RFC 9110 §9.2.2) or no body at all.
     fn can_resend(&self) -> bool {
         self.head.is_idempotent() || self.body == BodyLength::Empty
-    }
-}
-
-/// How long, and how much, a closing connection's unread input is drained for.
-const LINGER_TIME: Duration = Duration::from_secs(1);
-const LINGER_BYTES: usize = 1024 * 1024;
-
-/// Closes a connection after a final response without losing it. Closing a socket with unread
-/// input (the rest of a refused request, say) makes the kernel send a reset, which can destroy the
-/// response before the client reads it (RFC 9112 §9.6). So the balancer sends its FIN first and
-/// reads what the client still sends, for a bounded time and amount, as nginx's lingering close does.
-fn linger(socket: &TcpStream) {
-    let _ = socket.shutdown(std::net::Shutdown::Write);
-    let _ = socket.set_read_timeout(Some(LINGER_TIME));
-    let deadline = Instant::now() + LINGER_TIME;
-    let mut scratch = [0u8; 4096];
-    let mut drained = 0;
-    let mut reader = socket;
-    while drained < LINGER_BYTES && Instant::now() < deadline {
-        match std::io::Read::read(&mut reader, &mut scratch) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => drained += n,
-        }
     }
 }
 
