@@ -644,23 +644,47 @@ impl<'a> ClientConnection<'a> {
         let status = response.status;
         let body = http::response_body_length(request.head.method(), &response)
             .map_err(|why| bad_gateway(&why))?;
-        let client_http10 = request.head.version == Version::Http10;
         // Without a length, the end of the body can only be shown by closing the connection;
         // HTTP/1.0 clients cannot read chunked bodies, so they get the plain bytes and a close.
-        let dechunk = client_http10 && body == BodyLength::Chunked;
+        let dechunk = request.head.version == Version::Http10 && body == BodyLength::Chunked;
         let keep_alive = request.head.wants_keep_alive()
             && !self.body_pending
             && !self.shutdown.load(Ordering::SeqCst)
             && body != BodyLength::UntilClose
             && !dechunk;
 
+        let head = self.client_response_head(request, &response, body, dechunk, keep_alive);
+        let mut sink = Sink::new(self.client.socket(), head);
+        let relayed =
+            http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
+        if let Err(err) = relayed {
+            return Err(relay_failure(err, sink.written() == 0));
+        }
+        self.release(backend, upstream, &response, body);
+        Ok((
+            if keep_alive {
+                Flow::KeepAlive
+            } else {
+                Flow::Close
+            },
+            status,
+        ))
+    }
+
+    /// The response head as the client gets it: the backend's end-to-end fields, then the
+    /// framing, the balancer's own fields, and how the connection goes on.
+    fn client_response_head(
+        &self,
+        request: &OutgoingRequest,
+        response: &ResponseHead,
+        body: BodyLength,
+        dechunk: bool,
+        keep_alive: bool,
+    ) -> Vec<u8> {
         let mut out = Vec::with_capacity(512);
-        write_response_head(&mut out, &response);
-        match body {
-            BodyLength::Chunked if !dechunk => {
-                http::push_header(&mut out, "Transfer-Encoding", b"chunked")
-            }
-            _ => {}
+        write_response_head(&mut out, response);
+        if body == BodyLength::Chunked && !dechunk {
+            http::push_header(&mut out, "Transfer-Encoding", b"chunked");
         }
         if self.lb.settings.explain {
             http::push_header(&mut out, "X-Lb-Decision", request.reason.as_bytes());
@@ -672,33 +696,23 @@ impl<'a> ClientConnection<'a> {
         }
         if !keep_alive {
             http::push_header(&mut out, "Connection", b"close");
-        } else if client_http10 {
+        } else if request.head.version == Version::Http10 {
             http::push_header(&mut out, "Connection", b"keep-alive");
         }
         out.extend_from_slice(b"\r\n");
+        out
+    }
 
-        let mut sink = Sink::new(self.client.socket(), out);
-        let relayed =
-            http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
-        if let Err(err) = relayed {
-            let nothing_sent = sink.written() == 0;
-            return Err(match err {
-                RelayError::Read(e) if nothing_sent && http::is_timeout(&e) => {
-                    ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
-                }
-                RelayError::Read(_) | RelayError::Truncated | RelayError::Malformed(_)
-                    if nothing_sent =>
-                {
-                    bad_gateway("the response body was cut short")
-                }
-                RelayError::Write(e) => abort(&format!("writing the response: {e}")),
-                other => ExchangeError::Failed(Failure::Abort {
-                    why: format!("relaying the response: {other:?}"),
-                    by_backend: true,
-                }),
-            });
-        }
-        let backend_keeps_alive = body != BodyLength::UntilClose
+    /// After a complete response, returns the read buffer for reuse and the backend connection
+    /// to the pool, if the backend keeps it open and nothing unexpected follows the response.
+    fn release(
+        &self,
+        backend: &Backend,
+        upstream: BufferedStream,
+        response: &ResponseHead,
+        body: BodyLength,
+    ) {
+        let reusable = body != BodyLength::UntilClose
             && upstream.buffered().is_empty()
             && match response.version {
                 Version::Http11 => !response.has_token("connection", "close"),
@@ -706,17 +720,28 @@ impl<'a> ClientConnection<'a> {
             };
         let (socket, buffer) = upstream.into_parts();
         self.lb.buffers.give(buffer);
-        if backend_keeps_alive {
+        if reusable {
             backend.put_idle(socket);
         }
-        Ok((
-            if keep_alive {
-                Flow::KeepAlive
-            } else {
-                Flow::Close
-            },
-            status,
-        ))
+    }
+}
+
+/// What a response cut short means for the client: an error answer while nothing of the
+/// response was sent yet (504 for a backend that went quiet, 502 otherwise), else the end of the
+/// connection.
+fn relay_failure(err: RelayError, nothing_sent: bool) -> ExchangeError {
+    match err {
+        RelayError::Read(e) if nothing_sent && http::is_timeout(&e) => {
+            ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
+        }
+        RelayError::Read(_) | RelayError::Truncated | RelayError::Malformed(_) if nothing_sent => {
+            bad_gateway("the response body was cut short")
+        }
+        RelayError::Write(e) => abort(&format!("writing the response: {e}")),
+        other => ExchangeError::Failed(Failure::Abort {
+            why: format!("relaying the response: {other:?}"),
+            by_backend: true,
+        }),
     }
 }
 
