@@ -422,11 +422,47 @@ impl<'a> ClientConnection<'a> {
         request: &OutgoingRequest,
         started: Instant,
     ) -> Result<Flow, TryError> {
-        let settings = &self.lb.settings;
-        let replayable = request.rest == BodyLength::Empty;
         // A body that will be streamed cannot be sent twice, so it never risks a pooled
         // connection that may turn out closed.
-        let connection = if replayable {
+        let connection = self.open_connection(backend, request.rest == BodyLength::Empty)?;
+        backend.stats().count_request();
+        let out = self.request_bytes(backend, request);
+        let mut result = self.exchange(backend, connection, &out, request);
+        if matches!(result, Err(ExchangeError::Stale)) {
+            log::debug!(
+                "pooled connection to {} was closed; retrying on a fresh one",
+                backend.name()
+            );
+            // If no fresh connection can be had either, the request (which did reach this
+            // backend) ends here as an error and goes on to the next backend.
+            let fresh = self
+                .open_connection(backend, false)
+                .inspect_err(|_| backend.stats().record(started.elapsed(), false))?;
+            result = self.exchange(backend, fresh, &out, request);
+        }
+        // A client that went away or sent a broken body is not the backend's error.
+        let verdict = backend_verdict(&result);
+        backend
+            .stats()
+            .record(started.elapsed(), verdict == Some(false));
+        self.observe(backend, verdict);
+        match result {
+            Ok((flow, status)) => {
+                self.log_exchange(backend, request, status, started);
+                Ok(flow)
+            }
+            Err(ExchangeError::Stale) => Err(TryError::Failed(Failure::Answer(
+                ProxyError::BadGateway("connection closed".into()),
+            ))),
+            Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
+        }
+    }
+
+    /// A connection to `backend`: from the idle pool when `may_reuse`, else a new one. A backend
+    /// that cannot be reached counts an error and is reported to the health checks.
+    fn open_connection(&self, backend: &Backend, may_reuse: bool) -> Result<Connection, TryError> {
+        let settings = &self.lb.settings;
+        let connection = if may_reuse {
             backend.connection(settings.connect_timeout, settings.backend_timeout)
         } else {
             backend
@@ -436,70 +472,35 @@ impl<'a> ClientConnection<'a> {
                     reused: false,
                 })
         };
-        let connection = connection.map_err(|err| {
+        connection.map_err(|err| {
             log::warn!("backend {} unreachable: {err}", backend.name());
             backend.stats().record_error();
             self.observe(backend, Some(false));
             TryError::Unreachable
-        })?;
-        backend.stats().count_request();
-        let out = self.request_bytes(backend, request);
-        let result = match self.exchange(backend, connection, &out, request) {
-            Err(ExchangeError::Stale) => {
-                log::debug!(
-                    "pooled connection to {} was closed; retrying on a fresh one",
-                    backend.name()
-                );
-                match backend.connect(settings.connect_timeout, settings.backend_timeout) {
-                    Ok(stream) => self.exchange(
-                        backend,
-                        Connection {
-                            stream,
-                            reused: false,
-                        },
-                        &out,
-                        request,
-                    ),
-                    Err(err) => {
-                        // The request did reach this backend, on the closed connection: it
-                        // counts as failed here and goes on to the next backend.
-                        backend.stats().record(started.elapsed(), true);
-                        self.observe(backend, Some(false));
-                        log::warn!("backend {} unreachable: {err}", backend.name());
-                        return Err(TryError::Unreachable);
-                    }
-                }
-            }
-            other => other,
-        };
-        // A client that went away or sent a broken body is not the backend's error.
-        let verdict = backend_verdict(&result);
-        backend
-            .stats()
-            .record(started.elapsed(), verdict == Some(false));
-        self.observe(backend, verdict);
-        match result {
-            Ok((flow, status)) => {
-                log::debug!(
-                    "{} {} {} -> {} {} ({:?}){}",
-                    self.client_ip,
-                    request.head.method(),
-                    request.head.target(),
-                    backend.name(),
-                    status,
-                    started.elapsed(),
-                    request
-                        .request_id
-                        .map(|id| format!(" id {id}"))
-                        .unwrap_or_default()
-                );
-                Ok(flow)
-            }
-            Err(ExchangeError::Stale) => Err(TryError::Failed(Failure::Answer(
-                ProxyError::BadGateway("connection closed".into()),
-            ))),
-            Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
-        }
+        })
+    }
+
+    /// The debug log's line for a request a backend answered.
+    fn log_exchange(
+        &self,
+        backend: &Backend,
+        request: &OutgoingRequest,
+        status: u16,
+        started: Instant,
+    ) {
+        log::debug!(
+            "{} {} {} -> {} {} ({:?}){}",
+            self.client_ip,
+            request.head.method(),
+            request.head.target(),
+            backend.name(),
+            status,
+            started.elapsed(),
+            request
+                .request_id
+                .map(|id| format!(" id {id}"))
+                .unwrap_or_default()
+        );
     }
 
     /// Tells passive health checks how a request went (`None`: not the backend's doing), and
