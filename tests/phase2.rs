@@ -33,6 +33,15 @@ fn demo_backends(names: &[&str]) -> Vec<DemoBackend> {
     names.iter().map(|n| DemoBackend::start(n)).collect()
 }
 
+/// `--backend` values giving `backends` the chapter's weights.
+fn weighted_specs(backends: &[DemoBackend], weights: [u32; 3]) -> Vec<String> {
+    backends
+        .iter()
+        .zip(weights)
+        .map(|(b, w)| format!("{}={w}", b.spec()))
+        .collect()
+}
+
 /// The algorithm's part of a response's `X-Lb-Decision` header (the balancer ends the header
 /// with `; chose NAME`).
 fn decision(response: &Response) -> String {
@@ -44,11 +53,7 @@ fn decision(response: &Response) -> String {
 #[test]
 fn weighted_gives_fifty_thirty_twenty_without_long_runs() {
     let backends = demo_backends(&["a", "b", "c"]);
-    let specs: Vec<String> = backends
-        .iter()
-        .zip([5, 3, 2])
-        .map(|(b, w)| format!("{}={w}", b.spec()))
-        .collect();
+    let specs = weighted_specs(&backends, [5, 3, 2]);
     let lb = balancer(WEIGHTED, &specs, &[]);
     let names = backends_hit(lb.addr, 100);
     let counts = count(&names);
@@ -60,11 +65,7 @@ fn weighted_gives_fifty_thirty_twenty_without_long_runs() {
 #[test]
 fn weighted_explains_with_the_current_weights() {
     let backends = demo_backends(&["a", "b", "c"]);
-    let specs: Vec<String> = backends
-        .iter()
-        .zip([5, 3, 2])
-        .map(|(b, w)| format!("{}={w}", b.spec()))
-        .collect();
+    let specs = weighted_specs(&backends, [5, 3, 2]);
     let lb = balancer(WEIGHTED, &specs, &["--explain"]);
     let (a, b, c) = (backends[0].spec(), backends[1].spec(), backends[2].spec());
     let first = get(lb.addr, "/");

@@ -386,18 +386,6 @@ fn an_admin_port_in_use_is_a_start_up_error() {
 
 // ---------------------------------------------------------------- X-Request-Id
 
-/// A backend that answers with the request's header fields, one `name: value` per line.
-fn header_echo() -> RawBackend {
-    responder(|request| {
-        let lines: String = request
-            .headers
-            .iter()
-            .map(|(n, v)| format!("{n}: {v}\n"))
-            .collect();
-        (200, String::new(), lines.into_bytes())
-    })
-}
-
 fn received_headers(response: &Response) -> Vec<(String, String)> {
     response
         .text()
@@ -409,7 +397,7 @@ fn received_headers(response: &Response) -> Vec<(String, String)> {
 
 #[test]
 fn request_ids_are_added_kept_and_logged() {
-    let backend = header_echo();
+    let backend = header_echo_with("");
     let spec = backend.spec();
     let lb = Balancer::start(PHASE1, &["--backend", &spec]);
 

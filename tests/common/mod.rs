@@ -230,6 +230,19 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
+/// Parsed header fields as owned pairs with lower-case names.
+fn lowercase_fields(fields: &[httparse::Header]) -> Vec<(String, String)> {
+    fields
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// The first value of header `name` (lower case) among `headers`.
 fn first_value<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
     headers
@@ -315,16 +328,7 @@ impl Client {
             let mut parsed = httparse::Response::new(&mut fields);
             if let Ok(httparse::Status::Complete(len)) = parsed.parse(&self.buf) {
                 let status = parsed.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = parsed
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = lowercase_fields(parsed.headers);
                 self.buf.drain(..len);
                 if (100..200).contains(&status) {
                     continue;
@@ -528,16 +532,7 @@ impl ServerConn {
             if let Ok(httparse::Status::Complete(len)) = parsed.parse(&r.buf) {
                 let method = parsed.method.unwrap_or("").to_string();
                 let path = parsed.path.unwrap_or("").to_string();
-                let headers: Vec<(String, String)> = parsed
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = lowercase_fields(parsed.headers);
                 r.buf.drain(..len);
                 break (method, path, headers);
             }
@@ -583,6 +578,19 @@ pub fn responder(
             let (status, headers, body) = respond(&request);
             conn.respond(status, &headers, &body);
         }
+    })
+}
+
+/// A raw backend that answers every request with the request's header fields, one
+/// `name: value` line each, adding `extra_headers` (lines ending in CRLF) to its response.
+pub fn header_echo_with(extra_headers: &'static str) -> RawBackend {
+    responder(move |request| {
+        let lines: String = request
+            .headers
+            .iter()
+            .map(|(n, v)| format!("{n}: {v}\n"))
+            .collect();
+        (200, extra_headers.to_string(), lines.into_bytes())
     })
 }
 
