@@ -181,11 +181,6 @@ impl ShutdownHandle {
         // `accept` blocks until a client arrives, so become that client.
         let _ = TcpStream::connect_timeout(&self.wake_addr, Duration::from_secs(1));
     }
-
-    /// Whether shutdown has begun.
-    pub fn is_shutting_down(&self) -> bool {
-        self.shared.is_shutting_down()
-    }
 }
 
 impl Shared {
