@@ -23,17 +23,3 @@ pub struct Settings {
     /// Whether responses carry an `X-Lb-Decision` header.
     pub explain: bool,
 }
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_connections: 1024,
-            connect_timeout: Duration::from_secs(2),
-            backend_timeout: Duration::from_secs(30),
-            client_timeout: Duration::from_secs(30),
-            stats_interval: Duration::ZERO,
-            explain: false,
-        }
-    }
-}
