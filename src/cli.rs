@@ -59,6 +59,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub client_timeout: Duration,
 
+    /// Other backends a request may go on to when one fails it before any byte of the answer
+    /// reached the client (idempotent requests only, once sent) [default: backends - 1].
+    #[arg(long, value_name = "N")]
+    pub retries: Option<usize>,
+
     /// Add an X-Lb-Decision response header saying why this backend was chosen.
     #[arg(long)]
     pub explain: bool,
@@ -89,6 +94,15 @@ impl CommonArgs {
         }
     }
 
+    /// How many backends the balancer has: those given, or the three defaults.
+    fn backend_count(&self) -> usize {
+        if self.backends.is_empty() {
+            DEFAULT_BACKENDS.len()
+        } else {
+            self.backends.len()
+        }
+    }
+
     /// The run-time settings the proxy and server read on every connection.
     pub fn settings(&self) -> Settings {
         Settings {
@@ -97,6 +111,9 @@ impl CommonArgs {
             connect_timeout: self.connect_timeout,
             backend_timeout: self.backend_timeout,
             client_timeout: self.client_timeout,
+            retries: self
+                .retries
+                .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
             stats_interval: self.stats_interval,
             explain: self.explain,
         }

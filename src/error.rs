@@ -25,6 +25,9 @@ pub enum ProxyError {
         /// Time until the earliest backend could be back.
         retry_after: Duration,
     },
+    /// The balancer had no file descriptor left for a backend connection, even after waiting
+    /// for one: `503`, to try again in a second.
+    OutOfDescriptors,
     /// The backend did not answer within `--backend-timeout`: `504`.
     GatewayTimeout,
 }
@@ -38,8 +41,19 @@ impl ProxyError {
             ProxyError::HeadTooLarge => (431, "Request Header Fields Too Large"),
             ProxyError::NotImplemented(_) => (501, "Not Implemented"),
             ProxyError::BadGateway(_) => (502, "Bad Gateway"),
-            ProxyError::NoBackend { .. } => (503, "Service Unavailable"),
+            ProxyError::NoBackend { .. } | ProxyError::OutOfDescriptors => {
+                (503, "Service Unavailable")
+            }
             ProxyError::GatewayTimeout => (504, "Gateway Timeout"),
+        }
+    }
+
+    /// When a client may try again, for the answers that say so (503).
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ProxyError::NoBackend { retry_after } => Some(*retry_after),
+            ProxyError::OutOfDescriptors => Some(Duration::from_secs(1)),
+            _ => None,
         }
     }
 
@@ -52,7 +66,7 @@ impl ProxyError {
             "HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\n",
             body.len()
         );
-        if let ProxyError::NoBackend { retry_after } = self {
+        if let Some(retry_after) = self.retry_after() {
             // Retry-After is whole seconds (RFC 9110 §10.2.3); round up so clients never come back early.
             let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
             out.push_str(&format!("Retry-After: {}\r\n", seconds.max(1)));
@@ -75,6 +89,12 @@ impl fmt::Display for ProxyError {
             ProxyError::NotImplemented(method) => write!(f, "method {method} is not supported"),
             ProxyError::BadGateway(why) => write!(f, "the backend failed: {why}"),
             ProxyError::NoBackend { .. } => write!(f, "no backend is available"),
+            ProxyError::OutOfDescriptors => {
+                write!(
+                    f,
+                    "the balancer is out of file descriptors; try again shortly"
+                )
+            }
             ProxyError::GatewayTimeout => write!(f, "the backend did not answer in time"),
         }
     }
@@ -106,6 +126,14 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(text.contains("Retry-After: 3\r\n"));
         assert!(!text.contains("Connection: close"));
+    }
+
+    #[test]
+    fn out_of_descriptors_is_a_503_to_retry_in_a_second() {
+        let text = String::from_utf8(ProxyError::OutOfDescriptors.to_response(false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("Retry-After: 1\r\n"));
+        assert!(text.contains("file descriptors"));
     }
 
     #[test]

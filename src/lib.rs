@@ -14,6 +14,7 @@
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
+//! | all | [`descriptors`], [`warnings`] | the file-descriptor budget, warnings limited to one a second |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
@@ -25,6 +26,7 @@ pub mod backend;
 pub mod balance;
 pub mod cli;
 pub mod demo;
+pub mod descriptors;
 pub mod error;
 pub mod health;
 pub mod http;
@@ -36,3 +38,4 @@ pub mod simulate;
 pub mod startup;
 pub mod stats;
 pub mod sticky;
+pub mod warnings;

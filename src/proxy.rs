@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, Connection};
 use crate::balance::{self, Balancer};
+use crate::descriptors;
 use crate::error::ProxyError;
 use crate::health::{self, HealthConfig};
 use crate::http::{
@@ -23,6 +24,7 @@ use crate::http::{
 use crate::settings::Settings;
 use crate::stats::Stats;
 use crate::sticky::SessionTable;
+use crate::warnings::RepeatedWarning;
 
 /// The size of a read buffer, for a client or a backend connection: enough for the head and body
 /// of most small messages. A buffer grows only for a large head or a long body.
@@ -30,6 +32,12 @@ const BUFFER_SIZE: usize = 4 * 1024;
 
 /// Spare read buffers kept for reuse (at most 1 MiB of them).
 const SPARE_BUFFERS: usize = 256;
+
+/// Between two tries at connecting to a backend while the process is out of descriptors.
+const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
+
+static UNREACHABLE: RepeatedWarning = RepeatedWarning::new();
+static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new();
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -165,22 +173,15 @@ pub struct ClientConnection<'a> {
 }
 
 impl<'a> ClientConnection<'a> {
-    /// Prepares to serve `stream`. Its timeouts are set once per connection, never per request:
-    /// on Linux they come with the accepted socket from the listening one (see `server`).
+    /// Prepares to serve `stream`, whose timeouts the server has set.
     pub fn new(
         lb: &'a LoadBalancer,
         stream: TcpStream,
         peer: SocketAddr,
         state: &'a ConnectionState,
         shutdown: &'a AtomicBool,
-    ) -> std::io::Result<Self> {
-        #[cfg(not(target_os = "linux"))]
-        {
-            stream.set_nodelay(true)?;
-            stream.set_read_timeout(Some(lb.settings.client_timeout))?;
-            stream.set_write_timeout(Some(lb.settings.client_timeout))?;
-        }
-        Ok(ClientConnection {
+    ) -> Self {
+        ClientConnection {
             lb,
             client: BufferedStream::with_buffer(stream, lb.buffers.take()),
             client_ip: peer.ip(),
@@ -188,12 +189,12 @@ impl<'a> ClientConnection<'a> {
             state,
             shutdown,
             body_pending: false,
-        })
+        }
     }
 
     /// Serves requests until the client closes, an error ends the connection, or the balancer
     /// shuts down.
-    pub fn serve(mut self) {
+    pub fn serve(&mut self) {
         loop {
             self.state.idle.store(true, Ordering::SeqCst);
             if self.shutdown.load(Ordering::SeqCst) {
@@ -210,8 +211,14 @@ impl<'a> ClientConnection<'a> {
                 break;
             }
         }
-        let (_, buffer) = self.client.into_parts();
+    }
+
+    /// Ends the connection: the read buffer goes back for reuse, and the socket to the server,
+    /// which closes it.
+    pub fn into_socket(self) -> TcpStream {
+        let (socket, buffer) = self.client.into_parts();
         self.lb.buffers.give(buffer);
+        socket
     }
 
     /// Answers a head that could not be read, when there is anyone left to answer.
@@ -295,10 +302,20 @@ impl<'a> ClientConnection<'a> {
             .map(|table| Session::of(table, head));
         let set_cookie = session.as_ref().and_then(Session::set_cookie);
         let mut tried: Vec<usize> = Vec::new();
+        // Why the last backend tried failed the request, if another one may take it over.
+        let mut failed: Option<Failure> = None;
+        let mut attempts = 0;
         loop {
-            let Some(pick) = self.choose(&tried, session.as_ref()) else {
-                return Err(Failure::Answer(ProxyError::NoBackend {
-                    retry_after: self.lb.retry_after(),
+            let pick = if attempts > self.lb.settings.retries {
+                None
+            } else {
+                self.choose(&tried, session.as_ref())
+            };
+            let Some(pick) = pick else {
+                return Err(failed.unwrap_or_else(|| {
+                    Failure::Answer(ProxyError::NoBackend {
+                        retry_after: self.lb.retry_after(),
+                    })
                 }));
             };
             let decision = if self.lb.settings.explain {
@@ -315,6 +332,17 @@ impl<'a> ClientConnection<'a> {
                 // Another request took this backend's one trial after its fail-timeout.
                 continue;
             }
+            if attempts > 0 {
+                self.lb.stats.count_retry();
+                log::debug!(
+                    "{} {} {}: retrying on {}",
+                    self.client_ip,
+                    head.method(),
+                    head.target(),
+                    backend.name()
+                );
+            }
+            attempts += 1;
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest {
                 head,
@@ -328,6 +356,20 @@ impl<'a> ClientConnection<'a> {
             match self.try_backend(backend, &request, started) {
                 // Nothing reached the backend, so the next one may safely get the request.
                 Err(TryError::Unreachable) => continue,
+                // The backend broke the exchange before any byte of the answer reached the
+                // client (a timeout is a 504, not a broken exchange).
+                Err(TryError::Failed(Failure::Answer(err @ ProxyError::BadGateway(_))))
+                    if request.may_go_elsewhere() =>
+                {
+                    log::debug!(
+                        "{} {} {}: {} failed before answering ({err}); another backend may take it",
+                        self.client_ip,
+                        head.method(),
+                        head.target(),
+                        backend.name(),
+                    );
+                    failed = Some(Failure::Answer(err));
+                }
                 Err(TryError::Failed(failure)) => return Err(failure),
                 Ok(flow) => return Ok(flow),
             }
@@ -461,23 +503,65 @@ impl<'a> ClientConnection<'a> {
     /// A connection to `backend`: from the idle pool when `may_reuse`, else a new one. A backend
     /// that cannot be reached counts an error and is reported to the health checks.
     fn open_connection(&self, backend: &Backend, may_reuse: bool) -> Result<Connection, TryError> {
+        match self.connect(backend, may_reuse) {
+            Ok(connection) => Ok(connection),
+            Err(err) if descriptors::is_exhausted(&err) => self.wait_for_a_descriptor(backend),
+            Err(err) => Err(self.unreachable(backend, &err)),
+        }
+    }
+
+    fn connect(&self, backend: &Backend, may_reuse: bool) -> std::io::Result<Connection> {
         let settings = &self.lb.settings;
-        let connection = if may_reuse {
-            backend.connection(settings.connect_timeout, settings.backend_timeout)
-        } else {
-            backend
-                .connect(settings.connect_timeout, settings.backend_timeout)
-                .map(|stream| Connection {
-                    stream,
-                    reused: false,
-                })
-        };
-        connection.map_err(|err| {
-            log::warn!("backend {} unreachable: {err}", backend.name());
-            backend.stats().record_error();
-            self.observe(backend, Some(false));
-            TryError::Unreachable
-        })
+        if may_reuse {
+            return backend.connection(settings.connect_timeout, settings.backend_timeout);
+        }
+        backend
+            .connect(settings.connect_timeout, settings.backend_timeout)
+            .map(|stream| Connection {
+                stream,
+                reused: false,
+            })
+    }
+
+    /// Out of file descriptors: the balancer's trouble, not the backend's, so it is not counted
+    /// against the backend. Idle connections to the other backends are closed to give
+    /// descriptors back, and connecting is tried again as requests in flight finish, for up to
+    /// `--connect-timeout`; then the client is told to come back in a second (503), never reset.
+    fn wait_for_a_descriptor(&self, backend: &Backend) -> Result<Connection, TryError> {
+        OUT_OF_DESCRIPTORS.warn(format_args!(
+            "no file descriptor left for a connection to {}: closing idle backend connections \
+             and waiting (raise ulimit -n, or lower --max-connections)",
+            backend.name()
+        ));
+        let deadline = Instant::now() + self.lb.settings.connect_timeout;
+        loop {
+            for other in &self.lb.backends {
+                other.close_idle();
+            }
+            match self.connect(backend, false) {
+                Ok(connection) => return Ok(connection),
+                Err(err) if !descriptors::is_exhausted(&err) => {
+                    return Err(self.unreachable(backend, &err))
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(TryError::Failed(Failure::Answer(
+                        ProxyError::OutOfDescriptors,
+                    )))
+                }
+                Err(_) => std::thread::sleep(DESCRIPTOR_WAIT),
+            }
+        }
+    }
+
+    /// Counts a backend that could not be reached, and reports it to the health checks.
+    fn unreachable(&self, backend: &Backend, err: &std::io::Error) -> TryError {
+        UNREACHABLE.warn(format_args!(
+            "backend {} unreachable: {err}",
+            backend.name()
+        ));
+        backend.stats().record_error();
+        self.observe(backend, Some(false));
+        TryError::Unreachable
     }
 
     /// The debug log's line for a request a backend answered.
@@ -820,6 +904,17 @@ impl OutgoingRequest<'_> {
     /// an idempotent method (RFC 9110 §9.2.2) or no body at all.
     fn can_resend(&self) -> bool {
         self.head.is_idempotent() || self.body == BodyLength::Empty
+    }
+
+    /// Whether the request may go on to another backend after one broke the exchange before
+    /// any byte of the answer reached the client, as nginx and Envoy do: the method is
+    /// idempotent (RFC 9110 §9.2.2: sending it twice has the effect of sending it once), and
+    /// the whole body is still held (a body streamed through is gone). A POST is never sent
+    /// twice, since the first backend may have acted on it. Nor is a request that timed out
+    /// (504): its backend may still be working on it, and a slow request would otherwise
+    /// load every backend in turn.
+    fn may_go_elsewhere(&self) -> bool {
+        self.head.is_idempotent() && self.rest == BodyLength::Empty
     }
 }
 

@@ -28,6 +28,8 @@ pub struct Snapshot {
     pub requests_per_second: f64,
     /// Client connections open now.
     pub active_connections: u64,
+    /// Requests sent on to another backend after one failed them.
+    pub retries: u64,
     /// Sticky sessions held and the table's bound, when sessions are on.
     pub sessions: Option<(usize, usize)>,
     /// One entry per backend, in the order they were given.
@@ -110,6 +112,7 @@ impl Snapshot {
             total_requests: stats.total_requests(),
             requests_per_second: stats.requests_per_second(),
             active_connections: stats.active_connections(),
+            retries: stats.retries(),
             sessions: lb.sessions().map(|s| (s.len(), s.max_sessions())),
             backends,
         }
@@ -155,6 +158,7 @@ impl Snapshot {
             "total_requests": self.total_requests,
             "requests_per_second": round3(self.requests_per_second),
             "active_connections": self.active_connections,
+            "retries": self.retries,
             "algorithm": self.algorithm,
             "backends": backends,
         });
@@ -187,6 +191,12 @@ impl Snapshot {
                 "gauge",
                 "Client connections open now.",
                 self.active_connections as f64,
+            ),
+            (
+                "lb_retries_total",
+                "counter",
+                "Requests sent on to another backend after one failed them.",
+                self.retries as f64,
             ),
         ];
         for (name, kind, help, value) in whole {
@@ -296,12 +306,13 @@ impl Snapshot {
         let _ = writeln!(
             page,
             "<p class=\"summary\">{} &middot; up {} &middot; {} requests &middot; {:.1} req/s \
-             &middot; {} open connections{}</p>",
+             &middot; {} open connections &middot; {} retries{}</p>",
             escape_html(self.algorithm),
             human_duration(self.uptime_seconds),
             self.total_requests,
             self.requests_per_second,
             self.active_connections,
+            self.retries,
             self.sessions
                 .map(|(held, max)| format!(" &middot; {held} of {max} sticky sessions"))
                 .unwrap_or_default()
@@ -445,6 +456,7 @@ mod tests {
             total_requests: 10,
             requests_per_second: 0.8,
             active_connections: 1,
+            retries: 2,
             sessions: Some((3, 100)),
             backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],
         }
@@ -456,6 +468,7 @@ mod tests {
         assert_eq!(value["total_requests"], 10);
         assert_eq!(value["uptime_seconds"], 12.3);
         assert_eq!(value["sessions"], 3);
+        assert_eq!(value["retries"], 2);
         let first = &value["backends"][0];
         for field in ["address", "weight", "healthy", "requests", "errors"] {
             assert!(!first[field].is_null(), "{field}");
@@ -478,6 +491,7 @@ mod tests {
             text.contains("lb_request_duration_seconds_bucket{backend=\"a:1\",le=\"+Inf\"} 6\n")
         );
         assert!(text.contains("lb_request_duration_seconds_count{backend=\"a:1\"} 6\n"));
+        assert!(text.contains("# TYPE lb_retries_total counter\nlb_retries_total 2\n"));
     }
 
     #[test]

@@ -7,22 +7,30 @@
 //! beyond it, accepting pauses and new clients wait in the kernel's listen queue, which is made
 //! much longer than the chapter's 5 so that bursts of connections are not dropped.
 //!
+//! A client connection costs one file descriptor, its socket: the server remembers each open
+//! socket's descriptor number (not a duplicate of it) so that shutdown can reach it. When the
+//! process runs out of descriptors anyway, accepting pauses for a moment, as nginx does, rather
+//! than accepting clients it could not serve.
+//!
 //! Shutdown (Ctrl-C or SIGTERM) stops accepting, closes connections that are idle between
 //! requests, and lets requests in flight finish for up to ten seconds.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
+use crate::descriptors;
 use crate::proxy::{ClientConnection, ConnectionState, LoadBalancer};
 use crate::settings::Settings;
+use crate::warnings::RepeatedWarning;
 
 /// Length of the kernel's queue of connections not yet accepted (the kernel may cap it).
 const LISTEN_BACKLOG: i32 = 4096;
@@ -36,6 +44,13 @@ const THREAD_KEEP: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once shutdown begins.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// How long accepting pauses when the process is out of file descriptors (or a connection
+/// closes first, giving one back).
+const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new();
+static NO_THREAD: RepeatedWarning = RepeatedWarning::new();
 
 /// A bound listening socket, ready to serve.
 pub struct Server {
@@ -54,6 +69,7 @@ pub struct ShutdownHandle {
 struct Shared {
     shutdown: AtomicBool,
     max_connections: usize,
+    client_timeout: Duration,
     /// Open client connections, so shutdown can find the idle ones.
     open: Mutex<Connections>,
     /// Signalled whenever a connection closes (or shutdown begins).
@@ -73,14 +89,18 @@ struct Connections {
     someone_waits: bool,
 }
 
+/// An open client connection as shutdown sees it. The descriptor stays open while it is listed:
+/// a client thread takes its connection off the list before it closes the socket.
 struct OpenConnection {
-    socket: TcpStream,
+    fd: RawFd,
     state: Arc<ConnectionState>,
 }
 
 #[derive(Default)]
 struct IdleThreads {
+    /// Client threads blocked waiting for a job.
     waiting: usize,
+    /// Accepted connections no thread has taken yet.
     queue: VecDeque<Job>,
 }
 
@@ -99,17 +119,18 @@ impl Server {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         // Linux copies these options from the listening socket to every accepted one, which
-        // saves three system calls per client connection (`ClientConnection::new` sets them
-        // itself on other systems). Small messages must not wait for Nagle's algorithm, and the
-        // timeouts bound every read and write of a client.
+        // saves two system calls per client connection (`prepare` sets them itself on other
+        // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
+        // every write to a client. The read timeout is set on each accepted socket instead:
+        // on the listener it would also make `accept` give up every `--client-timeout`.
         socket.set_nodelay(true)?;
-        socket.set_read_timeout(Some(settings.client_timeout))?;
         socket.set_write_timeout(Some(settings.client_timeout))?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
         let shared = Shared {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
+            client_timeout: settings.client_timeout,
             open: Mutex::new(Connections::default()),
             closed: Condvar::new(),
             idle: Mutex::new(IdleThreads::default()),
@@ -147,11 +168,7 @@ impl Server {
                     self.shared.start(&lb, stream, peer)
                 }
                 Ok(_) => break,
-                Err(err) => {
-                    log::warn!("accept failed: {err}");
-                    // Out of file descriptors, for instance: give closing connections a moment.
-                    thread::sleep(Duration::from_millis(50));
-                }
+                Err(err) => self.shared.accept_failed(&err),
             }
         }
         drop(self.listener);
@@ -219,21 +236,42 @@ impl Shared {
         open.someone_waits = false;
     }
 
+    /// Out of descriptors (or kernel memory), accepting pauses until a connection closes or
+    /// for a moment, so clients wait in the listen queue instead of being accepted and dropped.
+    /// Other failures concern one client that gave up while queued, and accepting goes on.
+    fn accept_failed(&self, err: &io::Error) {
+        let out_of_resources = descriptors::is_exhausted(err)
+            || matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM));
+        if !out_of_resources {
+            return log::debug!("accept failed: {err}");
+        }
+        ACCEPT_FAILED.warn(format_args!(
+            "accept failed: {err}; accepting paused until a connection closes (at most {EXHAUSTED_PAUSE:?})"
+        ));
+        let mut open = self.open();
+        open.someone_waits = true;
+        open = self
+            .closed
+            .wait_timeout(open, EXHAUSTED_PAUSE)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        open.someone_waits = false;
+    }
+
     /// Registers an accepted connection and hands it to an idle client thread, or a new one.
     fn start(self: &Arc<Self>, lb: &Arc<LoadBalancer>, stream: TcpStream, peer: SocketAddr) {
+        if let Err(err) = self.prepare(&stream) {
+            return log::debug!("client {peer} gone before serving: {err}");
+        }
         let state = Arc::new(ConnectionState::default());
         let id = {
-            let socket = match stream.try_clone() {
-                Ok(socket) => socket,
-                Err(err) => return log::warn!("cannot serve {peer}: {err}"),
-            };
             let mut open = self.open();
             open.next_id += 1;
             let id = open.next_id;
             open.by_id.insert(
                 id,
                 OpenConnection {
-                    socket,
+                    fd: stream.as_raw_fd(),
                     state: Arc::clone(&state),
                 },
             );
@@ -245,47 +283,56 @@ impl Shared {
             peer,
             state,
         };
+        // The job waits in the queue for an idle client thread; a new thread is started when
+        // there are more jobs queued than threads waiting.
         let mut idle = self.idle();
-        if idle.waiting > 0 {
-            idle.waiting -= 1;
-            idle.queue.push_back(job);
-            drop(idle);
+        idle.queue.push_back(job);
+        let taken = idle.waiting >= idle.queue.len();
+        drop(idle);
+        if taken {
             self.work.notify_one();
             return;
         }
-        drop(idle);
         let shared = Arc::clone(self);
         let lb = Arc::clone(lb);
         let spawned = thread::Builder::new()
             .name("client".into())
             .stack_size(CLIENT_STACK)
-            .spawn(move || shared.client_thread(&lb, job));
+            .spawn(move || shared.client_thread(&lb));
         if let Err(err) = spawned {
-            log::error!("cannot start a thread for {peer}: {err}");
-            self.finish(id);
+            // The connection stays queued until a busy thread finishes and takes it.
+            NO_THREAD.warn(format_args!(
+                "cannot start a thread for {peer}: {err}; it waits for a busy one"
+            ));
         }
     }
 
-    /// A client thread: serves its connection, then waits for another one for a while.
-    fn client_thread(&self, lb: &LoadBalancer, first: Job) {
-        let mut job = first;
-        loop {
+    /// Sets the timeouts that bound every read and write of a client. Linux copies the
+    /// listener's options to the accepted socket; only the read timeout is left to set.
+    fn prepare(&self, stream: &TcpStream) -> io::Result<()> {
+        #[cfg(not(target_os = "linux"))]
+        {
+            stream.set_nodelay(true)?;
+            stream.set_write_timeout(Some(self.client_timeout))?;
+        }
+        stream.set_read_timeout(Some(self.client_timeout))
+    }
+
+    /// A client thread: serves queued connections, and ends after waiting for one for a while.
+    fn client_thread(&self, lb: &LoadBalancer) {
+        while let Some(job) = self.next_job() {
             self.serve_one(lb, job);
-            match self.next_job() {
-                Some(next) => job = next,
-                None => return,
-            }
         }
     }
 
+    /// Serves one connection, then takes it off the list of open ones before closing its
+    /// socket, so that shutdown never touches a descriptor number that was reused meanwhile.
     fn serve_one(&self, lb: &LoadBalancer, job: Job) {
         let _open = lb.stats().open_connection();
-        let served = panic::catch_unwind(AssertUnwindSafe(|| {
-            match ClientConnection::new(lb, job.stream, job.peer, &job.state, &self.shutdown) {
-                Ok(connection) => connection.serve(),
-                Err(err) => log::debug!("client {} gone before serving: {err}", job.peer),
-            }
-        }));
+        let mut connection =
+            ClientConnection::new(lb, job.stream, job.peer, &job.state, &self.shutdown);
+        // A panic unwinds only what the request owned; the connection itself survives it.
+        let served = panic::catch_unwind(AssertUnwindSafe(|| connection.serve()));
         if served.is_err() {
             // The panic message was already printed by the panic hook; the server goes on.
             log::error!(
@@ -293,7 +340,9 @@ impl Shared {
                 job.peer
             );
         }
+        let socket = connection.into_socket();
         self.finish(job.id);
+        drop(socket);
     }
 
     /// Forgets a closed connection and wakes whoever waits for a free slot or for the drain.
@@ -308,16 +357,16 @@ impl Shared {
         }
     }
 
+    /// The next queued connection; `None` after `THREAD_KEEP` without one, or at shutdown.
     fn next_job(&self) -> Option<Job> {
         let mut idle = self.idle();
         idle.waiting += 1;
-        loop {
+        let job = loop {
             if let Some(job) = idle.queue.pop_front() {
-                return Some(job);
+                break Some(job);
             }
             if self.is_shutting_down() {
-                idle.waiting -= 1;
-                return None;
+                break None;
             }
             let (guard, wait) = self
                 .work
@@ -325,10 +374,11 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner());
             idle = guard;
             if wait.timed_out() && idle.queue.is_empty() {
-                idle.waiting -= 1;
-                return None;
+                break None;
             }
-        }
+        };
+        idle.waiting -= 1;
+        job
     }
 
     /// Closes connections idle between requests and waits for the busy ones to finish.
@@ -339,7 +389,7 @@ impl Shared {
         for connection in open.by_id.values() {
             if connection.state.idle.load(Ordering::SeqCst) {
                 // A read blocked on this socket now sees the end of the stream.
-                let _ = connection.socket.shutdown(Shutdown::Read);
+                connection.shutdown(Shutdown::Read);
             }
         }
         if !open.by_id.is_empty() {
@@ -357,7 +407,7 @@ impl Shared {
                     DRAIN_LIMIT
                 );
                 for connection in open.by_id.values() {
-                    let _ = connection.socket.shutdown(Shutdown::Both);
+                    connection.shutdown(Shutdown::Both);
                 }
                 return;
             }
@@ -367,6 +417,16 @@ impl Shared {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+}
+
+impl OpenConnection {
+    /// Shuts the socket down in `how`, waking the client thread blocked on it.
+    fn shutdown(&self, how: Shutdown) {
+        // SAFETY: the descriptor is open: its client thread closes it only after taking the
+        // connection off the list, and the caller holds the list's lock.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        let _ = SockRef::from(&fd).shutdown(how);
     }
 }
 

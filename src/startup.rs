@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::admin::AdminServer;
 use crate::cli::CommonArgs;
 use crate::demo::{self, DemoBackend};
+use crate::descriptors::{self, Budget};
 use crate::error::StartError;
 use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
@@ -19,7 +20,11 @@ use crate::server::Server;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics.
 pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
-    let settings = lb.settings().clone();
+    let mut settings = lb.settings().clone();
+    let budget = descriptor_budget(&lb, args.demo);
+    if let Some(budget) = &budget {
+        settings.max_connections = budget.fit(settings.max_connections);
+    }
     let server = Server::bind(&settings)
         .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
     let _demo_backends = if args.demo {
@@ -45,6 +50,9 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
         Some(addr) => Some(start_admin(addr, Arc::clone(&lb))?),
         None => None,
     };
+    if let Some(budget) = budget.filter(|_| settings.max_connections < args.max_connections) {
+        log::warn!("{}", budget.lowered_warning(args.max_connections));
+    }
     log_banner(&lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
@@ -89,6 +97,18 @@ fn log_banner(lb: &LoadBalancer, server: &Server) {
         backends.len(),
         backends.join(", ")
     );
+}
+
+/// Raises the open-files limit as far as allowed and says how many clients it carries; `None`
+/// (and `--max-connections` as given) when the limit cannot be read.
+fn descriptor_budget(lb: &LoadBalancer, demo: bool) -> Option<Budget> {
+    match descriptors::raise_limit() {
+        Ok(limit) => Some(Budget::new(limit, lb.backends().len(), demo)),
+        Err(err) => {
+            log::warn!("cannot read the open-files limit: {err}");
+            None
+        }
+    }
 }
 
 /// Starts the statistics listener and says where it is (tests read the address from this line).

@@ -22,6 +22,7 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 pub struct Stats {
     started: Instant,
     total_requests: AtomicU64,
+    retries: AtomicU64,
     active_connections: AtomicU64,
 }
 
@@ -37,6 +38,7 @@ impl Stats {
         Stats {
             started: Instant::now(),
             total_requests: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
             active_connections: AtomicU64::new(0),
         }
     }
@@ -49,6 +51,16 @@ impl Stats {
     /// Requests answered so far.
     pub fn total_requests(&self) -> u64 {
         self.total_requests.load(Relaxed)
+    }
+
+    /// Counts a request sent on to another backend after one failed it.
+    pub fn count_retry(&self) {
+        self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// Requests sent on to another backend after one failed them, so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Relaxed)
     }
 
     /// Client connections open now.
@@ -80,11 +92,12 @@ impl Stats {
     /// requests, errors and error rate.
     pub fn summary(&self, backends: &[std::sync::Arc<Backend>]) -> String {
         let mut text = format!(
-            "statistics: uptime {:.0}s, {} requests, {:.1} req/s, {} open connections",
+            "statistics: uptime {:.0}s, {} requests, {:.1} req/s, {} open connections, {} retries",
             self.uptime().as_secs_f64(),
             self.total_requests(),
             self.requests_per_second(),
-            self.active_connections()
+            self.active_connections(),
+            self.retries()
         );
         for backend in backends {
             let stats = backend.stats();

@@ -208,10 +208,11 @@ fn least_conn_releases_the_count_after_errors_and_timeouts() {
         let _ = std::io::Read::read_to_string(&mut reader, &mut rest);
     });
     let specs = [ok.spec(), failing.spec(), hanging.spec()];
+    // Without retries, so that the failing backend's 502 reaches the client.
     let lb = balancer(
         LEAST_CONN,
         &specs,
-        &["--explain", "--backend-timeout", "300ms"],
+        &["--explain", "--backend-timeout", "300ms", "--retries", "0"],
     );
 
     // Ties rotate: ok, failing, hanging, ok.

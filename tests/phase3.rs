@@ -171,7 +171,14 @@ fn passive_a_killed_backend_gets_at_most_max_fails_requests() {
     let lb = balancer(
         PASSIVE,
         &[a.spec(), b.spec()],
-        &["--max-fails", "3", "--fail-timeout", "60s"],
+        &[
+            "--max-fails",
+            "3",
+            "--fail-timeout",
+            "60s",
+            "--admin",
+            "127.0.0.1:0",
+        ],
     );
     assert_eq!(count(&backends_hit(lb.addr, 4))["a"], 2);
     a.stop();
@@ -183,8 +190,12 @@ fn passive_a_killed_backend_gets_at_most_max_fails_requests() {
         );
         assert_eq!(response.header("x-backend"), Some("b"));
     }
+    // Three tries at connecting, then no more: a's only errors are those three.
+    let stats = stats_json(&lb);
+    assert_eq!(stats["backends"][0]["errors"], 3, "{stats}");
+    // The warning repeats per request, so it is logged once and the rest counted.
     let unreachable = format!("backend {} unreachable", a.spec());
-    assert_eq!(log_count(&lb, &unreachable), 3, "{}", lb.log());
+    assert_eq!(log_count(&lb, &unreachable), 1, "{}", lb.log());
     let down = format!(
         "❌ backend {} is down: 3 requests failed in a row",
         a.spec()

@@ -49,13 +49,15 @@ impl Balancer {
         let lines = Arc::clone(&log);
         thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // The line is stored before it is announced, so a test that goes on once the
+                // balancer listens finds the line in the log.
+                lines.lock().unwrap().push(line.clone());
                 if let Some(addr) = address_after(&line, "load balancer listening on ") {
                     let _ = found.send(("listen", addr));
                 }
                 if let Some(addr) = address_after(&line, "statistics on http://") {
                     let _ = found.send(("admin", addr));
                 }
-                lines.lock().unwrap().push(line);
             }
         });
         let wants_admin =
