@@ -19,9 +19,14 @@ use lb::cli::{self, CommonArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 
-/// Phase 1: an HTTP load balancer that sends each request to the next backend in turn.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 1, 기본 로드 밸런서 — Round Robin 구현: an HTTP/1.1 load balancer that sends each \
+     request to the next backend in turn.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -41,7 +46,7 @@ fn run(args: Args) -> Result<(), StartError> {
     // The whole of phase 1's balancing: take the next backend in turn.
     let balancer = RoundRobin::new();
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

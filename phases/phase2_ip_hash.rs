@@ -20,9 +20,14 @@ use lb::cli::{self, CommonArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 
-/// Phase 2: an HTTP load balancer that keeps each client IP on one backend by hashing it.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 2, 고급 알고리즘 — IP Hash (세션 유지): keeps each client IP on one backend \
+     by hashing it.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -42,7 +47,7 @@ fn run(args: Args) -> Result<(), StartError> {
     // The MD5 of the client IP, modulo the number of backends, names the backend.
     let balancer = IpHash::new();
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

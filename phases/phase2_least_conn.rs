@@ -20,9 +20,14 @@ use lb::cli::{self, CommonArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 
-/// Phase 2: an HTTP load balancer that sends each request to the backend with the fewest requests in flight.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 2, 고급 알고리즘 — Least Connections (최소 연결): sends each request to the backend \
+     with the fewest requests in flight.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -42,7 +47,7 @@ fn run(args: Args) -> Result<(), StartError> {
     // The proxy holds an in-flight guard on the chosen backend for the whole exchange.
     let balancer = LeastConnections::new();
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

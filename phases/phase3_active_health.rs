@@ -22,9 +22,14 @@ use lb::error::StartError;
 use lb::health::HealthMode;
 use lb::proxy::LoadBalancer;
 
-/// Phase 3: round robin over the backends that pass active health checks.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 3, 헬스 체크 — Active Health Check (능동적): round robin over the backends that pass \
+     periodic GET /health probes.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -48,7 +53,7 @@ fn run(args: Args) -> Result<(), StartError> {
     // What phase 3 adds: probes decide which backends round robin may choose.
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
         .with_health(args.health.config(HealthMode::Active));
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

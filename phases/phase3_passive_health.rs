@@ -23,9 +23,14 @@ use lb::error::StartError;
 use lb::health::HealthMode;
 use lb::proxy::LoadBalancer;
 
-/// Phase 3: round robin that takes out backends whose requests fail, and tries them again later.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 3, 헬스 체크 — Passive Health Check (수동적): round robin that takes out backends \
+     whose requests fail, and tries them again later.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -49,7 +54,7 @@ fn run(args: Args) -> Result<(), StartError> {
     // What phase 3 adds: failed requests decide which backends round robin may choose.
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
         .with_health(args.health.config(HealthMode::Passive));
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

@@ -23,9 +23,14 @@ use lb::cli::{self, CommonArgs, SessionArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 
-/// Phase 4: round robin with cookie sticky sessions, and statistics on the admin port.
+/// The phase this binary is and what it adds: the first line of `--help` and of the start-up
+/// log.
+const PHASE: &str =
+    "Phase 4, 추가 기능 — Cookie 기반 Sticky Session: round robin that keeps each client on one \
+     backend with a session cookie.";
+
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about = PHASE, long_about = None)]
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
@@ -50,7 +55,7 @@ fn run(args: Args) -> Result<(), StartError> {
     let sessions = args.session.session_table();
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
         .with_sessions(sessions);
-    lb::startup::run(lb, &args.common)
+    lb::startup::run(PHASE, lb, &args.common)
 }
 
 #[cfg(test)]

@@ -375,6 +375,35 @@ pub fn parse<A: Parser>() -> Result<A, ExitCode> {
     A::try_parse().map_err(report)
 }
 
+/// Parses the command line like [`parse`], for a binary whose default backends carry
+/// `default_weights` (the weights it hands to [`CommonArgs::backends`]), so that its `--help`
+/// shows the default backends as the binary uses them.
+pub fn parse_with_default_weights<A: Parser>(default_weights: &[u32; 3]) -> Result<A, ExitCode> {
+    let matches = command_with_default_weights::<A>(default_weights)
+        .try_get_matches()
+        .map_err(report)?;
+    A::from_arg_matches(&matches).map_err(report)
+}
+
+/// The clap command of `A` with the `--backend` help naming the default backends with
+/// `default_weights`: `[default: 127.0.0.1:8001=5, ...]` where the doc comment of
+/// [`CommonArgs`] can only say the weight-less addresses.
+pub fn command_with_default_weights<A: Parser>(default_weights: &[u32; 3]) -> clap::Command {
+    let defaults: Vec<String> = DEFAULT_BACKENDS
+        .iter()
+        .zip(default_weights)
+        .map(|(addr, weight)| match weight {
+            1 => addr.to_string(),
+            weight => format!("{addr}={weight}"),
+        })
+        .collect();
+    let help = format!(
+        "A backend as HOST:PORT[=WEIGHT]; repeat the flag for each one [default: {}]",
+        defaults.join(", ")
+    );
+    A::command().mut_arg("backends", |arg| arg.help(help))
+}
+
 /// Parses the command line like [`parse`], and also returns clap's matches, so that a binary can
 /// ask which flags were given explicitly (see [`given`]).
 pub fn parse_with_matches<A: Parser>() -> Result<(A, ArgMatches), ExitCode> {
@@ -547,6 +576,38 @@ mod tests {
         assert!(parse_cookie_name("a=b").is_err());
         assert!(parse_cookie_name("a b").is_err());
         assert!(parse_cookie_name("a;b").is_err());
+    }
+
+    #[test]
+    fn the_backend_help_shows_the_default_weights() {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let help = |weights| {
+            command_with_default_weights::<Flags>(weights).debug_assert();
+            command_with_default_weights::<Flags>(weights)
+                .render_help()
+                .to_string()
+        };
+        let weighted = help(&[5, 3, 2]);
+        assert!(
+            weighted.contains("[default: 127.0.0.1:8001=5, 127.0.0.1:8002=3, 127.0.0.1:8003=2]"),
+            "{weighted}"
+        );
+        // With weights of 1 the help says what the doc comment says.
+        let plain = help(&[1, 1, 1]);
+        assert!(
+            plain.contains("[default: 127.0.0.1:8001, 127.0.0.1:8002, 127.0.0.1:8003]"),
+            "{plain}"
+        );
+        assert_eq!(
+            plain,
+            <Flags as clap::CommandFactory>::command()
+                .render_help()
+                .to_string()
+        );
     }
 
     #[test]

@@ -261,10 +261,15 @@ impl Health {
         self.counts().last.clone()
     }
 
-    /// One line for the statistics log: the state and the counts behind it.
+    /// One line for the statistics log: the state and the counts behind it. Without health
+    /// checks the state is `not checked`: the backend stays in rotation whatever its requests
+    /// do, and "up" beside a 100 % error rate would claim a verdict nothing made.
     pub fn describe(&self) -> String {
-        let mut text = String::from(if self.is_healthy() { "up" } else { "DOWN" });
         let mode = self.mode();
+        if mode == HealthMode::None {
+            return String::from("not checked");
+        }
+        let mut text = String::from(if self.is_healthy() { "up" } else { "DOWN" });
         if mode.is_active() {
             let counts = self.counts();
             text.push_str(&format!(
@@ -466,6 +471,10 @@ mod tests {
         assert_eq!(health.observe_check(false, "500"), None);
         assert!(health.is_healthy() && health.is_available() && health.admit());
         assert_eq!(health.available_in(), Duration::ZERO);
+        // Healthy for selection, but nothing judged it: the statistics say so.
+        assert_eq!(health.describe(), "not checked");
+        assert_eq!(health.observe_request(false), None);
+        assert_eq!(health.describe(), "not checked");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::fmt::Write as _;
 
 use serde_json::json;
 
+use crate::health::HealthMode;
 use crate::proxy::LoadBalancer;
 use crate::stats::LATENCY_BUCKETS;
 
@@ -43,8 +44,12 @@ pub struct BackendSnapshot {
     pub address: String,
     /// Relative share of traffic for weighted algorithms.
     pub weight: u32,
-    /// Whether the backend is considered healthy.
+    /// Whether the backend is considered healthy. Always true without health checks: the
+    /// backend stays in rotation.
     pub healthy: bool,
+    /// Which health checks `healthy` rests on; [`HealthMode::None`] when nothing checks the
+    /// backend (phases 1, 2 and 4, `--health-check none`).
+    pub health_checks: HealthMode,
     /// The health state and the counts behind it, in one line (`up, checks 3 passed / 0 failed
     /// in a row, last 200 1.2s ago`).
     pub health: String,
@@ -88,6 +93,7 @@ impl Snapshot {
                     address: backend.name().to_string(),
                     weight: backend.weight(),
                     healthy: backend.is_healthy(),
+                    health_checks: health.mode(),
                     health: health.describe(),
                     checks_passed: health.consecutive_successes(),
                     checks_failed: health.consecutive_failures(),
@@ -124,7 +130,8 @@ impl Snapshot {
     }
 
     /// The JSON document of `/stats.json`: the contract's fields, then extras (`algorithm`,
-    /// `sessions`, and per backend `error_rate`, `latency_ms_p99` and `share`).
+    /// `sessions`, and per backend `error_rate`, `latency_ms_p99`, `share`, and the health
+    /// fields, `health_checks` first: what `healthy` rests on, `"none"` when nothing checks).
     pub fn to_json(&self) -> String {
         let reached = self.backend_requests();
         let backends: Vec<_> = self
@@ -142,6 +149,7 @@ impl Snapshot {
                     "latency_ms_p99": round3(b.latency_ms_p99),
                     "error_rate": round3(b.error_rate),
                     "share": round3(share(b.requests, reached)),
+                    "health_checks": b.health_checks.to_string(),
                     "health": b.health,
                     "checks_passed_in_a_row": b.checks_passed,
                     "checks_failed_in_a_row": b.checks_failed,
@@ -221,11 +229,16 @@ impl Snapshot {
             "Failed requests and connection attempts.",
             |b| b.errors as f64,
         );
+        // Without health checks a backend stays 1: the gauge says whether the backend is in
+        // rotation, which it is, and `lb_backend_up == 0` alerts keep meaning "taken out". No
+        // label says which checks ran: it would be the same on every series of one balancer,
+        // and would change the series' identity when the checks are turned on. /stats.json's
+        // `health_checks` says it instead.
         self.per_backend(
             &mut out,
             "lb_backend_up",
             "gauge",
-            "1 when the backend is healthy, else 0.",
+            "1 when the backend is in rotation (healthy, or not health-checked), else 0.",
             |b| f64::from(u8::from(b.healthy)),
         );
         self.per_backend(
@@ -325,13 +338,17 @@ impl Snapshot {
         let reached = self.backend_requests();
         for b in &self.backends {
             let share = share(b.requests, reached) * 100.0;
-            let (state, class) = if b.healthy {
-                ("up", "up")
-            } else {
-                ("down", "down")
+            // Without checks, "up" beside a 100 % error rate would claim a verdict nothing made.
+            let (state, class) = match (b.health_checks, b.healthy) {
+                (HealthMode::None, _) => ("not checked", "unchecked"),
+                (_, true) => ("up", "up"),
+                (_, false) => ("down", "down"),
             };
             // The counts behind the state, so a learner can watch rise and fall happen.
-            let health = escape_html(&b.health);
+            let health = match b.health_checks {
+                HealthMode::None => String::from("none"),
+                _ => escape_html(&b.health),
+            };
             let _ = writeln!(
                 page,
                 "<tr><td>{}</td><td class=\"{class}\">{state}</td><td class=\"health\">{health}</td><td>{}</td><td>{}</td>\
@@ -367,6 +384,7 @@ const HTML_STYLE: &str = concat!(
     "th:first-child, td:first-child { text-align: left; }\n",
     "td { white-space: nowrap; } td:first-child { font-family: monospace; font-size: 1.1em; }\n",
     ".up { color: #17803d; font-weight: bold; } .down { color: #c0262d; font-weight: bold; }\n",
+    ".unchecked { color: #555; }\n",
     ".bar { display: inline-block; width: 8em; height: 0.8em; background: #eee; vertical-align: middle; }\n",
     ".bar div { height: 100%; background: #3b7dd8; }\n",
     ".summary, .links { color: #555; } td.health { text-align: left; font-size: 0.85em; color: #555; }\n",
@@ -431,6 +449,7 @@ mod tests {
             address: address.into(),
             weight: 1,
             healthy,
+            health_checks: HealthMode::Active,
             health: if healthy { "up".into() } else { "DOWN".into() },
             checks_passed: 0,
             checks_failed: 3,
@@ -478,6 +497,38 @@ mod tests {
         assert_eq!(value["backends"][1]["health"], "DOWN");
         assert_eq!(value["backends"][1]["last_check"]["result"], "refused");
         assert_eq!(value["backends"][1]["checks_failed_in_a_row"], 3);
+        assert_eq!(value["backends"][1]["health_checks"], "active");
+    }
+
+    #[test]
+    fn without_health_checks_the_state_is_not_checked() {
+        let mut unchecked = snapshot();
+        for backend in &mut unchecked.backends {
+            backend.health_checks = HealthMode::None;
+            backend.healthy = true;
+            backend.health = "not checked".into();
+        }
+        let value: serde_json::Value = serde_json::from_str(&unchecked.to_json()).unwrap();
+        let first = &value["backends"][0];
+        assert_eq!(first["healthy"], true, "still chosen");
+        assert_eq!(first["health_checks"], "none");
+        assert_eq!(first["health"], "not checked");
+        let page = unchecked.to_html();
+        assert!(
+            page.contains("<td class=\"unchecked\">not checked</td>"),
+            "{page}"
+        );
+        assert!(!page.contains("class=\"up\""), "{page}");
+        // In rotation, so 1 for Prometheus; see `to_prometheus`.
+        assert!(unchecked
+            .to_prometheus()
+            .contains("lb_backend_up{backend=\"a:1\"} 1\n"));
+        let checked = snapshot().to_html();
+        assert!(checked.contains("<td class=\"up\">up</td>"), "{checked}");
+        assert!(
+            checked.contains("<td class=\"down\">down</td>"),
+            "{checked}"
+        );
     }
 
     #[test]

@@ -18,8 +18,9 @@ use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::server::Server;
 
-/// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics.
-pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
+/// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
+/// is the binary's one line on which phase of the chapter it is, logged before the banner.
+pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     let mut settings = lb.settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
@@ -53,7 +54,7 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     if let Some(budget) = budget.filter(|_| settings.max_connections < args.max_connections) {
         log::warn!("{}", budget.lowered_warning(args.max_connections));
     }
-    log_banner(&lb, &server);
+    log_banner(phase, &lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
     let checker = start_active_checks(&lb)?;
@@ -75,7 +76,10 @@ pub fn run(lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     Ok(())
 }
 
-fn log_banner(lb: &LoadBalancer, server: &Server) {
+/// Logs which phase this is, then where the balancer listens and over which backends. Both
+/// come after every port is bound, so that a port in use stays the one line the user sees.
+fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
+    log::info!("{phase}");
     let listen = server
         .local_addr()
         .map(|a| a.to_string())

@@ -304,6 +304,121 @@ fn the_stats_page_is_html_with_every_backend() {
     }
 }
 
+/// A backend answering every request `503`, the passive checks' failed request.
+fn always_503() -> RawBackend {
+    responder(|_| (503, String::new(), b"unavailable".to_vec()))
+}
+
+/// The `/stats.json` entry of the backend `spec`.
+fn backend_entry(lb: &Balancer, spec: &str) -> serde_json::Value {
+    let stats = stats_json(lb);
+    stats["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == spec)
+        .unwrap_or_else(|| panic!("no {spec} in {stats}"))
+        .clone()
+}
+
+#[test]
+fn without_health_checks_a_failing_backend_is_not_checked_rather_than_up() {
+    let sick = always_503();
+    let well = DemoBackend::start("well");
+    let mut lb = Balancer::start(
+        PHASE1,
+        &[
+            "--backend",
+            &sick.spec(),
+            "--backend",
+            &well.spec(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    // The start-up log says which phase this is.
+    assert!(
+        lb.log().contains("Phase 1, 기본 로드 밸런서"),
+        "{}",
+        lb.log()
+    );
+    for _ in 0..6 {
+        get(lb.addr, "/");
+    }
+    assert!(eventually(WAIT, || backend_entry(&lb, &sick.spec())
+        ["errors"]
+        == 3));
+    let entry = backend_entry(&lb, &sick.spec());
+    assert_eq!(entry["error_rate"], 1.0, "{entry}");
+    // Still chosen (nothing takes it out), and the statistics say nothing judged it.
+    assert_eq!(entry["healthy"], true, "{entry}");
+    assert_eq!(entry["health_checks"], "none", "{entry}");
+    assert_eq!(entry["health"], "not checked", "{entry}");
+    let page = get(lb.admin.unwrap(), "/stats").text();
+    assert!(page.contains(">not checked</td>"), "{page}");
+    assert!(!page.contains(">up</td>"), "{page}");
+    let metrics = get(lb.admin.unwrap(), "/metrics").text();
+    let up = format!("lb_backend_up{{backend=\"{}\"}} 1\n", sick.spec());
+    assert!(metrics.contains(&up), "in rotation, so 1: {metrics}");
+    // The final statistics in the log say it too.
+    lb.interrupt();
+    assert_eq!(lb.wait_exit(WAIT), Some(0));
+    let log = lb.log();
+    let line = log
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{}:", sick.spec())))
+        .unwrap_or_else(|| panic!("no statistics line for the sick backend:\n{log}"));
+    assert!(line.contains("(100.0% error rate)"), "{line}");
+    assert!(line.ends_with(", not checked"), "{line}");
+}
+
+#[test]
+fn with_health_checks_a_failing_backend_is_down_and_says_by_which_checks() {
+    let sick = always_503();
+    let well = DemoBackend::start("well");
+    let lb = Balancer::start(
+        PHASE3_PASSIVE,
+        &[
+            "--backend",
+            &sick.spec(),
+            "--backend",
+            &well.spec(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    assert!(
+        lb.log()
+            .contains("Phase 3, 헬스 체크 — Passive Health Check"),
+        "{}",
+        lb.log()
+    );
+    // Three failed requests in a row (--max-fails) take it out.
+    let out = eventually(WAIT, || {
+        get(lb.addr, "/");
+        backend_entry(&lb, &sick.spec())["healthy"] == false
+    });
+    assert!(out, "{}", stats_json(&lb));
+    let entry = backend_entry(&lb, &sick.spec());
+    assert_eq!(entry["health_checks"], "passive", "{entry}");
+    assert!(
+        entry["health"].as_str().unwrap().starts_with("DOWN"),
+        "{entry}"
+    );
+    let well_entry = backend_entry(&lb, &well.spec());
+    assert_eq!(well_entry["health_checks"], "passive", "{well_entry}");
+    assert!(
+        well_entry["health"].as_str().unwrap().starts_with("up"),
+        "{well_entry}"
+    );
+    let page = get(lb.admin.unwrap(), "/stats").text();
+    assert!(
+        page.contains(">down</td>") && page.contains(">up</td>"),
+        "{page}"
+    );
+    assert!(!page.contains("not checked"), "{page}");
+}
+
 #[test]
 fn the_admin_port_answers_only_what_it_serves() {
     let (_backends, lb) = three_backends(PHASE1, &["--admin", "127.0.0.1:0"]);

@@ -10,9 +10,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-/// A demo HTTP/1.1 backend that answers every path with its own name.
+/// The demo backend (no phase of its own): an HTTP/1.1 server that answers every path with its
+/// name, to run behind the balancers.
 #[derive(Debug, Parser)]
-#[command(name = "backend", version, about)]
+#[command(name = "backend", version)]
 struct Cli {
     /// Address to listen on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8001")]

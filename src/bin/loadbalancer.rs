@@ -18,16 +18,26 @@ use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 use lb::simulate::{self, SimulateArgs};
 
-/// An HTTP/1.1 load balancer with every phase of the chapter "Load Balancer Implementation"
-/// (로드 밸런서 구현), chosen by flags.
-///
-/// Phase 1 forwards HTTP/1.1 and takes backends in turn. Phase 2 chooses how to balance
-/// (--algorithm). Phase 3 keeps failing backends out (--health-check, active probes and passive
-/// observation of real traffic). Phase 4 keeps clients on one backend (--sticky) and serves
-/// statistics on --admin (/stats, /stats.json, /metrics). `loadbalancer simulate` compares the
-/// algorithms offline.
+/// The phases this binary is: the first line of `--help` and of the start-up log.
+const PHASE: &str =
+    "Phases 1–4, 로드 밸런서 구현 (Load Balancer Implementation): every algorithm, \
+                     health check and feature of the chapter in one binary, chosen by flags.";
+
+/// What `--help` says below [`PHASE`]: what each phase adds, and its flags.
+const PHASES_IN_SHORT: &str = "Phase 1 forwards HTTP/1.1 and takes backends in turn. Phase 2 \
+    chooses how to balance (--algorithm). Phase 3 keeps failing backends out (--health-check, \
+    active probes and passive observation of real traffic). Phase 4 keeps clients on one backend \
+    (--sticky) and serves statistics on --admin (/stats, /stats.json, /metrics). \
+    `loadbalancer simulate` compares the algorithms offline.";
+
+/// The flags, under one heading per phase.
 #[derive(Parser, Debug)]
-#[command(version, args_conflicts_with_subcommands = true)]
+#[command(
+    version,
+    about = PHASE,
+    long_about = format!("{PHASE}\n\n{PHASES_IN_SHORT}"),
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -127,7 +137,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
     if let Some(sessions) = cli.sticky.session_table() {
         lb = lb.with_sessions(sessions);
     }
-    lb::startup::run(lb, &cli.common)
+    lb::startup::run(PHASE, lb, &cli.common)
 }
 
 #[cfg(test)]
