@@ -32,6 +32,12 @@ impl Balancer {
     /// Starts `bin` (a `CARGO_BIN_EXE_…` path) listening on 127.0.0.1:0 with `--admin off`
     /// unless `args` says otherwise, and waits until it logs its listening address.
     pub fn start(bin: &str, args: &[&str]) -> Balancer {
+        Balancer::start_with(bin, args, |_| {})
+    }
+
+    /// Starts `bin` as [`Balancer::start`] does, after `setup` has adjusted the command (its
+    /// environment, its limits).
+    pub fn start_with(bin: &str, args: &[&str], setup: impl FnOnce(&mut Command)) -> Balancer {
         let mut command = Command::new(bin);
         command.args(["--listen", "127.0.0.1:0", "--stats-interval", "0"]);
         if !args.contains(&"--admin") {
@@ -42,6 +48,7 @@ impl Balancer {
             .env("RUST_LOG", "debug")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        setup(&mut command);
         let mut child = command.spawn().expect("balancer starts");
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Mutex::new(Vec::new()));
