@@ -35,8 +35,8 @@ const MAX_CLIENTS: usize = 8;
 /// itself can read them.
 pub const DEFAULT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
-/// The ports tried in turn when `--admin` is not given: 8404 (HAProxy's customary statistics
-/// port), then the next nine, enough for every phase binary side by side.
+/// The ports tried in turn when `--admin` is not given: 8404 (the port HAProxy's statistics
+/// examples use), then the next nine, enough for every phase binary side by side.
 pub const DEFAULT_PORTS: RangeInclusive<u16> = 8404..=8413;
 
 /// Binds the first port of `ports` on `ip` that is not in use. Only "address in use" moves on
