@@ -6,9 +6,14 @@
 //! most a few connections are served at once, so a misbehaving client of the admin port cannot
 //! slow the balancer down. It serves `/stats` (HTML), `/stats.json` and `/metrics` (Prometheus),
 //! all rendered by [`crate::report`].
+//!
+//! When `--admin` is not given, the listener takes the first free port of [`DEFAULT_PORTS`], so
+//! that a second balancer started beside the first (a learner comparing two phases) keeps its
+//! statistics instead of failing over a port it never asked for.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -26,6 +31,29 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Admin connections served at once; more are answered `503` at once.
 const MAX_CLIENTS: usize = 8;
 
+/// Where statistics are served when `--admin` is not given: loopback, so only the machine
+/// itself can read them.
+pub const DEFAULT_IP: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+
+/// The ports tried in turn when `--admin` is not given: 8404 (the port HAProxy's statistics
+/// examples use), then the next nine, enough for every phase binary side by side.
+pub const DEFAULT_PORTS: RangeInclusive<u16> = 8404..=8413;
+
+/// Binds the first port of `ports` on `ip` that is not in use. Only "address in use" moves on
+/// to the next port; any other error is returned at once, and when every port is in use the
+/// error is the last port's.
+pub fn bind_first_free(ip: IpAddr, ports: RangeInclusive<u16>) -> io::Result<TcpListener> {
+    let mut last = io::Error::new(io::ErrorKind::InvalidInput, "no port to try");
+    for port in ports {
+        match TcpListener::bind((ip, port)) {
+            Ok(listener) => return Ok(listener),
+            Err(err) if err.kind() == io::ErrorKind::AddrInUse => last = err,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last)
+}
+
 /// A running admin listener; [`AdminServer::stop`] ends it.
 pub struct AdminServer {
     addr: SocketAddr,
@@ -36,7 +64,11 @@ pub struct AdminServer {
 impl AdminServer {
     /// Binds `addr` and serves the statistics of `lb` on a thread of its own.
     pub fn start(addr: SocketAddr, lb: Arc<LoadBalancer>) -> io::Result<AdminServer> {
-        let listener = TcpListener::bind(addr)?;
+        AdminServer::start_on(TcpListener::bind(addr)?, lb)
+    }
+
+    /// Serves the statistics of `lb` on `listener`, already bound, on a thread of its own.
+    pub fn start_on(listener: TcpListener, lb: Arc<LoadBalancer>) -> io::Result<AdminServer> {
         let addr = listener.local_addr()?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop_flag = Arc::clone(&stopping);
@@ -254,5 +286,59 @@ mod tests {
         let head = String::from_utf8(response(405, "text/plain", b"x", true)).unwrap();
         assert!(head.contains("Allow: GET, HEAD\r\n"));
         assert!(head.ends_with("\r\n\r\n"));
+    }
+
+    /// `n` listeners on consecutive loopback ports: port 0 picks the first, the rest are tried
+    /// after it, and the whole run is picked again (a bounded number of times) if one is taken.
+    fn consecutive_listeners(n: u16) -> Vec<TcpListener> {
+        for _ in 0..50 {
+            let first = TcpListener::bind((DEFAULT_IP, 0)).unwrap();
+            let port = first.local_addr().unwrap().port();
+            if port > u16::MAX - n {
+                continue;
+            }
+            let rest: Result<Vec<TcpListener>, _> = (port + 1..port + n)
+                .map(|p| TcpListener::bind((DEFAULT_IP, p)))
+                .collect();
+            if let Ok(rest) = rest {
+                return std::iter::once(first).chain(rest).collect();
+            }
+        }
+        panic!("no {n} consecutive free ports on loopback");
+    }
+
+    fn port_of(listener: &TcpListener) -> u16 {
+        listener.local_addr().unwrap().port()
+    }
+
+    #[test]
+    fn the_first_free_port_of_the_range_is_taken() {
+        let mut held = consecutive_listeners(3);
+        let ports = port_of(&held[0])..=port_of(&held[2]);
+
+        // The first two busy: the third.
+        let third = held.pop().unwrap();
+        let expected = port_of(&third);
+        drop(third);
+        let taken = bind_first_free(DEFAULT_IP, ports.clone()).unwrap();
+        assert_eq!(port_of(&taken), expected);
+
+        // All three busy: "address in use", nothing bound.
+        held.push(taken);
+        let err = bind_first_free(DEFAULT_IP, ports.clone()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+
+        // All free: the first.
+        drop(held);
+        let taken = bind_first_free(DEFAULT_IP, ports.clone()).unwrap();
+        assert_eq!(port_of(&taken), *ports.start());
+    }
+
+    #[test]
+    fn an_error_other_than_in_use_stops_the_search() {
+        // 192.0.2.1 (TEST-NET-1) is not an address of this machine.
+        let elsewhere = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
+        let err = bind_first_free(elsewhere, 8404..=8413).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrNotAvailable);
     }
 }

@@ -35,9 +35,12 @@ pub struct CommonArgs {
     #[arg(long)]
     pub demo: bool,
 
-    /// Statistics listener address, or `off`.
-    #[arg(long, value_name = "ADDR|off", default_value = "127.0.0.1:8404", value_parser = parse_admin)]
-    pub admin: AdminAddr,
+    /// Statistics listener address, or `off` [default: 127.0.0.1:8404, or the next free port up
+    /// to 8413 when it is in use].
+    // No clap default: `None` means the flag was not given, and only then may a busy port be
+    // replaced by another (an address the user chose stays an error when it is in use).
+    #[arg(long, value_name = "ADDR|off", value_parser = parse_admin)]
+    pub admin: Option<AdminAddr>,
 
     /// How often statistics are logged; 0 turns the periodic log off.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
@@ -492,6 +495,25 @@ mod tests {
             Ok(AdminAddr(Some("127.0.0.1:9000".parse().unwrap())))
         );
         assert!(parse_admin("nowhere").is_err());
+    }
+
+    #[test]
+    fn admin_not_given_is_told_apart_from_admin_given() {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let admin = |args: &[&str]| {
+            let argv = std::iter::once("test").chain(args.iter().copied());
+            Flags::try_parse_from(argv).unwrap().common.admin
+        };
+        assert_eq!(admin(&[]), None);
+        assert_eq!(admin(&["--admin", "off"]), Some(AdminAddr(None)));
+        assert_eq!(
+            admin(&["--admin", "127.0.0.1:8404"]),
+            Some(AdminAddr(Some("127.0.0.1:8404".parse().unwrap())))
+        );
     }
 
     #[test]

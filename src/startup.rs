@@ -4,13 +4,15 @@
 //! hands it to [`run`], which does what all phases share: bind the port, start demo backends
 //! when asked, log the statistics periodically, and shut down gracefully on SIGINT or SIGTERM.
 
+use std::io;
+use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::admin::AdminServer;
-use crate::cli::CommonArgs;
+use crate::admin::{self, AdminServer};
+use crate::cli::{AdminAddr, CommonArgs};
 use crate::demo::{self, DemoBackend};
 use crate::descriptors::{self, Budget};
 use crate::error::StartError;
@@ -47,9 +49,10 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     let lb = Arc::new(lb);
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
-    let admin = match args.admin.0 {
-        Some(addr) => Some(start_admin(addr, Arc::clone(&lb))?),
-        None => None,
+    let admin = match args.admin {
+        Some(AdminAddr(Some(addr))) => Some(start_admin(addr, Arc::clone(&lb))?),
+        Some(AdminAddr(None)) => None,
+        None => start_default_admin(Arc::clone(&lb)),
     };
     if let Some(budget) = budget.filter(|_| settings.max_connections < args.max_connections) {
         log::warn!("{}", budget.lowered_warning(args.max_connections));
@@ -96,9 +99,10 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
         })
         .collect();
     log::info!(
-        "load balancer listening on {listen}, {} over {} backends: {}",
+        "load balancer listening on {listen}, {} over {} backend{}: {}",
         lb.balancer().name(),
         backends.len(),
+        if backends.len() == 1 { "" } else { "s" },
         backends.join(", ")
     );
 }
@@ -124,6 +128,43 @@ fn start_admin(
         AdminServer::start(addr, lb).map_err(|err| StartError(format!("--admin {addr}: {err}")))?;
     log::info!("statistics on http://{}/stats", admin.local_addr());
     Ok(admin)
+}
+
+/// Starts the statistics listener when `--admin` was not given. That port was never asked for,
+/// so a busy one must not stop the balancer: a second balancer beside the first (a learner
+/// comparing two phases) takes the next free port of [`admin::DEFAULT_PORTS`] and says which;
+/// when none is free, statistics are off and one warning line says how to choose an address.
+fn start_default_admin(lb: Arc<LoadBalancer>) -> Option<AdminServer> {
+    let (ip, ports) = (admin::DEFAULT_IP, admin::DEFAULT_PORTS);
+    let default = SocketAddr::new(ip, *ports.start());
+    let started = admin::bind_first_free(ip, ports.clone())
+        .and_then(|listener| AdminServer::start_on(listener, lb));
+    match started {
+        Ok(admin) => {
+            if admin.local_addr() != default {
+                log::warn!(
+                    "statistics: {default} is in use (another balancer?), so they are on {} \
+                     instead; choose an address with --admin ADDR",
+                    admin.local_addr()
+                );
+            }
+            log::info!("statistics on http://{}/stats", admin.local_addr());
+            Some(admin)
+        }
+        Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
+            log::warn!(
+                "statistics off: ports {}-{} on {ip} are all in use; choose an address with \
+                 --admin ADDR",
+                ports.start(),
+                ports.end()
+            );
+            None
+        }
+        Err(err) => {
+            log::warn!("statistics off: {default}: {err}; choose an address with --admin ADDR");
+            None
+        }
+    }
 }
 
 /// Starts one demo backend on each backend address, named after its port as

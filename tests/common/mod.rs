@@ -38,11 +38,25 @@ impl Balancer {
     /// Starts `bin` as [`Balancer::start`] does, after `setup` has adjusted the command (its
     /// environment, its limits).
     pub fn start_with(bin: &str, args: &[&str], setup: impl FnOnce(&mut Command)) -> Balancer {
+        let admin_off: &[&str] = if args.contains(&"--admin") {
+            &[]
+        } else {
+            &["--admin", "off"]
+        };
+        Balancer::launch(bin, &[admin_off, args].concat(), setup)
+    }
+
+    /// Starts `bin` like [`Balancer::start`] but without adding `--admin off`: unless `args`
+    /// says otherwise, statistics go to the default port 8404 or the next free one. `admin` is
+    /// the address the start-up log announced, or none when statistics are off (that line comes
+    /// before the listening address, so it has been read when this returns).
+    pub fn start_default_admin(bin: &str, args: &[&str]) -> Balancer {
+        Balancer::launch(bin, args, |_| {})
+    }
+
+    fn launch(bin: &str, args: &[&str], setup: impl FnOnce(&mut Command)) -> Balancer {
         let mut command = Command::new(bin);
         command.args(["--listen", "127.0.0.1:0", "--stats-interval", "0"]);
-        if !args.contains(&"--admin") {
-            command.args(["--admin", "off"]);
-        }
         command
             .args(args)
             .env("RUST_LOG", "debug")
@@ -133,6 +147,17 @@ impl Drop for Balancer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `n` distinct loopback ports that were free a moment ago (bound on port 0, then let go), for
+/// a child process that must bind the port itself.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("a free port"))
+        .collect();
+    held.iter()
+        .map(|listener| listener.local_addr().unwrap().port())
+        .collect()
 }
 
 /// The `HOST:PORT` that follows `marker` in a log line, if any.
