@@ -28,6 +28,12 @@ Options:
   --idle N        instead of the wrk cells: open N idle keep-alive connections to
                   each server at once (one GET each, then idle) and report the time
                   until all N were answered and the server's RSS with them open
+  --fd-limit N    instead of the wrk cells: start a second instance of the balancer
+                  under test with its open-files limit set to N (soft and hard, as
+                  `ulimit -n N`), run wrk with --clients keep-alive connections
+                  against it, and report socket errors, non-2xx answers and the
+                  lines it logged (targets for N=1024, 600 clients: 0, 0, < 20)
+  --clients C     connections for --fd-limit (default 600)
   --no-build      do not run cargo build
   --self-test     use a second nginx as the "balancer under test" (checks the script
                   itself; its ratios to nginx should come out near 1.0)
@@ -54,6 +60,7 @@ Examples:
   scripts/bench.sh loadbalancer -- --algorithm least-conn
   scripts/bench.sh --rounds 1 --duration 2 --self-test
   scripts/bench.sh loadbalancer --idle 1000
+  scripts/bench.sh phase1_rr --fd-limit 1024 --clients 600
 EOF
 }
 
@@ -68,6 +75,8 @@ ROUNDS=3
 DURATION=5
 WARMUP=1
 IDLE=0
+FD_LIMIT=0
+FD_CLIENTS=600
 BUILD=1
 SELF_TEST=0
 
@@ -81,6 +90,8 @@ while (($#)); do
     --duration) need_number "$1" "${2-}"; DURATION=$2; shift 2 ;;
     --warmup)   need_number "$1" "${2-}"; WARMUP=$2; shift 2 ;;
     --idle)     need_number "$1" "${2-}"; IDLE=$2; shift 2 ;;
+    --fd-limit) need_number "$1" "${2-}"; FD_LIMIT=$2; shift 2 ;;
+    --clients)  need_number "$1" "${2-}"; FD_CLIENTS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --self-test) SELF_TEST=1; shift ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
@@ -223,13 +234,13 @@ mem_kb() {
 
 # ---------------------------------------------------------------- ports and limits
 # Idle mode holds N client sockets plus N backend sockets per server.
-FD_NEED=$(( IDLE * 2 + 4096 ))
+FD_NEED=$(( IDLE * 2 + FD_CLIENTS * 2 + 4096 ))
 if (( $(ulimit -Sn) < FD_NEED )); then
   ulimit -n "$FD_NEED" 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 fi
 WORKER_CONNECTIONS=$(( IDLE * 2 + 1024 > 4096 ? IDLE * 2 + 1024 : 4096 ))
 
-read -r B1 B2 B3 LB_PORT NGINX_PORT HAPROXY_PORT <<<"$(free_ports 6)"
+read -r B1 B2 B3 LB_PORT NGINX_PORT HAPROXY_PORT LIMITED_PORT <<<"$(free_ports 7)"
 BACKENDS=("127.0.0.1:$B1" "127.0.0.1:$B2" "127.0.0.1:$B3")
 
 # ---------------------------------------------------------------- servers
@@ -430,6 +441,35 @@ if ((IDLE > 0)); then
   done
   echo
   python3 "$HELPERS/report.py" idle "$TMP/idle.tsv" "$LB_LABEL"
+  exit 0
+fi
+
+# ---------------------------------------------------------------- --fd-limit mode
+# The balancer under test again, on a port of its own, started by the same command under
+# `ulimit -n FD_LIMIT`; its log is counted from start-up to the end of the wrk run.
+if ((FD_LIMIT > 0)); then
+  ((SELF_TEST == 0)) || die "--fd-limit measures the balancer under test, not --self-test"
+  log=$TMP/limited.log
+  limited_cmd=$(tr '\0' ' ' <"/proc/$LB_PID/cmdline")
+  limited_cmd=${limited_cmd//127.0.0.1:$LB_PORT/127.0.0.1:$LIMITED_PORT}
+  (ulimit -n "$FD_LIMIT" && cd "$REPO_ROOT" && exec bash -c "exec $limited_cmd") >"$log" 2>&1 &
+  PIDS+=($!)
+  wait_port "${NAME[lb]} (limited)" "$!" "$LIMITED_PORT" "$log"
+  echo "Open-files limit: ${NAME[lb]} under ulimit -n $FD_LIMIT, $FD_CLIENTS keep-alive clients for ${DURATION}s"
+  out=$TMP/wrk-limited.txt
+  run_child wrk -t 2 -c "$FD_CLIENTS" -d "${DURATION}s" --timeout 5s \
+    "http://127.0.0.1:$LIMITED_PORT/" >"$out" 2>&1 || { cat "$out" >&2; die "wrk failed"; }
+  requests=$(awk '/requests in/ { print $1 }' "$out")
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
+  socket=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$out")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ { print $NF }' "$out")
+  lines=$(wc -l <"$log")
+  printf '  %s requests (%s req/s), socket errors %s, non-2xx %s, log lines %s\n' \
+    "$requests" "$rps" "${socket:-0}" "${non2xx:-0}" "$lines"
+  sed 's/^/  | /' "$log"
+  verdict=PASS
+  ((${socket:-0} == 0 && ${non2xx:-0} == 0 && lines < 20)) || verdict=FAIL
+  echo "  target (0 socket errors, 0 non-2xx, < 20 log lines): $verdict"
   exit 0
 fi
 

@@ -10,7 +10,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::health::Health;
@@ -32,7 +32,16 @@ pub struct Backend {
     weight: u32,
     stats: BackendStats,
     health: Health,
-    idle: Mutex<Vec<IdleConnection>>,
+    pool: Mutex<Pool>,
+    /// Signalled when a connection comes back to the pool while a request waits for one.
+    returned: Condvar,
+}
+
+/// Idle keep-alive connections, and how many requests wait for one.
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Vec<IdleConnection>,
+    waiting: usize,
 }
 
 #[derive(Debug)]
@@ -60,7 +69,8 @@ impl Backend {
             weight: weight.max(1),
             stats: BackendStats::default(),
             health: Health::default(),
-            idle: Mutex::new(Vec::new()),
+            pool: Mutex::new(Pool::default()),
+            returned: Condvar::new(),
         }
     }
 
@@ -129,33 +139,73 @@ impl Backend {
 
     /// Returns a connection whose last response was complete, for the next request to reuse.
     pub fn put_idle(&self, stream: TcpStream) {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if idle.len() < MAX_IDLE_CONNECTIONS {
-            idle.push(IdleConnection {
+        let mut pool = self.pool();
+        if pool.idle.len() < MAX_IDLE_CONNECTIONS {
+            pool.idle.push(IdleConnection {
                 stream,
                 since: Instant::now(),
             });
+        }
+        let someone_waits = pool.waiting > 0;
+        drop(pool);
+        // Waking costs a system call, so only when a request waits (out of descriptors).
+        if someone_waits {
+            self.returned.notify_one();
         }
     }
 
     /// Closes every idle connection (used when a backend goes down).
     pub fn close_idle(&self) {
-        let closed = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let closed = std::mem::take(&mut self.pool().idle);
         drop(closed);
+    }
+
+    /// Closes the idle connection unused the longest, giving its descriptor back; false when
+    /// none is idle.
+    pub fn close_one_idle(&self) -> bool {
+        let mut pool = self.pool();
+        if pool.idle.is_empty() {
+            return false;
+        }
+        let oldest = pool.idle.remove(0);
+        drop(pool);
+        drop(oldest);
+        true
+    }
+
+    /// An idle connection, waiting up to `timeout` for one to come back to the pool. For a
+    /// process out of descriptors, a connection another request gives back is the way on.
+    pub fn wait_idle(&self, timeout: Duration) -> Option<TcpStream> {
+        let mut pool = self.pool();
+        if pool.idle.is_empty() {
+            pool.waiting += 1;
+            pool = self
+                .returned
+                .wait_timeout(pool, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            pool.waiting -= 1;
+        }
+        drop(pool);
+        self.take_idle()
     }
 
     /// The most recently used idle connection that is not too old: the freshest one is the
     /// least likely to have been closed by the backend.
     fn take_idle(&self) -> Option<TcpStream> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let conn = idle.pop()?;
+        let mut pool = self.pool();
+        let conn = pool.idle.pop()?;
         if conn.since.elapsed() < MAX_IDLE_TIME {
             return Some(conn.stream);
         }
         // The newest is already too old, so all of them are: close them (outside the lock).
-        let stale = std::mem::take(&mut *idle);
-        drop(idle);
+        let stale = std::mem::take(&mut pool.idle);
+        drop(pool);
         drop(stale);
         None
+    }
+
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 }

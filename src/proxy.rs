@@ -36,8 +36,8 @@ const SPARE_BUFFERS: usize = 256;
 /// Between two tries at connecting to a backend while the process is out of descriptors.
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
 
-static UNREACHABLE: RepeatedWarning = RepeatedWarning::new();
-static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new();
+static UNREACHABLE: RepeatedWarning = RepeatedWarning::new(module_path!());
+static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new(module_path!());
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -110,6 +110,16 @@ impl LoadBalancer {
     /// The run-time settings.
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Closes one idle pooled connection per backend, giving descriptors back to clients (the
+    /// budget keeps them for clients first); false when no connection was idle.
+    pub fn give_back_descriptors(&self) -> bool {
+        let mut closed = false;
+        for backend in &self.backends {
+            closed |= backend.close_one_idle();
+        }
+        closed
     }
 
     /// How long until some backend could take requests again: the `Retry-After` of a 503.
@@ -505,7 +515,9 @@ impl<'a> ClientConnection<'a> {
     fn open_connection(&self, backend: &Backend, may_reuse: bool) -> Result<Connection, TryError> {
         match self.connect(backend, may_reuse) {
             Ok(connection) => Ok(connection),
-            Err(err) if descriptors::is_exhausted(&err) => self.wait_for_a_descriptor(backend),
+            Err(err) if descriptors::is_exhausted(&err) => {
+                self.wait_for_a_descriptor(backend, may_reuse)
+            }
             Err(err) => Err(self.unreachable(backend, &err)),
         }
     }
@@ -524,31 +536,54 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Out of file descriptors: the balancer's trouble, not the backend's, so it is not counted
-    /// against the backend. Idle connections to the other backends are closed to give
-    /// descriptors back, and connecting is tried again as requests in flight finish, for up to
-    /// `--connect-timeout`; then the client is told to come back in a second (503), never reset.
-    fn wait_for_a_descriptor(&self, backend: &Backend) -> Result<Connection, TryError> {
-        OUT_OF_DESCRIPTORS.warn(format_args!(
-            "no file descriptor left for a connection to {}: closing idle backend connections \
-             and waiting (raise ulimit -n, or lower --max-connections)",
+    /// against the backend. The request waits for a descriptor, as requests queue for a
+    /// server's connections in HAProxy: a connection to this backend that another request gives
+    /// back to the pool needs none, and closing an idle connection to another backend (of no use
+    /// to this request) gives one back. After `--connect-timeout` the client is told to come
+    /// back in a second (503), never reset.
+    fn wait_for_a_descriptor(
+        &self,
+        backend: &Backend,
+        may_reuse: bool,
+    ) -> Result<Connection, TryError> {
+        log::debug!(
+            "no file descriptor for a connection to {}: waiting",
             backend.name()
-        ));
+        );
         let deadline = Instant::now() + self.lb.settings.connect_timeout;
         loop {
-            for other in &self.lb.backends {
-                other.close_idle();
-            }
+            // A descriptor comes back when an idle connection this request cannot use is
+            // closed, or when a client closes.
+            let _freed = self.lb.backends.iter().any(|other| {
+                (!may_reuse || !std::ptr::eq(&**other, backend)) && other.close_one_idle()
+            });
             match self.connect(backend, false) {
                 Ok(connection) => return Ok(connection),
                 Err(err) if !descriptors::is_exhausted(&err) => {
                     return Err(self.unreachable(backend, &err))
                 }
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(TryError::Failed(Failure::Answer(
-                        ProxyError::OutOfDescriptors,
-                    )))
-                }
-                Err(_) => std::thread::sleep(DESCRIPTOR_WAIT),
+                Err(_) => {}
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                OUT_OF_DESCRIPTORS.warn(format_args!(
+                    "no file descriptor left for a connection to {} within --connect-timeout: \
+                     answered 503 (raise ulimit -n, or lower --max-connections)",
+                    backend.name()
+                ));
+                return Err(TryError::Failed(Failure::Answer(
+                    ProxyError::OutOfDescriptors,
+                )));
+            }
+            // Or a connection to this backend comes back to its pool.
+            let step = left.min(DESCRIPTOR_WAIT);
+            if !may_reuse {
+                std::thread::sleep(step);
+            } else if let Some(stream) = backend.wait_idle(step) {
+                return Ok(Connection {
+                    stream,
+                    reused: true,
+                });
             }
         }
     }

@@ -49,8 +49,8 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 /// closes first, giving one back).
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 
-static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new();
-static NO_THREAD: RepeatedWarning = RepeatedWarning::new();
+static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new(module_path!());
+static NO_THREAD: RepeatedWarning = RepeatedWarning::new(module_path!());
 
 /// A bound listening socket, ready to serve.
 pub struct Server {
@@ -168,7 +168,7 @@ impl Server {
                     self.shared.start(&lb, stream, peer)
                 }
                 Ok(_) => break,
-                Err(err) => self.shared.accept_failed(&err),
+                Err(err) => self.shared.accept_failed(&err, &lb),
             }
         }
         drop(self.listener);
@@ -236,10 +236,15 @@ impl Shared {
         open.someone_waits = false;
     }
 
-    /// Out of descriptors (or kernel memory), accepting pauses until a connection closes or
+    /// Out of descriptors, while under `--max-connections`: backend connections idle in the
+    /// pools have taken the clients' share, so some are closed and accepting goes on at once.
+    /// With none idle (or out of kernel memory), accepting pauses until a connection closes or
     /// for a moment, so clients wait in the listen queue instead of being accepted and dropped.
     /// Other failures concern one client that gave up while queued, and accepting goes on.
-    fn accept_failed(&self, err: &io::Error) {
+    fn accept_failed(&self, err: &io::Error, lb: &LoadBalancer) {
+        if descriptors::is_exhausted(err) && lb.give_back_descriptors() {
+            return log::debug!("accept failed: {err}; closed idle backend connections");
+        }
         let out_of_resources = descriptors::is_exhausted(err)
             || matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM));
         if !out_of_resources {

@@ -15,6 +15,8 @@ const INTERVAL: Duration = Duration::from_secs(1);
 
 /// One kind of warning, rate-limited; declare it as a `static` beside the code that warns.
 pub struct RepeatedWarning {
+    /// The log target, the module that warns (`module_path!()`), as a plain `log::warn!` has.
+    target: &'static str,
     state: Mutex<State>,
 }
 
@@ -24,9 +26,10 @@ struct State {
 }
 
 impl RepeatedWarning {
-    /// A warning not yet logged.
-    pub const fn new() -> Self {
+    /// A warning not yet logged, from the module `target` (pass `module_path!()`).
+    pub const fn new(target: &'static str) -> Self {
         RepeatedWarning {
+            target,
             state: Mutex::new(State {
                 last_logged: None,
                 suppressed: 0,
@@ -41,9 +44,12 @@ impl RepeatedWarning {
             return;
         };
         if suppressed == 0 {
-            log::warn!("{message}");
+            log::warn!(target: self.target, "{message}");
         } else {
-            log::warn!("{message} ({suppressed} more like it suppressed since the last one)");
+            log::warn!(
+                target: self.target,
+                "{message} ({suppressed} more like it suppressed since the last one)"
+            );
         }
     }
 
@@ -61,19 +67,13 @@ impl RepeatedWarning {
     }
 }
 
-impl Default for RepeatedWarning {
-    fn default() -> Self {
-        RepeatedWarning::new()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn one_line_a_second_with_the_count_of_the_rest() {
-        let warning = RepeatedWarning::new();
+        let warning = RepeatedWarning::new(module_path!());
         let start = Instant::now();
         assert_eq!(warning.admit(start), Some(0));
         for i in 1..=100 {

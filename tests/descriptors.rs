@@ -126,7 +126,7 @@ fn six_hundred_keep_alive_clients_under_a_limit_of_1024() {
 fn a_request_that_finds_no_descriptor_gets_503_with_retry_after() {
     raise_own_limit();
     // Slow answers keep every backend connection open while the others are opened.
-    let backend = DemoBackend::with_delay("slow", Duration::from_millis(1500));
+    let backend = DemoBackend::with_delay("slow", Duration::from_secs(3));
     let spec = backend.spec();
     // Under a limit of 300, 156 clients fit, but not 156 clients and their 156 backend
     // connections at once.
