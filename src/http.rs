@@ -5,12 +5,15 @@
 //! requests may arrive in one read. Bodies are never held whole: they are relayed piece by piece,
 //! framed by Content-Length, chunked encoding, or (responses only) the end of the connection, as
 //! RFC 9112 §6 lays out. The course's Python read a single `recv(4096)` instead, which cuts any
-//! message larger than that.
+//! message larger than that. Versions other than HTTP/1.0 and HTTP/1.1 are sorted out in
+//! `version`: later HTTP/1 minor versions are read as HTTP/1.1, other versions are refused.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+mod version;
 
 /// The largest request or response head accepted, in bytes; a larger request gets `431`.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -30,22 +33,23 @@ const SINK_LIMIT: usize = 64 * 1024;
 /// A TCP stream with a read buffer that this side owns.
 ///
 /// Everything read but not yet consumed stays in the buffer, which is how pipelined requests and
-/// the first bytes of a body that arrived together with the head are kept.
-pub struct BufferedStream {
-    stream: TcpStream,
+/// the first bytes of a body that arrived together with the head are kept. The source is a
+/// `TcpStream` everywhere but in tests, which feed it scripted reads.
+pub struct BufferedStream<S = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-impl BufferedStream {
+impl<S: Read> BufferedStream<S> {
     /// Wraps `stream` with a read buffer of `capacity` bytes (it grows only to fit a large head).
-    pub fn new(stream: TcpStream, capacity: usize) -> Self {
+    pub fn new(stream: S, capacity: usize) -> Self {
         BufferedStream::with_buffer(stream, vec![0; capacity])
     }
 
     /// Wraps `stream` with `buf` as its read buffer (its contents are ignored).
-    pub fn with_buffer(stream: TcpStream, buf: Vec<u8>) -> Self {
+    pub fn with_buffer(stream: S, buf: Vec<u8>) -> Self {
         BufferedStream {
             stream,
             buf,
@@ -102,14 +106,16 @@ impl BufferedStream {
         }
     }
 
+    /// Gives the socket and the buffer back, for reuse.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+}
+
+impl BufferedStream {
     /// The underlying socket, for writing and for socket options.
     pub fn socket(&self) -> &TcpStream {
         &self.stream
-    }
-
-    /// Gives the socket and the buffer back, for reuse.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
-        (self.stream, self.buf)
     }
 }
 
@@ -329,6 +335,9 @@ pub enum HeadError {
     TooLarge,
     /// The bytes are not an HTTP/1.x head.
     Malformed(String),
+    /// The head is for a version of HTTP other than HTTP/1 (`HTTP/2.0`, the HTTP/2 connection
+    /// preface, an HTTP/0.9 line with no version), named here: `505` for a request.
+    UnsupportedVersion(String),
     /// The head did not arrive in time.
     TimedOut,
     /// The socket failed.
@@ -380,7 +389,7 @@ pub fn read_request_head(
             }
             Ok(())
         },
-        parse_request_head,
+        REQUEST,
     );
     if shortened {
         stream.socket().set_read_timeout(Some(timeout))?;
@@ -389,33 +398,62 @@ pub fn read_request_head(
 }
 
 /// Reads one response head; socket timeouts bound the wait.
-pub fn read_response_head(stream: &mut BufferedStream) -> Result<Option<ResponseHead>, HeadError> {
-    read_head(stream, |_, _| Ok(()), parse_response_head)
+pub fn read_response_head<S: Read>(
+    stream: &mut BufferedStream<S>,
+) -> Result<Option<ResponseHead>, HeadError> {
+    read_head(stream, |_, _| Ok(()), RESPONSE)
 }
 
-/// The shared loop of both head readers: parse what is buffered, else read more.
 /// A head parser: the head and its length, or `None` while incomplete.
 type ParseHead<T> = fn(&[u8]) -> Result<Option<(usize, T)>, HeadError>;
 
-/// `before_read` runs before each read, told whether part of a head is already buffered.
-fn read_head<T>(
-    stream: &mut BufferedStream,
-    mut before_read: impl FnMut(&mut BufferedStream, bool) -> Result<(), HeadError>,
+/// How one kind of head is read.
+struct HeadKind<T> {
+    /// Parses a complete head.
     parse: ParseHead<T>,
+    /// Looks at the first line as soon as it is complete, before the rest of the head arrives.
+    check_first_line: fn(&[u8]) -> Result<(), HeadError>,
+}
+
+const REQUEST: HeadKind<RequestHead> = HeadKind {
+    parse: parse_request_head,
+    check_first_line: check_request_line,
+};
+
+const RESPONSE: HeadKind<ResponseHead> = HeadKind {
+    parse: parse_response_head,
+    check_first_line: |_| Ok(()),
+};
+
+/// The shared loop of both head readers: parse what is buffered, else read more.
+/// `before_read` runs before each read, told whether part of a head is already buffered.
+fn read_head<S: Read, T>(
+    stream: &mut BufferedStream<S>,
+    mut before_read: impl FnMut(&mut BufferedStream<S>, bool) -> Result<(), HeadError>,
+    kind: HeadKind<T>,
 ) -> Result<Option<T>, HeadError> {
     let mut scanned = 0;
+    let mut line_checked = false;
     loop {
         // Parsing only once the blank line that ends a head has arrived keeps a head sent one
         // byte at a time from being re-parsed at every byte.
         let buffered = stream.buffered();
         if let Some(end) = find_head_end(buffered, scanned) {
-            return match parse(&buffered[..end])? {
+            return match (kind.parse)(&buffered[..end])? {
                 Some((len, head)) => {
                     stream.consume(len);
                     Ok(Some(head))
                 }
                 None => Err(HeadError::Malformed("incomplete head".into())),
             };
+        }
+        // The first line alone can end the exchange: an HTTP/0.9 client sends no blank line,
+        // and an HTTP/2 client deserves its 505 without waiting for a timeout.
+        if !line_checked && buffered[scanned..].contains(&b'\n') {
+            line_checked = version::first_line_is_complete(buffered);
+            if line_checked {
+                (kind.check_first_line)(buffered)?;
+            }
         }
         scanned = buffered.len();
         if scanned >= MAX_HEAD {
@@ -451,7 +489,43 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Refuses a request line whose version is not HTTP/1 as soon as the line is complete.
+fn check_request_line(buffered: &[u8]) -> Result<(), HeadError> {
+    match version::of_request_line(buffered) {
+        version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a request head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
 fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
+    match parse_request_as_is(bytes) {
+        Err(HeadError::Malformed(why)) => match version::of_request_line(bytes) {
+            version::LineVersion::LaterMinor { at } => {
+                parse_request_as_is(&version::as_http11(bytes, at))
+            }
+            version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+            version::LineVersion::Other => Err(HeadError::Malformed(why)),
+        },
+        other => other,
+    }
+}
+
+/// Parses a response head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
+fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
+    match parse_response_as_is(bytes) {
+        Err(HeadError::Malformed(why)) => match version::of_status_line(bytes) {
+            version::LineVersion::LaterMinor { at } => {
+                parse_response_as_is(&version::as_http11(bytes, at))
+            }
+            version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+            version::LineVersion::Other => Err(HeadError::Malformed(why)),
+        },
+        other => other,
+    }
+}
+
+fn parse_request_as_is(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(bytes) {
@@ -471,7 +545,7 @@ fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, Head
     Ok(Some((len, head)))
 }
 
-fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
+fn parse_response_as_is(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut fields);
     let len = match res.parse(bytes) {
@@ -696,17 +770,23 @@ pub enum RelayError {
 /// The writing half of a relay: output is gathered and written in as few system calls as
 /// possible, and always before the relay blocks on reading its source.
 pub struct Sink<'a> {
-    /// Where output goes; none to throw it away.
-    dst: Option<&'a TcpStream>,
+    dst: Destination<'a>,
     out: Vec<u8>,
     written: u64,
+}
+
+/// Where a sink's output goes.
+enum Destination<'a> {
+    Socket(&'a TcpStream),
+    /// Thrown away.
+    Discard,
 }
 
 impl<'a> Sink<'a> {
     /// A sink that writes to `dst`, starting with the bytes in `out` (usually a head).
     pub fn new(dst: &'a TcpStream, out: Vec<u8>) -> Self {
         Sink {
-            dst: Some(dst),
+            dst: Destination::Socket(dst),
             out,
             written: 0,
         }
@@ -715,7 +795,7 @@ impl<'a> Sink<'a> {
     /// A sink that throws everything away: relaying into it skips a body.
     pub fn discard() -> Self {
         Sink {
-            dst: None,
+            dst: Destination::Discard,
             out: Vec::new(),
             written: 0,
         }
@@ -723,7 +803,7 @@ impl<'a> Sink<'a> {
 
     /// Queues `data`, writing directly when it is large.
     pub fn emit(&mut self, data: &[u8]) -> Result<(), RelayError> {
-        if self.dst.is_none() {
+        if matches!(self.dst, Destination::Discard) {
             return Ok(());
         }
         if self.out.len() + data.len() <= SINK_LIMIT {
@@ -752,10 +832,10 @@ impl<'a> Sink<'a> {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
-        let Some(mut dst) = self.dst else {
-            return Ok(());
-        };
-        dst.write_all(data).map_err(RelayError::Write)?;
+        match &mut self.dst {
+            Destination::Socket(dst) => dst.write_all(data).map_err(RelayError::Write)?,
+            Destination::Discard => return Ok(()),
+        }
         self.written += data.len() as u64;
         Ok(())
     }
@@ -764,8 +844,8 @@ impl<'a> Sink<'a> {
 /// Relays a body framed by `length` from `src` to `sink`, leaving anything after it buffered in
 /// `src`. With `dechunk`, a chunked body is sent as plain bytes (for HTTP/1.0 peers) instead of
 /// being passed on as it came.
-pub fn relay_body(
-    src: &mut BufferedStream,
+pub fn relay_body<S: Read>(
+    src: &mut BufferedStream<S>,
     length: BodyLength,
     sink: &mut Sink,
     dechunk: bool,
@@ -780,7 +860,11 @@ pub fn relay_body(
 
 /// Reads more into `src`, first writing out what the sink holds so the peer is never kept
 /// waiting for bytes already here. Fails with `Truncated` at end of stream.
-fn refill(src: &mut BufferedStream, sink: &mut Sink, limit: usize) -> Result<(), RelayError> {
+fn refill<S: Read>(
+    src: &mut BufferedStream<S>,
+    sink: &mut Sink,
+    limit: usize,
+) -> Result<(), RelayError> {
     sink.flush()?;
     match src.fill(limit) {
         Ok(0) => Err(RelayError::Truncated),
@@ -789,8 +873,8 @@ fn refill(src: &mut BufferedStream, sink: &mut Sink, limit: usize) -> Result<(),
     }
 }
 
-fn relay_exact(
-    src: &mut BufferedStream,
+fn relay_exact<S: Read>(
+    src: &mut BufferedStream<S>,
     mut remaining: u64,
     sink: &mut Sink,
 ) -> Result<(), RelayError> {
@@ -812,7 +896,10 @@ fn relay_exact(
     Ok(())
 }
 
-fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), RelayError> {
+fn relay_until_close<S: Read>(
+    src: &mut BufferedStream<S>,
+    sink: &mut Sink,
+) -> Result<(), RelayError> {
     loop {
         let buffered = src.buffered().len();
         sink.emit(&src.buffered()[..buffered])?;
@@ -825,8 +912,8 @@ fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), Re
     }
 }
 
-fn relay_chunked(
-    src: &mut BufferedStream,
+fn relay_chunked<S: Read>(
+    src: &mut BufferedStream<S>,
     sink: &mut Sink,
     dechunk: bool,
 ) -> Result<(), RelayError> {
@@ -853,8 +940,8 @@ fn relay_chunked(
 }
 
 /// Trailer fields end with an empty line; together they are bounded like a head.
-fn relay_trailers(
-    src: &mut BufferedStream,
+fn relay_trailers<S: Read>(
+    src: &mut BufferedStream<S>,
     sink: &mut Sink,
     dechunk: bool,
 ) -> Result<(), RelayError> {
@@ -877,7 +964,7 @@ fn relay_trailers(
 }
 
 /// Makes sure a whole line (through its LF) is buffered and returns its length.
-fn read_line(src: &mut BufferedStream, sink: &mut Sink) -> Result<usize, RelayError> {
+fn read_line<S: Read>(src: &mut BufferedStream<S>, sink: &mut Sink) -> Result<usize, RelayError> {
     loop {
         if let Some(pos) = src.buffered().iter().position(|&b| b == b'\n') {
             return Ok(pos + 1);
