@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 mod version;
 
+#[cfg(test)]
+pub(crate) mod fuzz;
+
 /// The largest request or response head accepted, in bytes; a larger request gets `431`.
 pub const MAX_HEAD: usize = 64 * 1024;
 
@@ -553,10 +556,16 @@ fn parse_response_as_is(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, H
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(err) => return Err(parse_error(err)),
     };
+    // Status codes run from 100 to 599 and, by custom, up to 999 (RFC 9110 §15). One below 100
+    // would be taken for a bodiless interim answer, and its body for the next response.
+    let status = res.code.unwrap_or_default();
+    if status < 100 {
+        return Err(HeadError::Malformed(format!("status code {status:03}")));
+    }
     let mut headers = fields_of(&bytes[..len], res.headers);
     let reason = headers.push_bytes(res.reason.unwrap_or_default().as_bytes());
     let head = ResponseHead {
-        status: res.code.unwrap_or_default(),
+        status,
         reason,
         version: version(res.version),
         headers,
@@ -778,6 +787,9 @@ pub struct Sink<'a> {
 /// Where a sink's output goes.
 enum Destination<'a> {
     Socket(&'a TcpStream),
+    /// Kept in memory, for tests of what a relay writes.
+    #[cfg(test)]
+    Memory(Vec<u8>),
     /// Thrown away.
     Discard,
 }
@@ -798,6 +810,26 @@ impl<'a> Sink<'a> {
             dst: Destination::Discard,
             out: Vec::new(),
             written: 0,
+        }
+    }
+
+    /// A sink that keeps what is written, for tests.
+    #[cfg(test)]
+    fn memory() -> Self {
+        Sink {
+            dst: Destination::Memory(Vec::new()),
+            out: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// What a memory sink holds once flushed.
+    #[cfg(test)]
+    fn into_written(mut self) -> Vec<u8> {
+        let _ = self.flush();
+        match self.dst {
+            Destination::Memory(kept) => kept,
+            _ => Vec::new(),
         }
     }
 
@@ -834,6 +866,8 @@ impl<'a> Sink<'a> {
     fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
         match &mut self.dst {
             Destination::Socket(dst) => dst.write_all(data).map_err(RelayError::Write)?,
+            #[cfg(test)]
+            Destination::Memory(kept) => kept.extend_from_slice(data),
             Destination::Discard => return Ok(()),
         }
         self.written += data.len() as u64;
@@ -929,7 +963,7 @@ fn relay_chunked<S: Read>(
         }
         relay_exact(src, size, sink)?;
         let crlf = read_line(src, sink)?;
-        if !src.buffered()[..crlf].trim_ascii().is_empty() {
+        if line_content(&src.buffered()[..crlf]) != Some(&[][..]) {
             return Err(RelayError::Malformed("chunk data longer than its size"));
         }
         if !dechunk {
@@ -939,7 +973,10 @@ fn relay_chunked<S: Read>(
     }
 }
 
-/// Trailer fields end with an empty line; together they are bounded like a head.
+/// Trailer fields end with an empty line; together they are bounded like a head. Each line must
+/// be a field line or that empty line, since a backend reading them differently (a line of
+/// spaces taken for a folded field, a bare CR for a line end) would see the request end
+/// elsewhere than the balancer did.
 fn relay_trailers<S: Read>(
     src: &mut BufferedStream<S>,
     sink: &mut Sink,
@@ -948,7 +985,11 @@ fn relay_trailers<S: Read>(
     let mut total = 0;
     loop {
         let line_len = read_line(src, sink)?;
-        let is_last = src.buffered()[..line_len].trim_ascii().is_empty();
+        let line = line_content(&src.buffered()[..line_len]).ok_or(BAD_TRAILER)?;
+        let is_last = line.is_empty();
+        if !is_last && !is_field_line(line) {
+            return Err(BAD_TRAILER);
+        }
         total += line_len;
         if total > MAX_HEAD {
             return Err(RelayError::Malformed("trailer section too large"));
@@ -976,18 +1017,43 @@ fn read_line<S: Read>(src: &mut BufferedStream<S>, sink: &mut Sink) -> Result<us
     }
 }
 
+const BAD_TRAILER: RelayError = RelayError::Malformed("bad trailer field");
+const BAD_CHUNK_SIZE: RelayError = RelayError::Malformed("bad chunk size");
+
 /// Parses the hexadecimal size at the start of a chunk line, ignoring any chunk extensions.
+/// The line is read strictly (RFC 9112 §7.1: `chunk-size [ BWS ";" chunk-ext ] CRLF`): the
+/// balancer passes chunk lines on as they came, so a size that a backend could read differently
+/// (` 5`, `5\r`, `5 x`) must not get through. Spaces after the size are let through, as nginx
+/// does, for old servers that pad their chunk sizes.
 fn chunk_size(line: &[u8]) -> Result<u64, RelayError> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(RelayError::Malformed("bad chunk size"));
+    let line = line_content(line).ok_or(BAD_CHUNK_SIZE)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (size, rest) = line.split_at(digits);
+    let extension = rest.trim_ascii_start();
+    if digits == 0 || digits > 15 || !(extension.is_empty() || extension.starts_with(b";")) {
+        return Err(BAD_CHUNK_SIZE);
     }
-    let text = std::str::from_utf8(digits).map_err(|_| RelayError::Malformed("bad chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| RelayError::Malformed("bad chunk size"))
+    let text = std::str::from_utf8(size).map_err(|_| BAD_CHUNK_SIZE)?;
+    u64::from_str_radix(text, 16).map_err(|_| BAD_CHUNK_SIZE)
+}
+
+/// A line of a chunked body without its CRLF (or bare LF, RFC 9112 §2.2), or `None` when it
+/// holds another control byte than HTAB, a bare CR included.
+fn line_content(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let is_control = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+    (!line.iter().any(is_control)).then_some(line)
+}
+
+/// Whether `line` is a field line: a token name, a colon, a value (RFC 9112 §5). A line that
+/// starts with whitespace (an obs-fold) is not.
+fn is_field_line(line: &[u8]) -> bool {
+    let name_len = line.iter().position(|&b| b == b':').unwrap_or(0);
+    name_len > 0
+        && line[..name_len]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// How long, and how much, a closing connection's unread input is drained for.
