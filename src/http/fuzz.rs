@@ -6,8 +6,10 @@
 //! that every way of cutting the input into reads can be tried. The properties: nothing panics;
 //! a head is accepted or refused with a status, whatever the reads; the reader always returns
 //! (a source read again after its end fails the test); an accepted head, written out the way the
-//! proxy writes it, reads back the same; a chunked body comes out as it was encoded; buffers stay
-//! within their bounds.
+//! proxy writes it, reads back the same; a chunked body comes out as it was encoded, and what the
+//! relay accepts, a strict reference decoder written from RFC 9112 §7.1 reads the same way (the
+//! relay passes chunk lines on as they came, so a backend must not see the body end elsewhere);
+//! buffers stay within their bounds.
 //!
 //! `cargo test` runs a few thousand cases in a few seconds. The `fuzz_*` tests are the same
 //! properties with many more cases, for a long run:
