@@ -300,6 +300,7 @@ impl From<HeadError> for Abort {
         match err {
             HeadError::TooLarge => Reject::HeadTooLarge.into(),
             HeadError::Malformed(_) => Reject::BadRequest.into(),
+            HeadError::UnsupportedVersion(_) => Reject::VersionNotSupported.into(),
             HeadError::TimedOut | HeadError::Truncated => Abort::ClientClosed,
             HeadError::Io(err) => Abort::Io(err),
         }
@@ -323,6 +324,8 @@ enum Reject {
     BadRequest,
     /// Request head over 64 KiB or 100 fields: `431`.
     HeadTooLarge,
+    /// A major version of HTTP other than 1, or an HTTP/0.9 line: `505`.
+    VersionNotSupported,
 }
 
 impl Reject {
@@ -330,6 +333,7 @@ impl Reject {
         match self {
             Reject::BadRequest => "400 Bad Request",
             Reject::HeadTooLarge => "431 Request Header Fields Too Large",
+            Reject::VersionNotSupported => "505 HTTP Version Not Supported",
         }
     }
 
@@ -337,6 +341,9 @@ impl Reject {
         match self {
             Reject::BadRequest => "bad request\n",
             Reject::HeadTooLarge => "request header fields too large\n",
+            Reject::VersionNotSupported => {
+                "http version not supported; this server speaks HTTP/1.1\n"
+            }
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum ProxyError {
     HeadTooLarge,
     /// The method is one a load balancer does not relay (CONNECT): `501`.
     NotImplemented(String),
+    /// The request is for a major version of HTTP other than 1 (`HTTP/2.0`, the HTTP/2
+    /// preface, an HTTP/0.9 line), named here: `505` (RFC 9110 §15.6.6).
+    VersionNotSupported(String),
     /// The exchange with a backend failed after the request went out: `502`.
     BadGateway(String),
     /// No backend could take the request; the client may retry after the given time: `503`.
@@ -45,6 +48,7 @@ impl ProxyError {
                 (503, "Service Unavailable")
             }
             ProxyError::GatewayTimeout => (504, "Gateway Timeout"),
+            ProxyError::VersionNotSupported(_) => (505, "HTTP Version Not Supported"),
         }
     }
 
@@ -96,6 +100,9 @@ impl fmt::Display for ProxyError {
                 )
             }
             ProxyError::GatewayTimeout => write!(f, "the backend did not answer in time"),
+            ProxyError::VersionNotSupported(version) => {
+                write!(f, "{version} is not supported; this server speaks HTTP/1.1")
+            }
         }
     }
 }
@@ -134,6 +141,15 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(text.contains("Retry-After: 1\r\n"));
         assert!(text.contains("file descriptors"));
+    }
+
+    #[test]
+    fn an_unsupported_version_is_a_505_that_names_it() {
+        let err = ProxyError::VersionNotSupported("HTTP/2.0".into());
+        let text = String::from_utf8(err.to_response(true)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 505 HTTP Version Not Supported\r\n"));
+        assert!(text.contains("Connection: close\r\n"));
+        assert!(text.ends_with("\r\n\r\n505 HTTP Version Not Supported: HTTP/2.0 is not supported; this server speaks HTTP/1.1\n"));
     }
 
     #[test]

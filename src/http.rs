@@ -5,12 +5,18 @@
 //! requests may arrive in one read. Bodies are never held whole: they are relayed piece by piece,
 //! framed by Content-Length, chunked encoding, or (responses only) the end of the connection, as
 //! RFC 9112 §6 lays out. The course's Python read a single `recv(4096)` instead, which cuts any
-//! message larger than that.
+//! message larger than that. Versions other than HTTP/1.0 and HTTP/1.1 are sorted out in
+//! `version`: later HTTP/1 minor versions are read as HTTP/1.1, other versions are refused.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+mod version;
+
+#[cfg(test)]
+pub(crate) mod fuzz;
 
 /// The largest request or response head accepted, in bytes; a larger request gets `431`.
 pub const MAX_HEAD: usize = 64 * 1024;
@@ -30,22 +36,23 @@ const SINK_LIMIT: usize = 64 * 1024;
 /// A TCP stream with a read buffer that this side owns.
 ///
 /// Everything read but not yet consumed stays in the buffer, which is how pipelined requests and
-/// the first bytes of a body that arrived together with the head are kept.
-pub struct BufferedStream {
-    stream: TcpStream,
+/// the first bytes of a body that arrived together with the head are kept. The source is a
+/// `TcpStream` everywhere but in tests, which feed it scripted reads.
+pub struct BufferedStream<S = TcpStream> {
+    stream: S,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-impl BufferedStream {
+impl<S: Read> BufferedStream<S> {
     /// Wraps `stream` with a read buffer of `capacity` bytes (it grows only to fit a large head).
-    pub fn new(stream: TcpStream, capacity: usize) -> Self {
+    pub fn new(stream: S, capacity: usize) -> Self {
         BufferedStream::with_buffer(stream, vec![0; capacity])
     }
 
     /// Wraps `stream` with `buf` as its read buffer (its contents are ignored).
-    pub fn with_buffer(stream: TcpStream, buf: Vec<u8>) -> Self {
+    pub fn with_buffer(stream: S, buf: Vec<u8>) -> Self {
         BufferedStream {
             stream,
             buf,
@@ -102,14 +109,16 @@ impl BufferedStream {
         }
     }
 
+    /// Gives the socket and the buffer back, for reuse.
+    pub fn into_parts(self) -> (S, Vec<u8>) {
+        (self.stream, self.buf)
+    }
+}
+
+impl BufferedStream {
     /// The underlying socket, for writing and for socket options.
     pub fn socket(&self) -> &TcpStream {
         &self.stream
-    }
-
-    /// Gives the socket and the buffer back, for reuse.
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
-        (self.stream, self.buf)
     }
 }
 
@@ -329,6 +338,9 @@ pub enum HeadError {
     TooLarge,
     /// The bytes are not an HTTP/1.x head.
     Malformed(String),
+    /// The head is for a version of HTTP other than HTTP/1 (`HTTP/2.0`, the HTTP/2 connection
+    /// preface, an HTTP/0.9 line with no version), named here: `505` for a request.
+    UnsupportedVersion(String),
     /// The head did not arrive in time.
     TimedOut,
     /// The socket failed.
@@ -380,7 +392,7 @@ pub fn read_request_head(
             }
             Ok(())
         },
-        parse_request_head,
+        REQUEST,
     );
     if shortened {
         stream.socket().set_read_timeout(Some(timeout))?;
@@ -389,33 +401,62 @@ pub fn read_request_head(
 }
 
 /// Reads one response head; socket timeouts bound the wait.
-pub fn read_response_head(stream: &mut BufferedStream) -> Result<Option<ResponseHead>, HeadError> {
-    read_head(stream, |_, _| Ok(()), parse_response_head)
+pub fn read_response_head<S: Read>(
+    stream: &mut BufferedStream<S>,
+) -> Result<Option<ResponseHead>, HeadError> {
+    read_head(stream, |_, _| Ok(()), RESPONSE)
 }
 
-/// The shared loop of both head readers: parse what is buffered, else read more.
 /// A head parser: the head and its length, or `None` while incomplete.
 type ParseHead<T> = fn(&[u8]) -> Result<Option<(usize, T)>, HeadError>;
 
-/// `before_read` runs before each read, told whether part of a head is already buffered.
-fn read_head<T>(
-    stream: &mut BufferedStream,
-    mut before_read: impl FnMut(&mut BufferedStream, bool) -> Result<(), HeadError>,
+/// How one kind of head is read.
+struct HeadKind<T> {
+    /// Parses a complete head.
     parse: ParseHead<T>,
+    /// Looks at the first line as soon as it is complete, before the rest of the head arrives.
+    check_first_line: fn(&[u8]) -> Result<(), HeadError>,
+}
+
+const REQUEST: HeadKind<RequestHead> = HeadKind {
+    parse: parse_request_head,
+    check_first_line: check_request_line,
+};
+
+const RESPONSE: HeadKind<ResponseHead> = HeadKind {
+    parse: parse_response_head,
+    check_first_line: |_| Ok(()),
+};
+
+/// The shared loop of both head readers: parse what is buffered, else read more.
+/// `before_read` runs before each read, told whether part of a head is already buffered.
+fn read_head<S: Read, T>(
+    stream: &mut BufferedStream<S>,
+    mut before_read: impl FnMut(&mut BufferedStream<S>, bool) -> Result<(), HeadError>,
+    kind: HeadKind<T>,
 ) -> Result<Option<T>, HeadError> {
     let mut scanned = 0;
+    let mut line_checked = false;
     loop {
         // Parsing only once the blank line that ends a head has arrived keeps a head sent one
         // byte at a time from being re-parsed at every byte.
         let buffered = stream.buffered();
         if let Some(end) = find_head_end(buffered, scanned) {
-            return match parse(&buffered[..end])? {
+            return match (kind.parse)(&buffered[..end])? {
                 Some((len, head)) => {
                     stream.consume(len);
                     Ok(Some(head))
                 }
                 None => Err(HeadError::Malformed("incomplete head".into())),
             };
+        }
+        // The first line alone can end the exchange: an HTTP/0.9 client sends no blank line,
+        // and an HTTP/2 client deserves its 505 without waiting for a timeout.
+        if !line_checked && buffered[scanned..].contains(&b'\n') {
+            line_checked = version::first_line_is_complete(buffered);
+            if line_checked {
+                (kind.check_first_line)(buffered)?;
+            }
         }
         scanned = buffered.len();
         if scanned >= MAX_HEAD {
@@ -451,7 +492,43 @@ fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// Refuses a request line whose version is not HTTP/1 as soon as the line is complete.
+fn check_request_line(buffered: &[u8]) -> Result<(), HeadError> {
+    match version::of_request_line(buffered) {
+        version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a request head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
 fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
+    match parse_request_as_is(bytes) {
+        Err(HeadError::Malformed(why)) => match version::of_request_line(bytes) {
+            version::LineVersion::LaterMinor { at } => {
+                parse_request_as_is(&version::as_http11(bytes, at))
+            }
+            version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+            version::LineVersion::Other => Err(HeadError::Malformed(why)),
+        },
+        other => other,
+    }
+}
+
+/// Parses a response head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
+fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
+    match parse_response_as_is(bytes) {
+        Err(HeadError::Malformed(why)) => match version::of_status_line(bytes) {
+            version::LineVersion::LaterMinor { at } => {
+                parse_response_as_is(&version::as_http11(bytes, at))
+            }
+            version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
+            version::LineVersion::Other => Err(HeadError::Malformed(why)),
+        },
+        other => other,
+    }
+}
+
+fn parse_request_as_is(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut fields);
     let len = match req.parse(bytes) {
@@ -471,7 +548,7 @@ fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, Head
     Ok(Some((len, head)))
 }
 
-fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
+fn parse_response_as_is(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut fields);
     let len = match res.parse(bytes) {
@@ -479,10 +556,16 @@ fn parse_response_head(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, He
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(err) => return Err(parse_error(err)),
     };
+    // Status codes run from 100 to 599 and, by custom, up to 999 (RFC 9110 §15). One below 100
+    // would be taken for a bodiless interim answer, and its body for the next response.
+    let status = res.code.unwrap_or_default();
+    if status < 100 {
+        return Err(HeadError::Malformed(format!("status code {status:03}")));
+    }
     let mut headers = fields_of(&bytes[..len], res.headers);
     let reason = headers.push_bytes(res.reason.unwrap_or_default().as_bytes());
     let head = ResponseHead {
-        status: res.code.unwrap_or_default(),
+        status,
         reason,
         version: version(res.version),
         headers,
@@ -696,17 +779,26 @@ pub enum RelayError {
 /// The writing half of a relay: output is gathered and written in as few system calls as
 /// possible, and always before the relay blocks on reading its source.
 pub struct Sink<'a> {
-    /// Where output goes; none to throw it away.
-    dst: Option<&'a TcpStream>,
+    dst: Destination<'a>,
     out: Vec<u8>,
     written: u64,
+}
+
+/// Where a sink's output goes.
+enum Destination<'a> {
+    Socket(&'a TcpStream),
+    /// Kept in memory, for tests of what a relay writes.
+    #[cfg(test)]
+    Memory(Vec<u8>),
+    /// Thrown away.
+    Discard,
 }
 
 impl<'a> Sink<'a> {
     /// A sink that writes to `dst`, starting with the bytes in `out` (usually a head).
     pub fn new(dst: &'a TcpStream, out: Vec<u8>) -> Self {
         Sink {
-            dst: Some(dst),
+            dst: Destination::Socket(dst),
             out,
             written: 0,
         }
@@ -715,15 +807,35 @@ impl<'a> Sink<'a> {
     /// A sink that throws everything away: relaying into it skips a body.
     pub fn discard() -> Self {
         Sink {
-            dst: None,
+            dst: Destination::Discard,
             out: Vec::new(),
             written: 0,
         }
     }
 
+    /// A sink that keeps what is written, for tests.
+    #[cfg(test)]
+    fn memory() -> Self {
+        Sink {
+            dst: Destination::Memory(Vec::new()),
+            out: Vec::new(),
+            written: 0,
+        }
+    }
+
+    /// What a memory sink holds once flushed.
+    #[cfg(test)]
+    fn into_written(mut self) -> Vec<u8> {
+        let _ = self.flush();
+        match self.dst {
+            Destination::Memory(kept) => kept,
+            _ => Vec::new(),
+        }
+    }
+
     /// Queues `data`, writing directly when it is large.
     pub fn emit(&mut self, data: &[u8]) -> Result<(), RelayError> {
-        if self.dst.is_none() {
+        if matches!(self.dst, Destination::Discard) {
             return Ok(());
         }
         if self.out.len() + data.len() <= SINK_LIMIT {
@@ -752,10 +864,12 @@ impl<'a> Sink<'a> {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
-        let Some(mut dst) = self.dst else {
-            return Ok(());
-        };
-        dst.write_all(data).map_err(RelayError::Write)?;
+        match &mut self.dst {
+            Destination::Socket(dst) => dst.write_all(data).map_err(RelayError::Write)?,
+            #[cfg(test)]
+            Destination::Memory(kept) => kept.extend_from_slice(data),
+            Destination::Discard => return Ok(()),
+        }
         self.written += data.len() as u64;
         Ok(())
     }
@@ -764,8 +878,8 @@ impl<'a> Sink<'a> {
 /// Relays a body framed by `length` from `src` to `sink`, leaving anything after it buffered in
 /// `src`. With `dechunk`, a chunked body is sent as plain bytes (for HTTP/1.0 peers) instead of
 /// being passed on as it came.
-pub fn relay_body(
-    src: &mut BufferedStream,
+pub fn relay_body<S: Read>(
+    src: &mut BufferedStream<S>,
     length: BodyLength,
     sink: &mut Sink,
     dechunk: bool,
@@ -780,7 +894,11 @@ pub fn relay_body(
 
 /// Reads more into `src`, first writing out what the sink holds so the peer is never kept
 /// waiting for bytes already here. Fails with `Truncated` at end of stream.
-fn refill(src: &mut BufferedStream, sink: &mut Sink, limit: usize) -> Result<(), RelayError> {
+fn refill<S: Read>(
+    src: &mut BufferedStream<S>,
+    sink: &mut Sink,
+    limit: usize,
+) -> Result<(), RelayError> {
     sink.flush()?;
     match src.fill(limit) {
         Ok(0) => Err(RelayError::Truncated),
@@ -789,8 +907,8 @@ fn refill(src: &mut BufferedStream, sink: &mut Sink, limit: usize) -> Result<(),
     }
 }
 
-fn relay_exact(
-    src: &mut BufferedStream,
+fn relay_exact<S: Read>(
+    src: &mut BufferedStream<S>,
     mut remaining: u64,
     sink: &mut Sink,
 ) -> Result<(), RelayError> {
@@ -812,7 +930,10 @@ fn relay_exact(
     Ok(())
 }
 
-fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), RelayError> {
+fn relay_until_close<S: Read>(
+    src: &mut BufferedStream<S>,
+    sink: &mut Sink,
+) -> Result<(), RelayError> {
     loop {
         let buffered = src.buffered().len();
         sink.emit(&src.buffered()[..buffered])?;
@@ -825,8 +946,8 @@ fn relay_until_close(src: &mut BufferedStream, sink: &mut Sink) -> Result<(), Re
     }
 }
 
-fn relay_chunked(
-    src: &mut BufferedStream,
+fn relay_chunked<S: Read>(
+    src: &mut BufferedStream<S>,
     sink: &mut Sink,
     dechunk: bool,
 ) -> Result<(), RelayError> {
@@ -842,7 +963,7 @@ fn relay_chunked(
         }
         relay_exact(src, size, sink)?;
         let crlf = read_line(src, sink)?;
-        if !src.buffered()[..crlf].trim_ascii().is_empty() {
+        if line_content(&src.buffered()[..crlf]) != Some(&[][..]) {
             return Err(RelayError::Malformed("chunk data longer than its size"));
         }
         if !dechunk {
@@ -852,16 +973,23 @@ fn relay_chunked(
     }
 }
 
-/// Trailer fields end with an empty line; together they are bounded like a head.
-fn relay_trailers(
-    src: &mut BufferedStream,
+/// Trailer fields end with an empty line; together they are bounded like a head. Each line must
+/// be a field line or that empty line, since a backend reading them differently (a line of
+/// spaces taken for a folded field, a bare CR for a line end) would see the request end
+/// elsewhere than the balancer did.
+fn relay_trailers<S: Read>(
+    src: &mut BufferedStream<S>,
     sink: &mut Sink,
     dechunk: bool,
 ) -> Result<(), RelayError> {
     let mut total = 0;
     loop {
         let line_len = read_line(src, sink)?;
-        let is_last = src.buffered()[..line_len].trim_ascii().is_empty();
+        let line = line_content(&src.buffered()[..line_len]).ok_or(BAD_TRAILER)?;
+        let is_last = line.is_empty();
+        if !is_last && !is_field_line(line) {
+            return Err(BAD_TRAILER);
+        }
         total += line_len;
         if total > MAX_HEAD {
             return Err(RelayError::Malformed("trailer section too large"));
@@ -877,7 +1005,7 @@ fn relay_trailers(
 }
 
 /// Makes sure a whole line (through its LF) is buffered and returns its length.
-fn read_line(src: &mut BufferedStream, sink: &mut Sink) -> Result<usize, RelayError> {
+fn read_line<S: Read>(src: &mut BufferedStream<S>, sink: &mut Sink) -> Result<usize, RelayError> {
     loop {
         if let Some(pos) = src.buffered().iter().position(|&b| b == b'\n') {
             return Ok(pos + 1);
@@ -889,18 +1017,43 @@ fn read_line(src: &mut BufferedStream, sink: &mut Sink) -> Result<usize, RelayEr
     }
 }
 
+const BAD_TRAILER: RelayError = RelayError::Malformed("bad trailer field");
+const BAD_CHUNK_SIZE: RelayError = RelayError::Malformed("bad chunk size");
+
 /// Parses the hexadecimal size at the start of a chunk line, ignoring any chunk extensions.
+/// The line is read strictly (RFC 9112 §7.1: `chunk-size [ BWS ";" chunk-ext ] CRLF`): the
+/// balancer passes chunk lines on as they came, so a size that a backend could read differently
+/// (` 5`, `5\r`, `5 x`) must not get through. Spaces after the size are let through, as nginx
+/// does, for old servers that pad their chunk sizes.
 fn chunk_size(line: &[u8]) -> Result<u64, RelayError> {
-    let digits = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or_default()
-        .trim_ascii();
-    if digits.is_empty() || digits.len() > 15 || !digits.iter().all(u8::is_ascii_hexdigit) {
-        return Err(RelayError::Malformed("bad chunk size"));
+    let line = line_content(line).ok_or(BAD_CHUNK_SIZE)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (size, rest) = line.split_at(digits);
+    let extension = rest.trim_ascii_start();
+    if digits == 0 || digits > 15 || !(extension.is_empty() || extension.starts_with(b";")) {
+        return Err(BAD_CHUNK_SIZE);
     }
-    let text = std::str::from_utf8(digits).map_err(|_| RelayError::Malformed("bad chunk size"))?;
-    u64::from_str_radix(text, 16).map_err(|_| RelayError::Malformed("bad chunk size"))
+    let text = std::str::from_utf8(size).map_err(|_| BAD_CHUNK_SIZE)?;
+    u64::from_str_radix(text, 16).map_err(|_| BAD_CHUNK_SIZE)
+}
+
+/// A line of a chunked body without its CRLF (or bare LF, RFC 9112 §2.2), or `None` when it
+/// holds another control byte than HTAB, a bare CR included.
+fn line_content(line: &[u8]) -> Option<&[u8]> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let is_control = |b: &u8| (*b < 0x20 && *b != b'\t') || *b == 0x7f;
+    (!line.iter().any(is_control)).then_some(line)
+}
+
+/// Whether `line` is a field line: a token name, a colon, a value (RFC 9112 §5). A line that
+/// starts with whitespace (an obs-fold) is not.
+fn is_field_line(line: &[u8]) -> bool {
+    let name_len = line.iter().position(|&b| b == b':').unwrap_or(0);
+    name_len > 0
+        && line[..name_len]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// How long, and how much, a closing connection's unread input is drained for.

@@ -236,6 +236,7 @@ impl<'a> ClientConnection<'a> {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            HeadError::UnsupportedVersion(version) => ProxyError::VersionNotSupported(version),
             // A keep-alive client that stays quiet is closed without a word; one that started a
             // request and did not finish it in time is told so.
             HeadError::TimedOut if self.client.buffered().is_empty() => return Flow::Close,
@@ -729,7 +730,7 @@ impl<'a> ClientConnection<'a> {
                 Err(HeadError::TooLarge) => {
                     return Err(bad_gateway("the response head is too large"))
                 }
-                Err(HeadError::Malformed(why)) => {
+                Err(HeadError::Malformed(why) | HeadError::UnsupportedVersion(why)) => {
                     return Err(bad_gateway(&format!("malformed response: {why}")))
                 }
                 Err(HeadError::Truncated) => {
