@@ -119,15 +119,21 @@ fn descriptor_budget(lb: &LoadBalancer, demo: bool) -> Option<Budget> {
     }
 }
 
-/// Starts the statistics listener and says where it is (tests read the address from this line).
+/// Starts the statistics listener and says where it is.
 fn start_admin(
     addr: std::net::SocketAddr,
     lb: Arc<LoadBalancer>,
 ) -> Result<AdminServer, StartError> {
     let admin =
         AdminServer::start(addr, lb).map_err(|err| StartError(format!("--admin {addr}: {err}")))?;
-    log::info!("statistics on http://{}/stats", admin.local_addr());
+    log_statistics_address(admin.local_addr());
     Ok(admin)
+}
+
+/// Says where the statistics page is (tests read the address from this line, up to the first
+/// `/`), and points readers of the Korean chapter to the guide that follows it in Korean.
+fn log_statistics_address(addr: SocketAddr) {
+    log::info!("statistics on http://{addr}/stats (한국어 안내: docs/ko/README.md)");
 }
 
 /// Starts the statistics listener when `--admin` was not given. That port was never asked for,
@@ -148,7 +154,7 @@ fn start_default_admin(lb: Arc<LoadBalancer>) -> Option<AdminServer> {
                     admin.local_addr()
                 );
             }
-            log::info!("statistics on http://{}/stats", admin.local_addr());
+            log_statistics_address(admin.local_addr());
             Some(admin)
         }
         Err(err) if err.kind() == io::ErrorKind::AddrInUse => {
