@@ -56,5 +56,18 @@ for port in "${ports[@]}"; do
 done
 echo "press Ctrl-C to stop them"
 
-# Returns as soon as any backend exits (e.g. its port was in use); the EXIT trap stops the others.
-wait -n "${pids[@]}" || true
+# A backend that exits (killed to watch the balancer take it out, or its port was in use) is
+# reported and the others go on: the script ends when none is left, or on Ctrl-C.
+running=("${pids[@]}")
+while ((${#running[@]})); do
+    status=0
+    wait -n -p exited "${running[@]}" || status=$?
+    [[ -n ${exited:-} ]] || continue
+    echo "backend pid $exited exited (status $status); the others go on"
+    left=()
+    for pid in "${running[@]}"; do
+        [[ $pid == "$exited" ]] || left+=("$pid")
+    done
+    running=("${left[@]}")
+    unset exited
+done

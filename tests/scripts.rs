@@ -183,3 +183,34 @@ fn backends_sh_in_the_background_of_a_script_stops_its_backends_on_sigterm() {
 fn backends_sh_in_the_foreground_stops_its_backends_on_sigint() {
     stops_its_backends(Start::Foreground, "INT", 130);
 }
+
+#[test]
+fn backends_sh_keeps_the_others_running_when_one_backend_is_killed() {
+    let ports = free_ports(3);
+    let mut backends = Backends::start(Start::Background, &ports);
+    let killed = backends.backends[1];
+    let _ = Command::new("kill")
+        .args(["-KILL", &killed.to_string()])
+        .status();
+    let port_freed = eventually(WAIT, || TcpListener::bind(("127.0.0.1", ports[1])).is_ok());
+    assert!(port_freed, "the killed backend's port is free");
+    // The script used to stop every backend as soon as one exited: give it the time it took
+    // then, and more, to show that it no longer does.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    while Instant::now() < deadline {
+        assert!(is_running(backends.script), "the script goes on");
+        for port in [ports[0], ports[2]] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            assert!(
+                TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok(),
+                "the backend on {port} still listens"
+            );
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    backends.signal("TERM");
+    assert_eq!(backends.wait_exit(), Some(143));
+    for &pid in &backends.backends {
+        assert!(eventually(WAIT, || !is_running(pid)), "pid {pid} stopped");
+    }
+}
