@@ -1,0 +1,335 @@
+//! One client connection: the loop over its requests, and for each request the choice of a
+//! backend, the retries on the next one, and the error answers.
+
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crate::balance;
+use crate::error::ProxyError;
+use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
+
+use super::exchange::TryError;
+use super::request::{check_request, OutgoingRequest};
+use super::session::Session;
+use super::{ConnectionState, LoadBalancer};
+
+/// Whether the connection goes on after a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Flow {
+    KeepAlive,
+    Close,
+}
+
+/// How forwarding one request went wrong.
+pub(super) enum Failure {
+    /// Nothing of a response reached the client yet: answer with this error.
+    Answer(ProxyError),
+    /// The connection cannot carry more: the client went away, or a response was cut short.
+    Abort {
+        /// What happened.
+        why: String,
+        /// Whether the backend broke the exchange (rather than the client).
+        by_backend: bool,
+    },
+}
+
+/// One client connection: its socket, who it is, and the state its requests share.
+pub struct ClientConnection<'a> {
+    pub(super) lb: &'a LoadBalancer,
+    pub(super) client: BufferedStream,
+    pub(super) client_ip: IpAddr,
+    /// The client's address as text, written once per connection rather than per request.
+    pub(super) client_ip_text: String,
+    state: &'a ConnectionState,
+    pub(super) shutdown: &'a AtomicBool,
+    /// Whether the current request still has body bytes unread: the connection then cannot be
+    /// reused if the request ends in an error.
+    pub(super) body_pending: bool,
+}
+
+impl<'a> ClientConnection<'a> {
+    /// Prepares to serve `stream`, whose timeouts the server has set.
+    pub fn new(
+        lb: &'a LoadBalancer,
+        stream: TcpStream,
+        peer: SocketAddr,
+        state: &'a ConnectionState,
+        shutdown: &'a AtomicBool,
+    ) -> Self {
+        ClientConnection {
+            lb,
+            client: BufferedStream::with_buffer(stream, lb.buffers.take()),
+            client_ip: peer.ip(),
+            client_ip_text: peer.ip().to_string(),
+            state,
+            shutdown,
+            body_pending: false,
+        }
+    }
+
+    /// Serves requests until the client closes, an error ends the connection, or the balancer
+    /// shuts down.
+    pub fn serve(&mut self) {
+        loop {
+            self.state.idle.store(true, Ordering::SeqCst);
+            if self.shutdown.load(Ordering::SeqCst) {
+                break;
+            }
+            let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
+            self.state.idle.store(false, Ordering::SeqCst);
+            let flow = match head {
+                Ok(Some(head)) => self.handle(head),
+                Ok(None) => Flow::Close,
+                Err(err) => self.reject_head(err),
+            };
+            if flow == Flow::Close {
+                break;
+            }
+        }
+    }
+
+    /// Ends the connection: the read buffer goes back for reuse, and the socket to the server,
+    /// which closes it.
+    pub fn into_socket(self) -> TcpStream {
+        let (socket, buffer) = self.client.into_parts();
+        self.lb.buffers.give(buffer);
+        socket
+    }
+
+    /// Answers a head that could not be read, when there is anyone left to answer.
+    fn reject_head(&mut self, err: HeadError) -> Flow {
+        let answer = match err {
+            HeadError::TooLarge => ProxyError::HeadTooLarge,
+            HeadError::Malformed(why) => ProxyError::BadRequest(why),
+            HeadError::UnsupportedVersion(version) => ProxyError::VersionNotSupported(version),
+            // A keep-alive client that stays quiet is closed without a word; one that started a
+            // request and did not finish it in time is told so.
+            HeadError::TimedOut if self.client.buffered().is_empty() => return Flow::Close,
+            HeadError::TimedOut => ProxyError::RequestTimeout,
+            HeadError::Truncated | HeadError::Io(_) => return Flow::Close,
+        };
+        log::debug!("{}: {answer}", self.client_ip);
+        self.lb.stats.count_request();
+        self.write_error(&answer, true);
+        Flow::Close
+    }
+
+    /// Forwards one request and relays its response.
+    fn handle(&mut self, head: RequestHead) -> Flow {
+        let started = Instant::now();
+        self.lb.stats.count_request();
+        match self.forward(&head, started) {
+            Ok(flow) => flow,
+            Err(Failure::Answer(err)) => {
+                let close = self.body_pending
+                    || !head.wants_keep_alive()
+                    || self.shutdown.load(Ordering::SeqCst);
+                log::debug!(
+                    "{} {} {} -> {} ({:?})",
+                    self.client_ip,
+                    head.method(),
+                    head.target(),
+                    err.status().0,
+                    started.elapsed()
+                );
+                self.write_error(&err, close);
+                if close {
+                    Flow::Close
+                } else {
+                    Flow::KeepAlive
+                }
+            }
+            Err(Failure::Abort { why, .. }) => {
+                log::debug!(
+                    "{} {} {}: connection dropped: {why}",
+                    self.client_ip,
+                    head.method(),
+                    head.target()
+                );
+                Flow::Close
+            }
+        }
+    }
+
+    /// Answers with `err`; when the connection closes afterwards, closes it without losing the
+    /// answer.
+    fn write_error(&mut self, err: &ProxyError, close: bool) {
+        let mut socket = self.client.socket();
+        let _ = std::io::Write::write_all(&mut socket, &err.to_response(close));
+        if close {
+            http::close_gracefully(socket);
+        }
+    }
+
+    /// Checks the request, then tries backends until one answers or none is left.
+    fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
+        let body = check_request(head).map_err(Failure::Answer)?;
+        self.body_pending = body != BodyLength::Empty;
+        let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let request_id = match head.header("x-request-id") {
+            Some(_) => None,
+            None => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text)),
+        };
+        let (prefix, rest) = self.take_body_prefix(body);
+        let session = self
+            .lb
+            .sessions
+            .as_ref()
+            .map(|table| Session::of(table, head));
+        let set_cookie = session.as_ref().and_then(Session::set_cookie);
+        let mut tried: Vec<usize> = Vec::new();
+        // Why the last backend tried failed the request, if another one may take it over.
+        let mut failed: Option<Failure> = None;
+        let mut attempts = 0;
+        loop {
+            let pick = if attempts > self.lb.settings.retries {
+                None
+            } else {
+                self.choose(&tried, session.as_ref())
+            };
+            let Some(pick) = pick else {
+                return Err(failed.unwrap_or_else(|| {
+                    Failure::Answer(ProxyError::NoBackend {
+                        retry_after: self.lb.retry_after(),
+                    })
+                }));
+            };
+            let decision = if self.lb.settings.explain {
+                self.explain(&pick, session.as_ref(), &tried)
+            } else {
+                String::new()
+            };
+            if let Some(session) = &session {
+                session.follow(pick.index);
+            }
+            tried.push(pick.index);
+            let backend = &self.lb.backends[pick.index];
+            if !backend.health().admit() {
+                // Another request took this backend's one trial after its fail-timeout.
+                continue;
+            }
+            if attempts > 0 {
+                self.lb.stats.count_retry();
+                log::debug!(
+                    "{} {} {}: retrying on {}",
+                    self.client_ip,
+                    head.method(),
+                    head.target(),
+                    backend.name()
+                );
+            }
+            attempts += 1;
+            let _in_flight = backend.stats().begin_request();
+            let request = OutgoingRequest {
+                head,
+                body,
+                prefix: &prefix,
+                rest,
+                request_id,
+                reason: &decision,
+                set_cookie: set_cookie.as_deref(),
+            };
+            match self.try_backend(backend, &request, started) {
+                // Nothing reached the backend, so the next one may safely get the request.
+                Err(TryError::Unreachable) => continue,
+                // The backend broke the exchange before any byte of the answer reached the
+                // client (a timeout is a 504, not a broken exchange).
+                Err(TryError::Failed(Failure::Answer(err @ ProxyError::BadGateway(_))))
+                    if request.may_go_elsewhere() =>
+                {
+                    log::debug!(
+                        "{} {} {}: {} failed before answering ({err}); another backend may take it",
+                        self.client_ip,
+                        head.method(),
+                        head.target(),
+                        backend.name(),
+                    );
+                    failed = Some(Failure::Answer(err));
+                }
+                Err(TryError::Failed(failure)) => return Err(failure),
+                Ok(flow) => return Ok(flow),
+            }
+        }
+    }
+
+    /// Takes the part of the body that arrived together with the head, so it can go out in the
+    /// same write as the head (and again, if a pooled connection turns out closed). Returns it
+    /// and how the rest of the body is framed.
+    fn take_body_prefix(&mut self, body: BodyLength) -> (Vec<u8>, BodyLength) {
+        let BodyLength::Fixed(length) = body else {
+            return (Vec::new(), body);
+        };
+        let ready = self
+            .client
+            .buffered()
+            .len()
+            .min(usize::try_from(length).unwrap_or(usize::MAX));
+        let prefix = self.client.buffered()[..ready].to_vec();
+        self.client.consume(ready);
+        let rest = length - ready as u64;
+        if rest == 0 {
+            self.body_pending = false;
+            (prefix, BodyLength::Empty)
+        } else {
+            (prefix, BodyLength::Fixed(rest))
+        }
+    }
+
+    /// Chooses a backend among those available and not yet tried: the session's own backend
+    /// when it is one of them, else whichever the balancer picks.
+    fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
+        let backends = &self.lb.backends;
+        let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
+        if let Some(index) = session.and_then(|s| s.backend).filter(|&i| is_candidate(i)) {
+            return Some(balance::Pick {
+                index,
+                reason: String::new(),
+            });
+        }
+        let request = balance::Request {
+            client_ip: self.client_ip,
+            explain: self.lb.settings.explain,
+        };
+        self.lb.balancer.pick(backends, &request, &is_candidate)
+    }
+
+    /// The `X-Lb-Decision` line: the sticky verdict, the algorithm's reason, the backends left
+    /// out as unavailable and those already tried for this request, then the choice.
+    fn explain(&self, pick: &balance::Pick, session: Option<&Session>, tried: &[usize]) -> String {
+        let backends = &self.lb.backends;
+        let name = |i: usize| backends[i].name();
+        let mut parts = Vec::new();
+        match session {
+            Some(s) if s.backend == Some(pick.index) => {
+                parts.push(format!(
+                    "sticky hit: session {} belongs to {}",
+                    s.id,
+                    name(pick.index)
+                ));
+            }
+            Some(s) => {
+                parts.push(match s.backend {
+                    Some(old) => format!("sticky miss: session {} moves from {}", s.id, name(old)),
+                    None => format!("sticky miss: new session {}", s.id),
+                });
+                parts.push(pick.reason.clone());
+            }
+            None => parts.push(pick.reason.clone()),
+        }
+        let unavailable: Vec<&str> = backends
+            .iter()
+            .filter(|b| !b.health().is_available())
+            .map(|b| b.name())
+            .collect();
+        if !unavailable.is_empty() {
+            parts.push(format!("unavailable: {}", unavailable.join(", ")));
+        }
+        if !tried.is_empty() {
+            let names: Vec<&str> = tried.iter().map(|&i| name(i)).collect();
+            parts.push(format!("retry after {}", names.join(", ")));
+        }
+        parts.push(format!("chose {}", name(pick.index)));
+        parts.join("; ")
+    }
+}

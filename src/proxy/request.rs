@@ -1,0 +1,121 @@
+//! Checking a request, and writing the heads each side sees: the request head the backend gets
+//! (hop-by-hop fields removed, proxy fields added) and the response head the client gets.
+
+use std::io::Write as _;
+
+use crate::error::ProxyError;
+use crate::http::{self, BodyLength, Headers, RequestHead, ResponseHead, Version};
+
+/// What is needed to send one request to a backend.
+pub(super) struct OutgoingRequest<'r> {
+    pub(super) head: &'r RequestHead,
+    /// How the whole body is framed.
+    pub(super) body: BodyLength,
+    /// The start of the body, which arrived with the head.
+    pub(super) prefix: &'r [u8],
+    /// How the rest of the body, still to be read from the client, is framed.
+    pub(super) rest: BodyLength,
+    pub(super) request_id: Option<&'r str>,
+    /// The `X-Lb-Decision` value; empty unless `--explain`.
+    pub(super) reason: &'r str,
+    /// The balancer's `Set-Cookie` value, for a new sticky session.
+    pub(super) set_cookie: Option<&'r str>,
+}
+
+impl OutgoingRequest<'_> {
+    /// Whether sending the request a second time is harmless if the first try got no answer:
+    /// an idempotent method (RFC 9110 §9.2.2) or no body at all.
+    pub(super) fn can_resend(&self) -> bool {
+        self.head.is_idempotent() || self.body == BodyLength::Empty
+    }
+
+    /// Whether the request may go on to another backend after one broke the exchange before
+    /// any byte of the answer reached the client, as nginx and Envoy do: the method is
+    /// idempotent (RFC 9110 §9.2.2: sending it twice has the effect of sending it once), and
+    /// the whole body is still held (a body streamed through is gone). A POST is never sent
+    /// twice, since the first backend may have acted on it. Nor is a request that timed out
+    /// (504): its backend may still be working on it, and a slow request would otherwise
+    /// load every backend in turn.
+    pub(super) fn may_go_elsewhere(&self) -> bool {
+        self.head.is_idempotent() && self.rest == BodyLength::Empty
+    }
+}
+
+/// Refuses requests a balancer must not forward, and says how the body is framed.
+pub(super) fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError> {
+    if head.method() == "CONNECT" {
+        return Err(ProxyError::NotImplemented(head.method().to_string()));
+    }
+    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
+    if head.version == Version::Http11 && head.header("host").is_none() {
+        return Err(ProxyError::BadRequest("missing Host header".into()));
+    }
+    http::request_body_length(head).map_err(ProxyError::BadRequest)
+}
+
+/// Writes the request line and headers for the backend: hop-by-hop fields removed, the client
+/// added to X-Forwarded-For, an X-Request-Id added when missing, and the framing stated once.
+pub(super) fn write_request_head(
+    out: &mut Vec<u8>,
+    request: &OutgoingRequest,
+    client_ip: &str,
+    backend_name: &str,
+) {
+    let head = request.head;
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(head.target().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let hop_by_hop = http::HopByHop::of(head);
+    for (name, value) in head.headers.pairs() {
+        let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
+        if !rewritten && !hop_by_hop.contains(name) {
+            http::push_field(out, name, value);
+        }
+    }
+    if head.header("host").is_none() {
+        http::push_header(out, "Host", backend_name.as_bytes());
+    }
+    // X-Forwarded-For lists every hop so far: the values the client sent, then the client.
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for value in head.headers.values("x-forwarded-for") {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if let Some(id) = request.request_id {
+        http::push_header(out, "X-Request-Id", id.as_bytes());
+    }
+    match request.body {
+        BodyLength::Fixed(length) => {
+            // Writing into a Vec cannot fail.
+            let _ = write!(out, "Content-Length: {length}\r\n");
+        }
+        BodyLength::Chunked => http::push_header(out, "Transfer-Encoding", b"chunked"),
+        BodyLength::Empty | BodyLength::UntilClose => {}
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a status line and the end-to-end headers of a response (without the blank line, so
+/// the caller can add its own fields). Framing headers that the relay replaces are left out.
+pub(super) fn write_response_head(out: &mut Vec<u8>, head: &ResponseHead) {
+    // The parser accepts only three-digit status codes, so the digits are written directly.
+    let digits = [100, 10, 1].map(|unit| b'0' + (head.status / unit % 10) as u8);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&digits);
+    out.push(b' ');
+    out.extend_from_slice(head.reason().as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let framed_by_length = head.header("transfer-encoding").is_none();
+    let hop_by_hop = http::HopByHop::of(head);
+    for (name, value) in head.headers.pairs() {
+        let stale_length = name.eq_ignore_ascii_case(b"content-length") && !framed_by_length;
+        if !hop_by_hop.contains(name) && !stale_length {
+            http::push_field(out, name, value);
+        }
+    }
+}
