@@ -62,6 +62,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
     pub client_timeout: Duration,
 
+    /// A tunnel (after 101 Switching Protocols, e.g. a WebSocket) with no bytes in either
+    /// direction for this long is closed.
+    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_nonzero_duration)]
+    pub tunnel_timeout: Duration,
+
     /// Other backends a request may go on to when one fails it before any byte of the answer
     /// reached the client (idempotent requests only, once sent) [default: backends - 1].
     #[arg(long, value_name = "N")]
@@ -114,6 +119,7 @@ impl CommonArgs {
             connect_timeout: self.connect_timeout,
             backend_timeout: self.backend_timeout,
             client_timeout: self.client_timeout,
+            tunnel_timeout: self.tunnel_timeout,
             retries: self
                 .retries
                 .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
@@ -293,7 +299,7 @@ pub fn parse_admin(text: &str) -> Result<AdminAddr, String> {
     }
 }
 
-/// Parses a duration: `500ms`, `5s`, `1m`, or a bare number of seconds.
+/// Parses a duration: `500ms`, `5s`, `1m`, `1h`, or a bare number of seconds.
 ///
 /// ```
 /// use std::time::Duration;
@@ -301,6 +307,7 @@ pub fn parse_admin(text: &str) -> Result<AdminAddr, String> {
 ///
 /// assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
 /// assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+/// assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
 /// assert!(parse_duration("soon").is_err());
 /// ```
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -311,6 +318,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         (n, 1_000)
     } else if let Some(n) = text.strip_suffix('m') {
         (n, 60_000)
+    } else if let Some(n) = text.strip_suffix('h') {
+        (n, 3_600_000)
     } else {
         (text, 1_000)
     };
@@ -319,7 +328,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|n| n.parse().ok())
         .ok_or_else(|| {
-            format!("'{text}' is not a duration (try 500ms, 5s, 1m or a number of seconds)")
+            format!("'{text}' is not a duration (try 500ms, 5s, 1m, 1h or a number of seconds)")
         })?;
     number
         .checked_mul(unit_ms)

@@ -3,7 +3,10 @@
 //! response shows which backend served it, and `GET /health` answers `ok` for the health checker.
 //! Like the rest of the crate it uses blocking `std::net` I/O and one thread per connection, and it speaks
 //! enough HTTP/1.1 (keep-alive, pipelining, Content-Length and chunked request bodies) that the balancer's
-//! keep-alive connections to backends are exercised for real.
+//! keep-alive connections to backends are exercised for real. `/ws` is a WebSocket echo and `/chat` a
+//! page that opens it (see `websocket.rs`), to watch a tunnel through the balancer.
+
+mod websocket;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -245,6 +248,7 @@ fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
     loop {
         match exchange(&mut conn, shared) {
             Ok(Persist::KeepAlive) => {}
+            Ok(Persist::WebSocket) => return websocket::echo(conn, &shared.name),
             Ok(Persist::Close) => {
                 http::close_gracefully(conn.socket());
                 return Ok(());
@@ -271,6 +275,8 @@ fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
 enum Persist {
     KeepAlive,
     Close,
+    /// The connection switched to the WebSocket protocol (`/ws`).
+    WebSocket,
 }
 
 /// Why a connection stops before a response could be written.
@@ -366,6 +372,15 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
 
     let method = request.method();
     let path = request.target().split('?').next().unwrap_or_default();
+    if path == "/ws" && websocket::is_handshake(&request) {
+        websocket::accept(conn, &request, &shared.name)?;
+        return Ok(Persist::WebSocket);
+    }
+    if path == "/chat" && method == "GET" {
+        conn.socket()
+            .write_all(&websocket::chat_page(&shared.name))?;
+        return Ok(Persist::KeepAlive);
+    }
     let text = if matches!(method, "GET" | "HEAD") && path == "/health" {
         "ok\n".to_string()
     } else {

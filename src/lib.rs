@@ -7,6 +7,7 @@
 //! | phase | module | what it owns |
 //! |---|---|---|
 //! | 1 | [`server`], [`proxy`], [`http`] | listening, one thread per client, forwarding HTTP/1.1 |
+//! | 1 | [`proxy`] (`tunnel.rs`) | WebSocket and every `Upgrade`: a tunnel after `101 Switching Protocols` |
 //! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
 //! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |

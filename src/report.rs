@@ -31,6 +31,10 @@ pub struct Snapshot {
     pub active_connections: u64,
     /// Requests sent on to another backend after one failed them.
     pub retries: u64,
+    /// Tunnels (after `101 Switching Protocols`) open now.
+    pub tunnels: u64,
+    /// Tunnels opened since start.
+    pub tunnels_total: u64,
     /// Sticky sessions held and the table's bound, when sessions are on.
     pub sessions: Option<(usize, usize)>,
     /// One entry per backend, in the order they were given.
@@ -67,8 +71,12 @@ pub struct BackendSnapshot {
     pub errors: u64,
     /// Errors per request.
     pub error_rate: f64,
-    /// Requests in flight now.
+    /// Requests in flight now, open tunnels included.
     pub active_connections: u64,
+    /// Tunnels to it open now.
+    pub tunnels: u64,
+    /// Tunnels to it opened since start.
+    pub tunnels_total: u64,
     /// Average latency in milliseconds.
     pub latency_ms_avg: f64,
     /// 99th percentile latency in milliseconds, estimated from the histogram.
@@ -105,6 +113,8 @@ impl Snapshot {
                     errors: counters.errors(),
                     error_rate: counters.error_rate(),
                     active_connections: counters.active(),
+                    tunnels: counters.tunnels().active(),
+                    tunnels_total: counters.tunnels().total(),
                     latency_ms_avg: counters.latency_ms_avg(),
                     latency_ms_p99: counters.latency_ms_percentile(99.0),
                     latency_seconds_sum: counters.latency_seconds_sum(),
@@ -119,6 +129,8 @@ impl Snapshot {
             requests_per_second: stats.requests_per_second(),
             active_connections: stats.active_connections(),
             retries: stats.retries(),
+            tunnels: stats.tunnels().active(),
+            tunnels_total: stats.tunnels().total(),
             sessions: lb.sessions().map(|s| (s.len(), s.max_sessions())),
             backends,
         }
@@ -145,6 +157,8 @@ impl Snapshot {
                     "requests": b.requests,
                     "errors": b.errors,
                     "active_connections": b.active_connections,
+                    "tunnels": b.tunnels,
+                    "tunnels_total": b.tunnels_total,
                     "latency_ms_avg": round3(b.latency_ms_avg),
                     "latency_ms_p99": round3(b.latency_ms_p99),
                     "error_rate": round3(b.error_rate),
@@ -167,6 +181,8 @@ impl Snapshot {
             "requests_per_second": round3(self.requests_per_second),
             "active_connections": self.active_connections,
             "retries": self.retries,
+            "tunnels": self.tunnels,
+            "tunnels_total": self.tunnels_total,
             "algorithm": self.algorithm,
             "backends": backends,
         });
@@ -255,8 +271,42 @@ impl Snapshot {
             "The backend's weight.",
             |b| f64::from(b.weight),
         );
+        self.tunnel_metrics(&mut out);
         self.latency_histogram(&mut out);
         out
+    }
+
+    /// `lb_tunnels_active` and `lb_tunnels_total`: the balancer's total without labels, then
+    /// one series per backend.
+    fn tunnel_metrics(&self, out: &mut String) {
+        let families = [
+            (
+                "lb_tunnels_active",
+                "gauge",
+                "Tunnels (after 101 Switching Protocols) open now.",
+                self.tunnels,
+                (|b: &BackendSnapshot| b.tunnels) as fn(&BackendSnapshot) -> u64,
+            ),
+            (
+                "lb_tunnels_total",
+                "counter",
+                "Tunnels opened since start.",
+                self.tunnels_total,
+                |b: &BackendSnapshot| b.tunnels_total,
+            ),
+        ];
+        for (name, kind, help, total, per_backend) in families {
+            metric_header(out, name, kind, help);
+            let _ = writeln!(out, "{name} {total}");
+            for backend in &self.backends {
+                let label = escape_label(&backend.address);
+                let _ = writeln!(
+                    out,
+                    "{name}{{backend=\"{label}\"}} {}",
+                    per_backend(backend)
+                );
+            }
+        }
     }
 
     fn per_backend(
@@ -319,12 +369,13 @@ impl Snapshot {
         let _ = writeln!(
             page,
             "<p class=\"summary\">{} &middot; up {} &middot; {} requests &middot; {:.1} req/s \
-             &middot; {} open connections &middot; {} retries{}</p>",
+             &middot; {} open connections &middot; {} tunnels &middot; {} retries{}</p>",
             escape_html(self.algorithm),
             human_duration(self.uptime_seconds),
             self.total_requests,
             self.requests_per_second,
             self.active_connections,
+            self.tunnels,
             self.retries,
             self.sessions
                 .map(|(held, max)| format!(" &middot; {held} of {max} sticky sessions"))
@@ -459,6 +510,8 @@ mod tests {
             errors: 1,
             error_rate: 1.0 / requests as f64,
             active_connections: 0,
+            tunnels: 1,
+            tunnels_total: 4,
             latency_ms_avg: 0.4,
             latency_ms_p99: 1.0,
             latency_seconds_sum: 0.004,
@@ -476,6 +529,8 @@ mod tests {
             requests_per_second: 0.8,
             active_connections: 1,
             retries: 2,
+            tunnels: 2,
+            tunnels_total: 8,
             sessions: Some((3, 100)),
             backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],
         }
@@ -488,6 +543,8 @@ mod tests {
         assert_eq!(value["uptime_seconds"], 12.3);
         assert_eq!(value["sessions"], 3);
         assert_eq!(value["retries"], 2);
+        assert_eq!(value["tunnels"], 2);
+        assert_eq!(value["backends"][0]["tunnels_total"], 4);
         let first = &value["backends"][0];
         for field in ["address", "weight", "healthy", "requests", "errors"] {
             assert!(!first[field].is_null(), "{field}");
@@ -543,6 +600,8 @@ mod tests {
         );
         assert!(text.contains("lb_request_duration_seconds_count{backend=\"a:1\"} 6\n"));
         assert!(text.contains("# TYPE lb_retries_total counter\nlb_retries_total 2\n"));
+        assert!(text.contains("# TYPE lb_tunnels_active gauge\nlb_tunnels_active 2\n"));
+        assert!(text.contains("lb_tunnels_total{backend=\"a:1\"} 4\n"));
     }
 
     #[test]

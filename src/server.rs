@@ -172,7 +172,7 @@ impl Server {
             }
         }
         drop(self.listener);
-        self.shared.drain();
+        self.shared.drain(&lb);
     }
 }
 
@@ -387,7 +387,7 @@ impl Shared {
     }
 
     /// Closes connections idle between requests and waits for the busy ones to finish.
-    fn drain(&self) {
+    fn drain(&self, lb: &LoadBalancer) {
         let deadline = Instant::now() + DRAIN_LIMIT;
         let mut open = self.open();
         open.someone_waits = true;
@@ -407,9 +407,10 @@ impl Shared {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!(
-                    "{} connections still busy after {:?}; closing them",
+                    "{} connections still busy after {:?} ({} of them tunnels); closing them",
                     open.by_id.len(),
-                    DRAIN_LIMIT
+                    DRAIN_LIMIT,
+                    lb.stats().tunnels().active()
                 );
                 for connection in open.by_id.values() {
                     connection.shutdown(Shutdown::Both);

@@ -18,6 +18,8 @@ pub struct Settings {
     pub backend_timeout: Duration,
     /// Time allowed for a whole request head, and for an idle keep-alive connection.
     pub client_timeout: Duration,
+    /// How long a tunnel may stay without a byte in either direction.
+    pub tunnel_timeout: Duration,
     /// Other backends a request may go on to after one failed it.
     pub retries: usize,
     /// How often statistics are logged; zero for never.

@@ -24,6 +24,7 @@ pub struct Stats {
     total_requests: AtomicU64,
     retries: AtomicU64,
     active_connections: AtomicU64,
+    tunnels: Tunnels,
 }
 
 impl Default for Stats {
@@ -39,6 +40,7 @@ impl Stats {
             started: Instant::now(),
             total_requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            tunnels: Tunnels::default(),
             active_connections: AtomicU64::new(0),
         }
     }
@@ -61,6 +63,11 @@ impl Stats {
     /// Requests sent on to another backend after one failed them, so far.
     pub fn retries(&self) -> u64 {
         self.retries.load(Relaxed)
+    }
+
+    /// The balancer's tunnels, over all backends.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
     }
 
     /// Client connections open now.
@@ -125,9 +132,15 @@ pub struct BackendStats {
     active: AtomicU64,
     latency_micros_sum: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    tunnels: Tunnels,
 }
 
 impl BackendStats {
+    /// The tunnels to this backend.
+    pub fn tunnels(&self) -> &Tunnels {
+        &self.tunnels
+    }
+
     /// Marks a request as in flight on this backend until the guard is dropped. Least-connections
     /// balancing reads this count, so the guard releases it on every path out, panics included.
     pub fn begin_request(&self) -> Gauge<'_> {
@@ -229,6 +242,32 @@ impl BackendStats {
             }
         }
         0.0
+    }
+}
+
+/// Tunnels after `101 Switching Protocols` (WebSockets and other upgrades): open now, and
+/// opened since start.
+#[derive(Debug, Default)]
+pub struct Tunnels {
+    open: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Tunnels {
+    /// Counts a tunnel that is open until the returned guard is dropped.
+    pub fn open(&self) -> Gauge<'_> {
+        self.total.fetch_add(1, Relaxed);
+        Gauge::raise(&self.open)
+    }
+
+    /// Tunnels open now.
+    pub fn active(&self) -> u64 {
+        self.open.load(Relaxed)
+    }
+
+    /// Tunnels opened since start.
+    pub fn total(&self) -> u64 {
+        self.total.load(Relaxed)
     }
 }
 

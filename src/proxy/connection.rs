@@ -10,15 +10,18 @@ use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
 
 use super::exchange::TryError;
-use super::request::{check_request, OutgoingRequest};
+use super::request::{check_request, is_upgrade, OutgoingRequest};
 use super::session::Session;
 use super::{ConnectionState, LoadBalancer};
 
 /// Whether the connection goes on after a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug)]
 pub(super) enum Flow {
     KeepAlive,
     Close,
+    /// The backend answered `101 Switching Protocols` on this connection to it: the client's
+    /// connection becomes a tunnel to it.
+    Switch(TcpStream),
 }
 
 /// How forwarding one request went wrong.
@@ -83,7 +86,7 @@ impl<'a> ClientConnection<'a> {
                 Ok(None) => Flow::Close,
                 Err(err) => self.reject_head(err),
             };
-            if flow == Flow::Close {
+            if matches!(flow, Flow::Close) {
                 break;
             }
         }
@@ -229,6 +232,7 @@ impl<'a> ClientConnection<'a> {
                 request_id,
                 reason: &decision,
                 set_cookie: set_cookie.as_deref(),
+                upgrade: is_upgrade(head),
             };
             match self.try_backend(backend, &request, started) {
                 // Nothing reached the backend, so the next one may safely get the request.
@@ -248,6 +252,12 @@ impl<'a> ClientConnection<'a> {
                     failed = Some(Failure::Answer(err));
                 }
                 Err(TryError::Failed(failure)) => return Err(failure),
+                // The tunnel runs while the request counts as in flight on its backend, so
+                // that least connections sees it.
+                Ok(Flow::Switch(upstream)) => {
+                    self.tunnel(backend, upstream);
+                    return Ok(Flow::Close);
+                }
                 Ok(flow) => return Ok(flow),
             }
         }

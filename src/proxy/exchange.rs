@@ -16,7 +16,9 @@ use crate::http::{
 use crate::warnings::RepeatedWarning;
 
 use super::connection::{ClientConnection, Failure, Flow};
-use super::request::{write_request_head, write_response_head, OutgoingRequest};
+use super::request::{
+    push_upgrade_fields, write_request_head, write_response_head, OutgoingRequest,
+};
 
 /// Between two tries at connecting to a backend while the process is out of descriptors.
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
@@ -44,7 +46,9 @@ impl ClientConnection<'_> {
     ) -> Result<Flow, TryError> {
         // A body that will be streamed cannot be sent twice, so it never risks a pooled
         // connection that may turn out closed.
-        let connection = self.open_connection(backend, request.rest == BodyLength::Empty)?;
+        // A request to switch protocols is not sent twice either (see `may_go_elsewhere`).
+        let may_reuse = request.rest == BodyLength::Empty && !request.upgrade;
+        let connection = self.open_connection(backend, may_reuse)?;
         backend.stats().count_request();
         let out = self.request_bytes(backend, request);
         let mut result = self.exchange(backend, connection, &out, request);
@@ -305,7 +309,12 @@ impl ClientConnection<'_> {
                 }
             };
             match head.status {
-                101 => return Err(bad_gateway("protocol upgrades are not supported")),
+                101 if request.upgrade => return Ok(head),
+                101 => {
+                    return Err(bad_gateway(
+                        "a 101 to a request that did not ask to switch protocols",
+                    ))
+                }
                 100..=199 => {
                     // Interim responses (such as 103 Early Hints) go to HTTP/1.1 clients as they are.
                     if request.head.version == Version::Http11 {
@@ -329,6 +338,9 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
         response: ResponseHead,
     ) -> Result<(Flow, u16), ExchangeError> {
+        if response.status == 101 {
+            return self.switch_protocols(upstream, request, &response);
+        }
         let status = response.status;
         let body = http::response_body_length(request.head.method(), &response)
             .map_err(|why| bad_gateway(&why))?;
@@ -374,14 +386,7 @@ impl ClientConnection<'_> {
         if body == BodyLength::Chunked && !dechunk {
             http::push_header(&mut out, "Transfer-Encoding", b"chunked");
         }
-        if self.lb.settings.explain {
-            http::push_header(&mut out, "X-Lb-Decision", request.reason.as_bytes());
-        }
-        // The balancer's cookie is a field of its own, so the backend's own Set-Cookie fields
-        // (already copied above) all reach the client too (RFC 6265 §3: one cookie per field).
-        if let Some(cookie) = request.set_cookie {
-            http::push_header(&mut out, "Set-Cookie", cookie.as_bytes());
-        }
+        self.push_balancer_fields(&mut out, request);
         if !keep_alive {
             http::push_header(&mut out, "Connection", b"close");
         } else if request.head.version == Version::Http10 {
@@ -389,6 +394,54 @@ impl ClientConnection<'_> {
         }
         out.extend_from_slice(b"\r\n");
         out
+    }
+
+    /// The balancer's own response fields: the decision for `--explain`, and a new sticky
+    /// session's cookie, as a field of its own so that the backend's own Set-Cookie fields
+    /// (already copied) all reach the client too (RFC 6265 §3: one cookie per field).
+    fn push_balancer_fields(&self, out: &mut Vec<u8>, request: &OutgoingRequest) {
+        if self.lb.settings.explain {
+            http::push_header(out, "X-Lb-Decision", request.reason.as_bytes());
+        }
+        if let Some(cookie) = request.set_cookie {
+            http::push_header(out, "Set-Cookie", cookie.as_bytes());
+        }
+    }
+
+    /// The backend switched protocols: the `101` goes to the client, followed by whatever the
+    /// backend sent right after it, and whatever the client sent after its request goes to the
+    /// backend, so that no byte is lost either way. From here on the connection is a tunnel
+    /// (`tunnel.rs`), and the backend connection never goes back to the pool.
+    fn switch_protocols(
+        &mut self,
+        upstream: BufferedStream,
+        request: &OutgoingRequest,
+        response: &ResponseHead,
+    ) -> Result<(Flow, u16), ExchangeError> {
+        let mut head = Vec::with_capacity(512);
+        write_response_head(&mut head, response);
+        push_upgrade_fields(&mut head, response);
+        self.push_balancer_fields(&mut head, request);
+        head.extend_from_slice(b"\r\n");
+        head.extend_from_slice(upstream.buffered());
+        if let Err(err) = std::io::Write::write_all(&mut self.client.socket(), &head) {
+            return Err(abort(&format!("writing the 101 response: {err}")));
+        }
+        let early = self.client.buffered().len();
+        if early > 0 {
+            if let Err(err) =
+                std::io::Write::write_all(&mut upstream.socket(), self.client.buffered())
+            {
+                return Err(ExchangeError::Failed(Failure::Abort {
+                    why: format!("passing on what the client sent after its request: {err}"),
+                    by_backend: true,
+                }));
+            }
+            self.client.consume(early);
+        }
+        let (socket, buffer) = upstream.into_parts();
+        self.lb.buffers.give(buffer);
+        Ok((Flow::Switch(socket), 101))
     }
 
     /// After a complete response, returns the read buffer for reuse and the backend connection

@@ -20,6 +20,8 @@ pub(super) struct OutgoingRequest<'r> {
     pub(super) reason: &'r str,
     /// The balancer's `Set-Cookie` value, for a new sticky session.
     pub(super) set_cookie: Option<&'r str>,
+    /// Whether the client asks to switch protocols (see [`is_upgrade`]).
+    pub(super) upgrade: bool,
 }
 
 impl OutgoingRequest<'_> {
@@ -36,8 +38,31 @@ impl OutgoingRequest<'_> {
     /// twice, since the first backend may have acted on it. Nor is a request that timed out
     /// (504): its backend may still be working on it, and a slow request would otherwise
     /// load every backend in turn.
+    ///
+    /// A request to switch protocols is not sent twice either: once a backend has it, it may
+    /// have switched, and only a backend that could not be reached hands it on.
     pub(super) fn may_go_elsewhere(&self) -> bool {
-        self.head.is_idempotent() && self.rest == BodyLength::Empty
+        self.head.is_idempotent() && self.rest == BodyLength::Empty && !self.upgrade
+    }
+}
+
+/// Whether `head` asks to switch protocols (a WebSocket handshake, `h2c`, ...): an `Upgrade`
+/// field that `Connection` names, as RFC 9110 §7.8 requires. Both are hop-by-hop fields, so
+/// without this they would be removed and the backend would never see the request to switch.
+/// An `Upgrade` that `Connection` does not name is dropped like any hop-by-hop field, and
+/// HTTP/1.0 has no upgrades.
+pub(super) fn is_upgrade(head: &RequestHead) -> bool {
+    head.version == Version::Http11
+        && head.header("upgrade").is_some()
+        && head.has_token("connection", "upgrade")
+}
+
+/// Writes `Connection: upgrade` and the `Upgrade` fields of `head` as sent, for a request or a
+/// `101` response that switches protocols.
+pub(super) fn push_upgrade_fields(out: &mut Vec<u8>, head: &impl Headers) {
+    http::push_header(out, "Connection", b"upgrade");
+    for value in head.fields().values("upgrade") {
+        http::push_header(out, "Upgrade", value);
     }
 }
 
@@ -88,6 +113,9 @@ pub(super) fn write_request_head(
     out.extend_from_slice(b"\r\n");
     if let Some(id) = request.request_id {
         http::push_header(out, "X-Request-Id", id.as_bytes());
+    }
+    if request.upgrade {
+        push_upgrade_fields(out, head);
     }
     match request.body {
         BodyLength::Fixed(length) => {
