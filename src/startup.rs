@@ -112,8 +112,9 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
         if backends.len() == 1 { "" } else { "s" },
         backends.join(", ")
     );
+    // The event first: whoever reads the log line to know the balancer is up finds it listed.
+    lb.stats().push_event(EventKind::Start, message.clone());
     log::info!("{message}");
-    lb.stats().push_event(EventKind::Start, message);
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`
