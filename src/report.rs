@@ -405,7 +405,7 @@ impl Snapshot {
 
     /// The HTML page of `/stats`: self-contained (inline style and SVG, no scripts or external
     /// assets), reloading itself every few seconds, and narrow enough for a phone: the table
-    /// turns into one card per backend below 760 px.
+    /// turns into one card per backend below 1000 px.
     pub fn to_html(&self) -> String {
         let mut page = String::with_capacity(64 * 1024);
         page.push_str(HTML_START);
@@ -467,7 +467,7 @@ impl Snapshot {
                  <td class=\"health\" data-label=\"health checks\">{health}</td>\
                  <td data-label=\"weight\">{}</td><td data-label=\"requests\">{}</td>\
                  <td data-label=\"errors\">{} ({:.1}%)</td><td data-label=\"active\">{}</td>\
-                 <td data-label=\"latency p50 / p90 / p99\" title=\"average {:.2} ms\">{} / {} / {} ms</td>\
+                 <td class=\"latency\" data-label=\"latency p50 / p90 / p99\" title=\"average {:.2} ms\">{} / {} / {} ms</td>\
                  <td class=\"share\" data-label=\"share\"><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td></tr>",
                 escape_html(&b.address),
                 b.weight,
@@ -588,7 +588,7 @@ fn down_seconds(events: &[Event], healthy_now: bool, now: u64) -> Vec<bool> {
 
 /// The newest [`MAX_EVENTS`] of `events` (from every log), newest first, timed from `started`.
 fn newest_events(mut events: Vec<Event>, started: Instant) -> Vec<EventSnapshot> {
-    events.sort_by(|a, b| b.at.cmp(&a.at));
+    events.sort_by_key(|e| std::cmp::Reverse(e.at));
     events.truncate(MAX_EVENTS);
     events
         .into_iter()
@@ -616,7 +616,7 @@ fn milliseconds(ms: f64) -> String {
 const HTML_START: &str = "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
 <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n";
 
-/// The rest of the HTML page's head, up to the summary line. Below 760 px the table becomes
+/// The rest of the HTML page's head, up to the summary line. Below 1000 px the table becomes
 /// one card per backend, each value under its column's name; the health details wrap instead of
 /// widening the table; colours follow the reader's light or dark preference.
 const HTML_STYLE: &str = concat!(
@@ -667,15 +667,16 @@ const HTML_STYLE: &str = concat!(
     ".kind { display: inline-block; min-width: 4.5em; font-weight: bold; }\n",
     ".kind.down, .kind.ejected, .kind.trial { color: var(--down); } .kind.up { color: var(--up); }\n",
     ".kind.start, .kind.stop { color: var(--muted); }\n",
-    "@media (max-width: 760px) {\n",
+    "@media (max-width: 1000px) {\n",
     "  body { margin: 0.6em; }\n",
     "  thead { display: none; }\n",
-    "  table, tbody, tr, td { display: block; width: auto; }\n",
+    "  table, tr, td { display: block; width: auto; }\n",
+    "  tbody { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 21em), 1fr));\n",
+    "    gap: 0.8em; }\n",
     "  tr { display: grid; grid-template-columns: 1fr 1fr; column-gap: 1em;\n",
-    "    border: 1px solid var(--line); border-radius: 6px; margin-bottom: 0.8em; padding: 0.4em; }\n",
+    "    border: 1px solid var(--line); border-radius: 6px; padding: 0.4em; }\n",
     "  td { border: none; text-align: left; padding: 0.2em 0.3em; white-space: normal; }\n",
-    "  td.health { grid-column: 1 / -1; max-width: none; min-width: 0; }\n",
-    "  td.share { grid-column: 1 / -1; }\n",
+    "  td.health, td.latency, td.share { grid-column: 1 / -1; max-width: none; min-width: 0; }\n",
     "  td[data-label]::before { content: attr(data-label); display: block; font-size: 0.75em;\n",
     "    color: var(--muted); font-family: system-ui, sans-serif; }\n",
     "}\n",
@@ -896,7 +897,7 @@ mod tests {
         assert!(page.contains("is down: 3 checks failed"));
         assert!(page.contains("0.300 / 0.500 / 1.00 ms"), "{page}");
         assert!(page.contains("prefers-color-scheme: dark"));
-        assert!(page.contains("max-width: 760px"));
+        assert!(page.contains("max-width: 1000px"));
         for external in ["<script", "<link", "src=", "url("] {
             assert!(!page.contains(external), "{external}");
         }
