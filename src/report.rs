@@ -644,7 +644,7 @@ const HTML_STYLE: &str = concat!(
     "  vertical-align: middle; }\n",
     ".bar div { height: 100%; background: var(--req); }\n",
     ".summary, .links, .legend { color: var(--muted); }\n",
-    ".charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 24em), 1fr));\n",
+    ".charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(100%, 20em), 1fr));\n",
     "  gap: 0.5em 1.5em; }\n",
     "figure { margin: 0; } figcaption { font-size: 0.9em; color: var(--muted); }\n",
     "figcaption b { font-family: monospace; color: var(--fg); font-size: 1.1em; }\n",
