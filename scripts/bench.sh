@@ -416,8 +416,11 @@ import sys, time, urllib.request
 admin, every, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 fetched = size = 0
 while True:
-    with urllib.request.urlopen(f"http://{admin}/stats", timeout=10) as page:
-        size = len(page.read())
+    try:
+        with urllib.request.urlopen(f"http://{admin}/stats", timeout=10) as page:
+            size = len(page.read())
+    except OSError:
+        sys.exit(0)  # the balancer is gone: the run is over
     fetched += 1
     with open(out, "w") as f:
         f.write(f"{fetched} {size}\n")
