@@ -5,11 +5,17 @@
 //! a new second claims the slot (a compare-and-swap on the slot's second) and clears it, so the
 //! ring advances without a timer thread, recording costs a few atomic additions and no
 //! allocation, and memory does not depend on traffic or uptime. A second nobody recorded in keeps
-//! its slot's old number, and readers count it as zero. The price of having no lock: a request
-//! recorded by another thread in the nanoseconds between a claim and its clearing is lost from
-//! the chart (never from the totals, which are separate counters).
+//! its slot's old number, and readers count it as zero.
+//!
+//! The claim marks the slot as being cleared before it publishes the new second, so no count can
+//! land in it between the claim and the clearing and be wiped: a recorder that meets the mark
+//! waits the few nanoseconds the clearing takes (yielding its core after a short spin, in case the
+//! claimer was preempted). That wait happens at most once per backend per second.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -18,6 +24,12 @@ pub const HISTORY_SECONDS: usize = 300;
 
 /// A slot no second has claimed yet.
 const NEVER: u64 = u64::MAX;
+
+/// A slot being cleared for a new second.
+const CLEARING: u64 = u64::MAX - 1;
+
+/// Spins on a slot being cleared before yielding the core to the thread clearing it.
+const SPINS_BEFORE_YIELD: u32 = 64;
 
 /// The clock the rings and the events share, so that one second means the same on every
 /// backend: whole seconds since the process first read it, with the wall-clock time of that
@@ -135,26 +147,39 @@ impl History {
     /// a newer second already has it (a thread that stalled for the whole window).
     fn slot(&self, second: u64) -> Option<&Slot> {
         let slot = &self.slots[(second % HISTORY_SECONDS as u64) as usize];
-        let seen = slot.second.load(Relaxed);
-        if seen == second {
-            return Some(slot);
+        let mut spins = 0;
+        loop {
+            let seen = slot.second.load(Acquire);
+            if seen == second {
+                return Some(slot);
+            }
+            if seen == CLEARING {
+                spins += 1;
+                if spins < SPINS_BEFORE_YIELD {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
+            }
+            if seen != NEVER && seen > second {
+                return None;
+            }
+            // One thread wins the claim and clears the counts, then publishes the second; the
+            // others wait for it and add to the cleared slot.
+            if slot
+                .second
+                .compare_exchange(seen, CLEARING, Acquire, Relaxed)
+                .is_ok()
+            {
+                slot.requests.store(0, Relaxed);
+                slot.errors.store(0, Relaxed);
+                slot.finished.store(0, Relaxed);
+                slot.latency_micros.store(0, Relaxed);
+                slot.second.store(second, Release);
+                return Some(slot);
+            }
         }
-        if seen != NEVER && seen > second {
-            return None;
-        }
-        // One thread wins the claim and clears the counts; the losers find the second already
-        // claimed and add to it.
-        if slot
-            .second
-            .compare_exchange(seen, second, Relaxed, Relaxed)
-            .is_ok()
-        {
-            slot.requests.store(0, Relaxed);
-            slot.errors.store(0, Relaxed);
-            slot.finished.store(0, Relaxed);
-            slot.latency_micros.store(0, Relaxed);
-        }
-        (slot.second.load(Relaxed) == second).then_some(slot)
     }
 
     /// The [`HISTORY_SECONDS`] seconds ending with `now`, oldest first. A slot holding any other
@@ -171,7 +196,7 @@ impl History {
             let slot = u64::try_from(second)
                 .ok()
                 .map(|s| (s, &self.slots[(s % HISTORY_SECONDS as u64) as usize]))
-                .filter(|(s, slot)| slot.second.load(Relaxed) == *s)
+                .filter(|(s, slot)| slot.second.load(Acquire) == *s)
                 .map(|(_, slot)| slot);
             let Some(slot) = slot else {
                 series.requests.push(0);
@@ -253,14 +278,23 @@ mod tests {
     }
 
     #[test]
-    fn threads_recording_at_once_are_all_counted_within_a_second() {
+    fn threads_racing_for_new_seconds_lose_no_count() {
+        // Every thread starts each second at once, so they race for its claim: no count may be
+        // lost to the clearing.
         let history = std::sync::Arc::new(History::default());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(4));
         let threads: Vec<_> = (0..4)
             .map(|_| {
-                let history = std::sync::Arc::clone(&history);
+                let (history, start) = (
+                    std::sync::Arc::clone(&history),
+                    std::sync::Arc::clone(&start),
+                );
                 std::thread::spawn(move || {
-                    for _ in 0..10_000 {
-                        history.count_request(42);
+                    for second in 0..600 {
+                        start.wait();
+                        for _ in 0..100 {
+                            history.count_request(second);
+                        }
                     }
                 })
             })
@@ -268,7 +302,12 @@ mod tests {
         for thread in threads {
             thread.join().unwrap();
         }
-        assert_eq!(history.series(42).requests[299], 40_000);
+        let series = history.series(599);
+        assert!(
+            series.requests.iter().all(|&n| n == 400),
+            "{:?}",
+            series.requests
+        );
     }
 
     #[test]
