@@ -34,6 +34,10 @@ Options:
                   against it, and report socket errors, non-2xx answers and the
                   lines it logged (targets for N=1024, 600 clients: 0, 0, < 20)
   --clients C     connections for --fd-limit (default 600)
+  --watch-stats SEC
+                  while measuring, fetch the balancer's /stats page every SEC seconds
+                  (as a browser tab left open on it does), to measure what watching
+                  costs; the admin address is read from the balancer's start-up log
   --no-build      do not run cargo build
   --self-test     use a second nginx as the "balancer under test" (checks the script
                   itself; its ratios to nginx should come out near 1.0)
@@ -79,6 +83,7 @@ FD_LIMIT=0
 FD_CLIENTS=600
 BUILD=1
 SELF_TEST=0
+WATCH_STATS=0
 
 die() { echo "bench.sh: $*" >&2; exit 2; }
 need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
@@ -92,6 +97,7 @@ while (($#)); do
     --idle)     need_number "$1" "${2-}"; IDLE=$2; shift 2 ;;
     --fd-limit) need_number "$1" "${2-}"; FD_LIMIT=$2; shift 2 ;;
     --clients)  need_number "$1" "${2-}"; FD_CLIENTS=$2; shift 2 ;;
+    --watch-stats) need_number "$1" "${2-}"; WATCH_STATS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --self-test) SELF_TEST=1; shift ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
@@ -101,6 +107,7 @@ while (($#)); do
 done
 ((ROUNDS >= 1)) || die "--rounds must be at least 1"
 ((DURATION >= 1)) || die "--duration must be at least 1"
+((WATCH_STATS == 0 || ! SELF_TEST)) || die "--watch-stats needs a balancer of this project, not --self-test"
 
 # ---------------------------------------------------------------- tools
 # nginx and haproxy live in /usr/sbin, which is not always on PATH.
@@ -411,6 +418,29 @@ start_nginx_lb nginx "$NGINX_PORT"; NGINX_PID=${PIDS[-1]}
 start_haproxy; HAPROXY_PID=${PIDS[-1]}
 LB_LABEL=${LB_LABEL:-balancer}
 
+# --watch-stats: a browser tab on /stats, reloading itself every WATCH_STATS seconds.
+if ((WATCH_STATS > 0)); then
+  ADMIN=$(sed -n 's|.*statistics on http://\([^/]*\)/stats.*|\1|p' "$TMP/balancer.log" | head -n1)
+  [[ -n $ADMIN ]] || die "--watch-stats: the balancer logged no statistics address (--admin off?)"
+  python3 - "$ADMIN" "$WATCH_STATS" "$TMP/watch.txt" <<'PY' &
+import sys, time, urllib.request
+admin, every, out = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+fetched = size = 0
+while True:
+    try:
+        with urllib.request.urlopen(f"http://{admin}/stats", timeout=10) as page:
+            size = len(page.read())
+    except OSError:
+        sys.exit(0)  # the balancer is gone: the run is over
+    fetched += 1
+    with open(out, "w") as f:
+        f.write(f"{fetched} {size}\n")
+    time.sleep(every)
+PY
+  PIDS+=($!)
+  echo "watching http://$ADMIN/stats every ${WATCH_STATS}s during the run"
+fi
+
 declare -A PORT=([lb]=$LB_PORT [nginx]=$NGINX_PORT [haproxy]=$HAPROXY_PORT)
 declare -A PID=([lb]=$LB_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
 declare -A NAME=([lb]=$LB_LABEL [nginx]=nginx [haproxy]=haproxy)
@@ -538,3 +568,7 @@ done >"$TMP/mem.tsv"
 
 echo
 python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)"
+if ((WATCH_STATS > 0)) && [[ -s $TMP/watch.txt ]]; then
+  read -r fetched size <"$TMP/watch.txt"
+  echo "/stats fetched $fetched times ($size bytes each) while measuring"
+fi

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
+use crate::stats::events::EventKind;
 
 pub mod active;
 
@@ -115,11 +116,15 @@ impl LastCheck {
     }
 }
 
-/// A backend's health flipping, reported once by whoever caused it.
+/// A backend's health flipping, reported once by whoever caused it; or a failed trial request,
+/// which keeps a backend out that was already out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
-    /// The new state: true when the backend came back, false when it went down.
+    /// The new state: true when the backend came back, false when it went (or stays) down.
     pub healthy: bool,
+    /// Which check decided: `down` (active), `ejected` (passive), `trial` (a failed trial
+    /// request) or `up`; the event's kind on the statistics page.
+    pub kind: EventKind,
     /// Why, e.g. `3 checks failed in a row (last: 500)`.
     pub reason: String,
 }
@@ -146,6 +151,8 @@ pub struct Health {
     /// Passive: failed requests in a row. An atomic, so a success on a backend without failures
     /// costs no lock.
     failed_requests: AtomicU32,
+    /// Passive: a trial request was let through and its outcome not yet seen.
+    trial_pending: AtomicBool,
     checks: Mutex<CheckCounts>,
 }
 
@@ -167,6 +174,7 @@ impl Default for Health {
             trial_at: AtomicU64::new(0),
             next_check_at: AtomicU64::new(0),
             failed_requests: AtomicU32::new(0),
+            trial_pending: AtomicBool::new(false),
             checks: Mutex::new(CheckCounts::default()),
         }
     }
@@ -212,7 +220,7 @@ impl Health {
         };
         let now = self.now_ms();
         let due = self.trial_at.load(Ordering::Acquire);
-        now >= due
+        let claimed = now >= due
             && self
                 .trial_at
                 .compare_exchange(
@@ -221,7 +229,11 @@ impl Health {
                     Ordering::AcqRel,
                     Ordering::Acquire,
                 )
-                .is_ok()
+                .is_ok();
+        if claimed {
+            self.trial_pending.store(true, Ordering::Release);
+        }
+        claimed
     }
 
     /// How long until the backend could be chosen again (zero if it can be now): its next
@@ -306,12 +318,13 @@ impl Health {
         }
         let _serial = self.counts();
         let was = self.is_healthy();
-        let reason = if ok {
+        let (kind, reason) = if ok {
             self.failed_requests.store(0, Ordering::Release);
+            self.trial_pending.store(false, Ordering::Release);
             if !self.passive_out.swap(false, Ordering::AcqRel) {
                 return None;
             }
-            "a trial request succeeded".to_string()
+            (EventKind::Up, "a trial request succeeded".to_string())
         } else {
             let fails = self
                 .failed_requests
@@ -321,21 +334,32 @@ impl Health {
             let out_until = self.now_ms().saturating_add(millis(policy.fail_timeout));
             if self.passive_out.load(Ordering::Acquire) {
                 // The trial failed (or a request sent before the backend went out did): out
-                // for another fail-timeout.
+                // for another fail-timeout. Only the trial is worth reporting.
                 self.trial_at.store(out_until, Ordering::Release);
-                return None;
+                if !self.trial_pending.swap(false, Ordering::AcqRel) {
+                    return None;
+                }
+                return Some(Transition {
+                    healthy: false,
+                    kind: EventKind::Trial,
+                    reason: format!(
+                        "the trial request failed, out for another {:?}",
+                        policy.fail_timeout
+                    ),
+                });
             }
             if fails < policy.max_fails {
                 return None;
             }
             self.trial_at.store(out_until, Ordering::Release);
             self.passive_out.store(true, Ordering::Release);
-            format!(
+            let reason = format!(
                 "{fails} requests failed in a row, out for {:?}",
                 policy.fail_timeout
-            )
+            );
+            (EventKind::Ejected, reason)
         };
-        self.flipped(was, reason)
+        self.flipped(was, kind, reason)
     }
 
     /// Takes note of an active check's result: `passed` with what the probe got (`200`,
@@ -349,14 +373,15 @@ impl Health {
             at: Instant::now(),
         });
         let up = self.active_up.load(Ordering::Acquire);
-        let reason = if passed {
+        let (kind, reason) = if passed {
             counts.successes = counts.successes.saturating_add(1);
             counts.failures = 0;
             if up || counts.successes < policy.rise {
                 return None;
             }
             self.active_up.store(true, Ordering::Release);
-            format!("{} checks passed in a row ({result})", counts.successes)
+            let reason = format!("{} checks passed in a row ({result})", counts.successes);
+            (EventKind::Up, reason)
         } else {
             counts.failures = counts.failures.saturating_add(1);
             counts.successes = 0;
@@ -364,13 +389,14 @@ impl Health {
                 return None;
             }
             self.active_up.store(false, Ordering::Release);
-            format!(
+            let reason = format!(
                 "{} checks failed in a row (last: {result})",
                 counts.failures
-            )
+            );
+            (EventKind::Down, reason)
         };
         drop(counts);
-        self.flipped(was, reason)
+        self.flipped(was, kind, reason)
     }
 
     /// Records when the next active check is due, for `Retry-After`.
@@ -383,9 +409,13 @@ impl Health {
 
     /// A transition if the overall state changed: a backend held out by the other kind of
     /// check does not come back just because one kind passes.
-    fn flipped(&self, was: bool, reason: String) -> Option<Transition> {
+    fn flipped(&self, was: bool, kind: EventKind, reason: String) -> Option<Transition> {
         let healthy = self.is_healthy();
-        (healthy != was).then_some(Transition { healthy, reason })
+        (healthy != was).then_some(Transition {
+            healthy,
+            kind,
+            reason,
+        })
     }
 
     fn active_policy(&self) -> Option<&ActivePolicy> {
@@ -411,23 +441,27 @@ fn millis(duration: Duration) -> u64 {
 
 /// Acts on a backend's health flipping: a backend that went down loses its pooled connections
 /// (they likely lead nowhere), and the change is logged once at warn, with how many backends
-/// are left, as the chapter prints it.
+/// are left, as the chapter prints it. The same words go to the statistics page's events.
 pub fn report(backends: &[Arc<Backend>], backend: &Backend, change: &Transition) {
     if !change.healthy {
         backend.close_idle();
     }
     let healthy = backends.iter().filter(|b| b.is_healthy()).count();
-    let (mark, verb) = if change.healthy {
-        ("✅", "is back")
-    } else {
-        ("❌", "is down")
+    let (mark, verb) = match change.kind {
+        _ if change.healthy => ("✅", "is back"),
+        EventKind::Trial => ("❌", "stays out"),
+        _ => ("❌", "is down"),
     };
-    log::warn!(
-        "{mark} backend {} {verb}: {}; {healthy}/{} backends healthy",
+    let message = format!(
+        "backend {} {verb}: {}; {healthy}/{} backends healthy",
         backend.name(),
         change.reason,
         backends.len()
     );
+    log::warn!("{mark} {message}");
+    backend
+        .stats()
+        .push_event(backend.name(), change.kind, message);
 }
 
 #[cfg(test)]
@@ -548,6 +582,30 @@ mod tests {
         let back = health.observe_request(true).expect("the trial succeeded");
         assert!(back.healthy && back.reason.contains("trial"));
         assert!(health.is_healthy() && health.admit() && health.admit());
+    }
+
+    #[test]
+    fn a_failed_trial_is_reported_and_kinds_name_the_check() {
+        let health = health(passive(1, Duration::from_millis(20)));
+        let out = health.observe_request(false).expect("one failure flips");
+        assert_eq!(out.kind, EventKind::Ejected);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !health.admit() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let trial = health.observe_request(false).expect("the trial failed");
+        assert_eq!(trial.kind, EventKind::Trial);
+        assert!(!trial.healthy && trial.reason.contains("trial request failed"));
+        assert_eq!(health.observe_request(false), None, "no trial in flight");
+        let active = self::health(active(1, 1));
+        assert_eq!(
+            active.observe_check(false, "500").unwrap().kind,
+            EventKind::Down
+        );
+        assert_eq!(
+            active.observe_check(true, "200").unwrap().kind,
+            EventKind::Up
+        );
     }
 
     #[test]

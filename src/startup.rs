@@ -19,6 +19,7 @@ use crate::error::StartError;
 use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::server::Server;
+use crate::stats::events::EventKind;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
@@ -40,13 +41,18 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
         .shutdown_handle()
         .map_err(|err| StartError(err.to_string()))?;
     let on_signal = shutdown.clone();
+    let lb = Arc::new(lb);
+    let signalled = Arc::clone(&lb);
     ctrlc::set_handler(move || {
-        log::info!("shutting down: no new connections, letting requests in flight finish");
+        let message = "shutting down: no new connections, letting requests in flight finish";
+        log::info!("{message}");
+        signalled
+            .stats()
+            .push_event(EventKind::Stop, message.to_string());
         on_signal.shutdown();
     })
     .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))?;
 
-    let lb = Arc::new(lb);
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
     let admin = match args.admin {
@@ -79,8 +85,9 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     Ok(())
 }
 
-/// Logs which phase this is, then where the balancer listens and over which backends. Both
-/// come after every port is bound, so that a port in use stays the one line the user sees.
+/// Logs which phase this is, then where the balancer listens and over which backends (also the
+/// statistics page's first event). Both come after every port is bound, so that a port in use
+/// stays the one line the user sees.
 fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
     log::info!("{phase}");
     let listen = server
@@ -98,13 +105,16 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
             }
         })
         .collect();
-    log::info!(
+    let message = format!(
         "load balancer listening on {listen}, {} over {} backend{}: {}",
         lb.balancer().name(),
         backends.len(),
         if backends.len() == 1 { "" } else { "s" },
         backends.join(", ")
     );
+    // The event first: whoever reads the log line to know the balancer is up finds it listed.
+    lb.stats().push_event(EventKind::Start, message.clone());
+    log::info!("{message}");
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`

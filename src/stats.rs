@@ -5,12 +5,24 @@
 //! so memory stays flat however long the balancer runs and percentiles can still be estimated.
 //! The chapter keeps its counters under one lock and only prints them; this module keeps the
 //! same numbers (uptime, total, requests per second, per-backend requests, errors, error rate).
+//!
+//! For the statistics page, each backend also keeps its last five minutes second by second
+//! ([`history`]), a fine latency histogram for honest percentiles ([`latency`]), and, with the
+//! balancer, a short list of what changed ([`events`]). All three have a fixed size.
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
+
+pub mod events;
+pub mod history;
+pub mod latency;
+
+use events::{EventKind, EventLog};
+use history::History;
+use latency::LatencyHistogram;
 
 /// Upper bounds of the latency histogram's buckets, in seconds; a last bucket holds the rest.
 pub const LATENCY_BUCKETS: [f64; 14] = [
@@ -25,6 +37,7 @@ pub struct Stats {
     retries: AtomicU64,
     active_connections: AtomicU64,
     tunnels: Tunnels,
+    events: EventLog,
 }
 
 impl Default for Stats {
@@ -42,7 +55,24 @@ impl Stats {
             retries: AtomicU64::new(0),
             tunnels: Tunnels::default(),
             active_connections: AtomicU64::new(0),
+            events: EventLog::default(),
         }
+    }
+
+    /// Notes an event of the balancer as a whole (its start, its stop) for the statistics page,
+    /// in the words of its log line.
+    pub fn push_event(&self, kind: EventKind, message: String) {
+        self.events.push(None, kind, message);
+    }
+
+    /// The balancer's own recent events, oldest first.
+    pub fn events(&self) -> Vec<events::Event> {
+        self.events.recent()
+    }
+
+    /// When the balancer started.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     /// Counts one request the balancer answered, whether a backend or the balancer itself did.
@@ -133,6 +163,9 @@ pub struct BackendStats {
     latency_micros_sum: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     tunnels: Tunnels,
+    latency: LatencyHistogram,
+    history: History,
+    events: EventLog,
 }
 
 impl BackendStats {
@@ -151,15 +184,20 @@ impl BackendStats {
     /// so that a client that has its response and then reads the statistics finds it there.
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Relaxed);
+        self.history.count_request(history::current_second());
     }
 
     /// Records how long a request to this backend took, and whether it failed.
     pub fn record(&self, latency: Duration, failed: bool) {
+        let second = history::current_second();
         if failed {
             self.errors.fetch_add(1, Relaxed);
+            self.history.count_error(second);
         }
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_micros_sum.fetch_add(micros, Relaxed);
+        self.history.record_latency(second, micros);
+        self.latency.record(latency);
         let seconds = latency.as_secs_f64();
         let bucket = LATENCY_BUCKETS
             .iter()
@@ -171,6 +209,23 @@ impl BackendStats {
     /// Records a failure that never became a request, such as a refused connection.
     pub fn record_error(&self) {
         self.errors.fetch_add(1, Relaxed);
+        self.history.count_error(history::current_second());
+    }
+
+    /// The last five minutes, second by second, ending with the second `now`.
+    pub fn history(&self, now: u64) -> history::Series {
+        self.history.series(now)
+    }
+
+    /// Notes a change of this backend's health for the statistics page, in the words of its
+    /// log line.
+    pub fn push_event(&self, backend: &str, kind: EventKind, message: String) {
+        self.events.push(Some(backend), kind, message);
+    }
+
+    /// This backend's recent events, oldest first.
+    pub fn events(&self) -> Vec<events::Event> {
+        self.events.recent()
     }
 
     /// Requests that reached this backend.
@@ -221,27 +276,10 @@ impl BackendStats {
             .collect()
     }
 
-    /// Estimates a latency percentile (0–100) in milliseconds from the histogram: the upper bound
-    /// of the bucket in which that share of requests is reached.
+    /// A latency percentile (0–100) in milliseconds, within 5 % of the true value: read from
+    /// the fine histogram, not from the Prometheus buckets (see [`latency`]).
     pub fn latency_ms_percentile(&self, percentile: f64) -> f64 {
-        let buckets = self.latency_buckets();
-        let total: u64 = buckets.iter().sum();
-        if total == 0 {
-            return 0.0;
-        }
-        let wanted = (total as f64 * percentile / 100.0).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, count) in buckets.iter().enumerate() {
-            seen += count;
-            if seen >= wanted {
-                let bound = LATENCY_BUCKETS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(LATENCY_BUCKETS[LATENCY_BUCKETS.len() - 1]);
-                return bound * 1000.0;
-            }
-        }
-        0.0
+        self.latency.percentile_ms(percentile)
     }
 }
 
@@ -314,8 +352,15 @@ mod tests {
         stats.record(Duration::from_millis(200), true);
         assert_eq!(stats.requests(), 100);
         assert_eq!(stats.errors(), 1);
-        assert_eq!(stats.latency_ms_percentile(50.0), 0.5);
-        assert_eq!(stats.latency_ms_percentile(100.0), 250.0);
+        assert_eq!(
+            stats.latency_buckets()[0],
+            99,
+            "0.3 ms is in the 0.5 ms bucket"
+        );
+        let p50 = stats.latency_ms_percentile(50.0);
+        assert!((p50 - 0.3).abs() < 0.3 * 0.05, "{p50}");
+        let p100 = stats.latency_ms_percentile(100.0);
+        assert!((p100 - 200.0).abs() < 200.0 * 0.05, "{p100}");
         assert!((stats.latency_ms_avg() - 2.297).abs() < 0.001);
     }
 }

@@ -302,6 +302,12 @@ fn the_stats_page_is_html_with_every_backend() {
     for backend in &backends {
         assert!(page.contains(&backend.spec()), "{} missing", backend.spec());
     }
+    // A traffic chart per backend, and the start-up among the events.
+    assert_eq!(page.matches("<svg").count(), backends.len(), "{page}");
+    assert!(
+        page.contains("<span class=\"kind start\">start</span>"),
+        "{page}"
+    );
 }
 
 /// A backend answering every request `503`, the passive checks' failed request.
@@ -662,43 +668,6 @@ fn explain_lists_retries_and_the_backends_health_checks_took_out() {
 }
 
 // ---------------------------------------------------------------- checkers
-
-/// Checks that every element is closed in order, void elements aside.
-fn check_tags_balance(page: &str) -> Result<(), String> {
-    const VOID: [&str; 6] = ["meta", "br", "hr", "img", "input", "link"];
-    let mut open: Vec<String> = Vec::new();
-    let mut rest = page;
-    while let Some(start) = rest.find('<') {
-        let end = rest[start..].find('>').ok_or("a tag is never closed")? + start;
-        let tag = &rest[start + 1..end];
-        rest = &rest[end + 1..];
-        if tag.starts_with('!') {
-            continue;
-        }
-        let name: String = tag
-            .trim_start_matches('/')
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric())
-            .collect::<String>()
-            .to_ascii_lowercase();
-        if name.is_empty() {
-            return Err(format!("bad tag <{tag}>"));
-        }
-        if tag.starts_with('/') {
-            match open.pop() {
-                Some(top) if top == name => {}
-                other => return Err(format!("</{name}> closes {other:?}")),
-            }
-        } else if !VOID.contains(&name.as_str()) && !tag.ends_with('/') {
-            open.push(name);
-        }
-    }
-    if open.is_empty() {
-        Ok(())
-    } else {
-        Err(format!("never closed: {open:?}"))
-    }
-}
 
 /// A strict parser of the Prometheus text exposition format (version 0.0.4), enough to reject
 /// anything a Prometheus server would.

@@ -312,6 +312,12 @@ fn statistics_and_metrics_count_tunnels() {
     assert_eq!(stats["backends"][index]["tunnels"], 1, "{stats}");
     let metrics = get(lb.admin.unwrap(), "/metrics").text();
     assert!(metrics.contains("\nlb_tunnels_active 1\n"), "{metrics}");
+    let page = get(lb.admin.unwrap(), "/stats").text();
+    assert!(page.contains("1 tunnels &middot;"), "the summary counts it");
+    assert!(
+        page.contains("1 (1 tunnel)</td>"),
+        "its backend's row says so"
+    );
     assert!(metrics.contains(&format!(
         "lb_tunnels_active{{backend=\"{}\"}} 1\n",
         specs[index]

@@ -696,3 +696,40 @@ pub fn stats_json(lb: &Balancer) -> serde_json::Value {
     assert_eq!(response.header("content-type"), Some("application/json"));
     serde_json::from_slice(&response.body).expect("stats.json is JSON")
 }
+
+/// Checks that every element is closed in order, void elements aside.
+pub fn check_tags_balance(page: &str) -> Result<(), String> {
+    const VOID: [&str; 6] = ["meta", "br", "hr", "img", "input", "link"];
+    let mut open: Vec<String> = Vec::new();
+    let mut rest = page;
+    while let Some(start) = rest.find('<') {
+        let end = rest[start..].find('>').ok_or("a tag is never closed")? + start;
+        let tag = &rest[start + 1..end];
+        rest = &rest[end + 1..];
+        if tag.starts_with('!') {
+            continue;
+        }
+        let name: String = tag
+            .trim_start_matches('/')
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_lowercase();
+        if name.is_empty() {
+            return Err(format!("bad tag <{tag}>"));
+        }
+        if tag.starts_with('/') {
+            match open.pop() {
+                Some(top) if top == name => {}
+                other => return Err(format!("</{name}> closes {other:?}")),
+            }
+        } else if !VOID.contains(&name.as_str()) && !tag.ends_with('/') {
+            open.push(name);
+        }
+    }
+    if open.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("never closed: {open:?}"))
+    }
+}
