@@ -2,8 +2,8 @@
 """One sample of the balancer for scripts/soak.sh (Python 3 standard library only).
 
 Prints one JSON line: the balancer's resident memory, threads and open file
-descriptors from /proc/PID, its descriptors split into client connections,
-backend connections and the rest (from /proc/net/tcp), its /stats.json figures
+descriptors from /proc/PID, its descriptors split into those of client connections,
+of backend connections and the rest (from /proc/net/tcp), its /stats.json figures
 (total requests, errors summed over backends, retries when the balancer reports
 them), and the load generator's running totals from its progress file.
 """
@@ -25,17 +25,15 @@ def status_field(pid, name):
 
 
 def socket_inodes(pid):
-    """The inodes of the process's sockets, and its count of descriptors."""
-    inodes, count = set(), 0
+    """The socket inode behind each of the process's descriptors (None for other kinds)."""
+    inodes = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        count += 1
         try:
             target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    return inodes, count
+        inodes.append(target[8:-1] if target.startswith("socket:[") else None)
+    return inodes
 
 
 def tcp_sockets(pid):
@@ -94,11 +92,14 @@ def main():
             "rss_kb": status_field(args.pid, "VmRSS"),
             "threads": status_field(args.pid, "Threads"),
         }
-        inodes, sample["fds"] = socket_inodes(args.pid)
+        inodes = socket_inodes(args.pid)
+        sample["fds"] = len(inodes)
         tcp = tcp_sockets(args.pid)
     except OSError as err:
         print(json.dumps({"t": args.t, "phase": args.phase, "error": f"balancer gone: {err}"}))
         return 1
+    # Descriptors, not sockets: the balancer may hold two for one connection (a clone kept to
+    # shut it down at exit).
     client = backend = 0
     for inode in inodes:
         local, remote, state = tcp.get(inode, (None, None, None))
@@ -106,8 +107,8 @@ def main():
             client += 1
         elif remote in backend_ports:
             backend += 1
-    sample["client_conns"] = client
-    sample["backend_conns"] = backend
+    sample["client_fds"] = client
+    sample["backend_fds"] = backend
     sample["other_fds"] = sample["fds"] - client - backend
     if args.admin_port:
         sample["lb"] = stats_json(args.admin_port)
@@ -125,13 +126,13 @@ def main():
 
 def is_back(sample, baseline_file):
     """Threads and descriptors back to the baseline: no client connection left, no more
-    backend connections than before the load (idle pooled ones must have been closed), and
-    no more of anything else."""
+    descriptors of backend connections than before the load (idle pooled ones must have been
+    closed), and no more of anything else."""
     with open(baseline_file) as f:
         baseline = json.load(f)
     return (sample["threads"] <= baseline["threads"]
-            and sample["client_conns"] == 0
-            and sample["backend_conns"] <= baseline["backend_conns"]
+            and sample["client_fds"] == 0
+            and sample["backend_fds"] <= baseline["backend_fds"]
             and sample["other_fds"] <= baseline["other_fds"])
 
 
