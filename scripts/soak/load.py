@@ -296,6 +296,11 @@ class Client(threading.Thread):
             self.drop()
             self.totals.error(self.kind, method, "bad_response", started, None, str(err))
             return
+        except Exception as err:  # a bug here must show in the verdict, not end the client
+            self.drop()
+            self.totals.error(self.kind, method, "load_generator_error", started, None,
+                              f"{type(err).__name__}: {err}")
+            return
         backend = fields.get("x-backend", "?")
         if 200 <= status < 300:
             self.totals.ok(self.kind, backend)

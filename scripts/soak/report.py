@@ -102,6 +102,7 @@ def classify(record, chaos, names):
         "reset_before_response": "connection reset before any response byte",
         "closed_before_response": "connection closed before any response byte",
         "bad_response": "not a valid HTTP/1.1 response",
+        "load_generator_error": "the load generator itself failed (a bug in scripts/soak/load.py)",
     }
     why = reasons.get(outcome, f"status {outcome}")
     return False, f"{method} {why}"
@@ -260,15 +261,15 @@ def main():
             return abs(after - before) <= max(before * 0.05, 2)
 
         # Descriptors of client connections come and go with the requests in flight at the
-        # instant of the sample (two per connection); a leak of them shows after the load (rule
-        # 3). A run shorter than the pool's idle limit ends before the pool of idle backend
-        # connections can have settled, so --quick leaves those out as well.
+        # instant of the sample (two per connection), and so do sockets closing; a leak of either
+        # shows after the load (rule 3). A run shorter than the pool's idle limit ends before the
+        # pool of idle backend connections can have settled, so --quick leaves those out too.
         if args.quick:
-            fds = ("descriptors but those of client and backend connections",
+            fds = ("descriptors but those of client and backend connections and closing sockets",
                    ref["other_fds"], last["other_fds"])
         else:
-            fds = ("descriptors but those of client connections",
-                   ref["fds"] - ref["client_fds"], last["fds"] - last["client_fds"])
+            fds = ("descriptors but those of client connections and closing sockets",
+                   ref["other_fds"] + ref["backend_fds"], last["other_fds"] + last["backend_fds"])
         flat = rss_ok and near(ref["threads"], last["threads"]) and near(fds[1], fds[2])
         rules.append((flat, f"flat from {ref['t']:g} s to {last['t']:g} s: RSS {mib(ref['rss_kb'])} -> "
                             f"{mib(last['rss_kb'])} MiB ({(last['rss_kb'] / ref['rss_kb'] - 1) * 100:+.1f} %, "
@@ -286,16 +287,19 @@ def main():
     if baseline and drains:
         end = drains[-1]
         waited = end["t"] - args.load_end
-        own_back = (end["threads"] <= baseline["threads"] and end["client_fds"] == 0
-                    and end["other_fds"] <= baseline["other_fds"])
-        first_own = next((s for s in drains if s["threads"] <= baseline["threads"]
-                          and s["client_fds"] == 0
-                          and s["other_fds"] <= baseline["other_fds"]), None)
+        def own_back_in(s):
+            return (s["threads"] <= baseline["threads"] and s["client_fds"] == 0
+                    and s["unlisted_fds"] <= baseline["unlisted_fds"]
+                    and s["other_fds"] <= baseline["other_fds"])
+
+        own_back = own_back_in(end)
+        first_own = next((s for s in drains if own_back_in(s)), None)
         when = (f"{first_own['t'] - args.load_end:g} s after the load ended" if first_own
                 else f"not within {waited:g} s after the load ended")
         rules.append((own_back, f"threads and client descriptors back to the baseline {when}: "
                                 f"threads {baseline['threads']} -> {end['threads']}, descriptors "
-                                f"of client connections {end['client_fds']}, others "
+                                f"of client connections {end['client_fds']}, closing sockets "
+                                f"{baseline['unlisted_fds']} -> {end['unlisted_fds']}, others "
                                 f"{baseline['other_fds']} -> {end['other_fds']}"))
         pool_back = end["backend_fds"] <= baseline["backend_fds"]
         rules.append((pool_back, f"descriptors of backend connections back to the baseline "
