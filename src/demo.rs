@@ -204,9 +204,7 @@ impl Shared {
             connections: Connections::default(),
         }))
     }
-}
 
-impl Shared {
     /// Counts a response and says whether it is one of the `reset_percent` to cut off: response
     /// n is cut when n × percent / 100 reaches a new whole number, which spreads the cuts evenly
     /// (and makes them predictable in tests).
@@ -471,33 +469,14 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
     // Health checks are never cut off, so the fault shows in responses and not in the backend's
     // health.
     let cut = !is_health && method != "HEAD" && shared.cut_next_response();
-    // HEAD gets the headers a GET would get, Content-Length included, but no body (RFC 9110 9.3.2).
-    let include_body = method != "HEAD";
-    match body {
-        Body::Text(text) => {
-            let response = render("200 OK", &text, include_body, connection, &shared.name);
-            let sent = if cut {
-                response.len() - text.len() / 2
-            } else {
-                response.len()
-            };
-            conn.socket().write_all(&response[..sent])?;
-        }
-        Body::Bytes(length) => {
-            let head = render_head(
-                "200 OK",
-                "application/octet-stream",
-                length,
-                connection,
-                &shared.name,
-            );
-            conn.socket().write_all(head.as_bytes())?;
-            if include_body {
-                let sent = if cut { length / 2 } else { length };
-                write_filler(conn.socket(), sent)?;
-            }
-        }
-    }
+    write_response(
+        conn.socket(),
+        shared,
+        &body,
+        method != "HEAD",
+        connection,
+        cut,
+    )?;
     Ok(if cut {
         Persist::Reset
     } else if keep_alive {
@@ -505,6 +484,44 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
     } else {
         Persist::Close
     })
+}
+
+/// Writes a `200 OK` carrying `body`, or only its head when `include_body` is false (HEAD gets
+/// the headers a GET would get, Content-Length included, but no body: RFC 9110 section 9.3.2).
+/// When `cut`, only the first half of the body goes out.
+fn write_response(
+    mut socket: &TcpStream,
+    shared: &Shared,
+    body: &Body,
+    include_body: bool,
+    connection: Option<&str>,
+    cut: bool,
+) -> io::Result<()> {
+    match body {
+        Body::Text(text) => {
+            let response = render("200 OK", text, include_body, connection, &shared.name);
+            let sent = if cut {
+                response.len() - text.len() / 2
+            } else {
+                response.len()
+            };
+            socket.write_all(&response[..sent])
+        }
+        Body::Bytes(length) => {
+            let head = render_head(
+                "200 OK",
+                "application/octet-stream",
+                *length,
+                connection,
+                &shared.name,
+            );
+            socket.write_all(head.as_bytes())?;
+            if !include_body {
+                return Ok(());
+            }
+            write_filler(socket, if cut { length / 2 } else { *length })
+        }
+    }
 }
 
 /// What a response carries: a short text, or `/bytes/N`'s N filler bytes.
