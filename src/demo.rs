@@ -5,6 +5,11 @@
 //! enough HTTP/1.1 (keep-alive, pipelining, Content-Length and chunked request bodies) that the balancer's
 //! keep-alive connections to backends are exercised for real. `/ws` is a WebSocket echo and `/chat` a
 //! page that opens it (see `websocket.rs`), to watch a tunnel through the balancer.
+//!
+//! Two additions serve the soak test (`scripts/soak.sh`): `GET /bytes/N` answers N bytes, streamed,
+//! for clients that download a large body slowly; and [`Options::reset_percent`] makes the backend
+//! cut that share of its responses off midway (the head and half the body sent, then the connection
+//! reset), the fault a balancer cannot hide from its clients once the head has been relayed.
 
 mod websocket;
 
@@ -16,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
+
+use socket2::SockRef;
 
 use crate::http::{
     self, BodyLength, BufferedStream, HeadError, Headers, RelayError, Sink, Version,
@@ -32,6 +39,21 @@ const CONNECTION_STACK_BYTES: usize = 128 * 1024;
 const WAKE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Pause after a failed `accept`, so running out of file descriptors does not spin the loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// The largest body `GET /bytes/N` serves (1 GiB); it is streamed, so this bounds time, not memory.
+pub const MAX_BYTES_BODY: u64 = 1 << 30;
+/// Bytes written at once when streaming a `/bytes/N` body.
+const BYTES_CHUNK: usize = 16 * 1024;
+
+/// How a demo backend behaves, besides its name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Slept before each response except `/health`, to imitate a slow backend.
+    pub delay: Duration,
+    /// Share of responses (0–100, not `/health`) cut off midway: the head and half the body are
+    /// sent, then the connection is reset (`SO_LINGER` 0). The cut responses are spread evenly:
+    /// with 5, every 20th response.
+    pub reset_percent: u8,
+}
 
 /// A demo backend serving on its own accept thread, started by [`start`].
 ///
@@ -48,7 +70,23 @@ pub struct DemoBackend {
 /// imitate a slow backend. Fails if the listener's address cannot be read, the name holds control
 /// characters (it goes into a header), or the accept thread cannot be spawned.
 pub fn start(listener: TcpListener, name: String, delay: Duration) -> io::Result<DemoBackend> {
-    let shared = Shared::new(&listener, name, delay)?;
+    start_with(
+        listener,
+        name,
+        Options {
+            delay,
+            ..Options::default()
+        },
+    )
+}
+
+/// Like [`start`], with every [`Options`] field; a `reset_percent` over 100 is refused.
+pub fn start_with(
+    listener: TcpListener,
+    name: String,
+    options: Options,
+) -> io::Result<DemoBackend> {
+    let shared = Shared::new(&listener, name, options)?;
     let accept_thread = thread::Builder::new()
         .name(format!("demo-accept-{}", shared.addr.port()))
         .spawn({
@@ -65,7 +103,19 @@ pub fn start(listener: TcpListener, name: String, delay: Duration) -> io::Result
 ///
 /// This is what the `backend` binary runs; it returns only with a start-up error (see [`start`]).
 pub fn serve(listener: TcpListener, name: String, delay: Duration) -> io::Result<()> {
-    let shared = Shared::new(&listener, name, delay)?;
+    serve_with(
+        listener,
+        name,
+        Options {
+            delay,
+            ..Options::default()
+        },
+    )
+}
+
+/// Like [`serve`], with every [`Options`] field; a `reset_percent` over 100 is refused.
+pub fn serve_with(listener: TcpListener, name: String, options: Options) -> io::Result<()> {
+    let shared = Shared::new(&listener, name, options)?;
     accept_loop(&listener, &shared);
     Ok(())
 }
@@ -116,7 +166,7 @@ impl fmt::Debug for DemoBackend {
         f.debug_struct("DemoBackend")
             .field("name", &self.shared.name)
             .field("addr", &self.shared.addr)
-            .field("delay", &self.shared.delay)
+            .field("options", &self.shared.options)
             .finish()
     }
 }
@@ -125,17 +175,25 @@ impl fmt::Debug for DemoBackend {
 struct Shared {
     name: String,
     addr: SocketAddr,
-    delay: Duration,
+    options: Options,
+    /// Responses started so far (not counting `/health`), to pick the ones to cut off.
+    responses: AtomicU64,
     stopping: AtomicBool,
     connections: Connections,
 }
 
 impl Shared {
-    fn new(listener: &TcpListener, name: String, delay: Duration) -> io::Result<Arc<Shared>> {
+    fn new(listener: &TcpListener, name: String, options: Options) -> io::Result<Arc<Shared>> {
         if name.bytes().any(|byte| byte.is_ascii_control()) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "backend name must not contain control characters",
+            ));
+        }
+        if options.reset_percent > 100 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "reset percent must be between 0 and 100",
             ));
         }
         // A listener left non-blocking by its creator would make `accept` spin.
@@ -143,10 +201,23 @@ impl Shared {
         Ok(Arc::new(Shared {
             name,
             addr: listener.local_addr()?,
-            delay,
+            options,
+            responses: AtomicU64::new(0),
             stopping: AtomicBool::new(false),
             connections: Connections::default(),
         }))
+    }
+
+    /// Counts a response and says whether it is one of the `reset_percent` to cut off: response
+    /// n is cut when n × percent / 100 reaches a new whole number, which spreads the cuts evenly
+    /// (and makes them predictable in tests).
+    fn cut_next_response(&self) -> bool {
+        let percent = u64::from(self.options.reset_percent);
+        if percent == 0 {
+            return false;
+        }
+        let n = self.responses.fetch_add(1, Ordering::Relaxed) + 1;
+        n * percent / 100 > (n - 1) * percent / 100
     }
 }
 
@@ -253,6 +324,12 @@ fn handle_connection(stream: TcpStream, shared: &Shared) -> io::Result<()> {
                 http::close_gracefully(conn.socket());
                 return Ok(());
             }
+            Ok(Persist::Reset) => {
+                // With a zero linger time, closing sends a reset instead of a FIN, and whatever
+                // the peer has not read yet of the response is all it gets.
+                SockRef::from(conn.socket()).set_linger(Some(Duration::ZERO))?;
+                return Ok(());
+            }
             Err(Abort::ClientClosed) => return Ok(()),
             Err(Abort::Reject(reject)) => {
                 let response = render(
@@ -277,6 +354,8 @@ enum Persist {
     Close,
     /// The connection switched to the WebSocket protocol (`/ws`).
     WebSocket,
+    /// The response was cut off midway on purpose (`reset_percent`): reset the connection.
+    Reset,
 }
 
 /// Why a connection stops before a response could be written.
@@ -381,18 +460,22 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
             .write_all(&websocket::chat_page(&shared.name))?;
         return Ok(Persist::KeepAlive);
     }
-    let text = if matches!(method, "GET" | "HEAD") && path == "/health" {
-        "ok\n".to_string()
+    let is_health = matches!(method, "GET" | "HEAD") && path == "/health";
+    let body = if is_health {
+        Body::Text("ok\n".to_string())
     } else {
-        if !shared.delay.is_zero() {
-            thread::sleep(shared.delay);
+        if !shared.options.delay.is_zero() {
+            thread::sleep(shared.options.delay);
         }
-        format!(
-            "Hello from {} ({}): {method} {}\n",
-            shared.name,
-            shared.addr,
-            request.target()
-        )
+        match bytes_length(method, path) {
+            Some(length) => Body::Bytes(length),
+            None => Body::Text(format!(
+                "Hello from {} ({}): {method} {}\n",
+                shared.name,
+                shared.addr,
+                request.target()
+            )),
+        }
     };
     // Transfer-Encoding in an HTTP/1.0 request is a framing fault that ends the connection
     // (RFC 9112 section 6.1).
@@ -405,14 +488,113 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
         (true, false) => Some("keep-alive"),
         (true, true) => None,
     };
-    // HEAD gets the headers a GET would get, Content-Length included, but no body (RFC 9110 9.3.2).
-    let response = render("200 OK", &text, method != "HEAD", connection, &shared.name);
-    conn.socket().write_all(&response)?;
-    Ok(if keep_alive {
+    // Health checks are never cut off, so the fault shows in responses and not in the backend's
+    // health.
+    let cut = !is_health && method != "HEAD" && shared.cut_next_response();
+    write_response(
+        conn.socket(),
+        shared,
+        &body,
+        method != "HEAD",
+        connection,
+        cut,
+    )?;
+    Ok(if cut {
+        Persist::Reset
+    } else if keep_alive {
         Persist::KeepAlive
     } else {
         Persist::Close
     })
+}
+
+/// Writes a `200 OK` carrying `body`, or only its head when `include_body` is false (HEAD gets
+/// the headers a GET would get, Content-Length included, but no body: RFC 9110 section 9.3.2).
+/// When `cut`, only the first half of the body goes out.
+fn write_response(
+    mut socket: &TcpStream,
+    shared: &Shared,
+    body: &Body,
+    include_body: bool,
+    connection: Option<&str>,
+    cut: bool,
+) -> io::Result<()> {
+    match body {
+        Body::Text(text) => {
+            let response = render("200 OK", text, include_body, connection, &shared.name);
+            let sent = if cut {
+                response.len() - text.len() / 2
+            } else {
+                response.len()
+            };
+            socket.write_all(&response[..sent])
+        }
+        Body::Bytes(length) => {
+            let head = render_head(
+                "200 OK",
+                "application/octet-stream",
+                *length,
+                connection,
+                &shared.name,
+            );
+            socket.write_all(head.as_bytes())?;
+            if !include_body {
+                return Ok(());
+            }
+            write_filler(socket, if cut { length / 2 } else { *length })
+        }
+    }
+}
+
+/// What a response carries: a short text, or `/bytes/N`'s N filler bytes.
+enum Body {
+    Text(String),
+    Bytes(u64),
+}
+
+/// N when the request is `GET` or `HEAD` `/bytes/N`, N a number no larger than [`MAX_BYTES_BODY`].
+/// Anything else under `/bytes/` is an ordinary path and answers hello.
+fn bytes_length(method: &str, path: &str) -> Option<u64> {
+    if !matches!(method, "GET" | "HEAD") {
+        return None;
+    }
+    let digits = path.strip_prefix("/bytes/")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok().filter(|&n| n <= MAX_BYTES_BODY)
+}
+
+/// Writes `length` filler bytes in chunks, so a large body never sits in memory whole.
+fn write_filler(mut socket: &TcpStream, length: u64) -> io::Result<()> {
+    let chunk = [b'x'; BYTES_CHUNK];
+    let mut left = length;
+    while left > 0 {
+        let now = usize::try_from(left).map_or(BYTES_CHUNK, |left| left.min(BYTES_CHUNK));
+        socket.write_all(&chunk[..now])?;
+        left -= now as u64;
+    }
+    Ok(())
+}
+
+/// A response head with a Content-Length, ending with the blank line.
+fn render_head(
+    status_line: &str,
+    content_type: &str,
+    length: u64,
+    connection: Option<&str>,
+    name: &str,
+) -> String {
+    let mut head = format!(
+        "HTTP/1.1 {status_line}\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\nX-Backend: {name}\r\n"
+    );
+    if let Some(connection) = connection {
+        head.push_str("Connection: ");
+        head.push_str(connection);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head
 }
 
 /// Builds a whole response in one buffer, so it goes out in one write.
@@ -423,16 +605,13 @@ fn render(
     connection: Option<&str>,
     name: &str,
 ) -> Vec<u8> {
-    let mut head = format!(
-        "HTTP/1.1 {status_line}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nX-Backend: {name}\r\n",
-        body.len()
+    let head = render_head(
+        status_line,
+        "text/plain; charset=utf-8",
+        body.len() as u64,
+        connection,
+        name,
     );
-    if let Some(connection) = connection {
-        head.push_str("Connection: ");
-        head.push_str(connection);
-        head.push_str("\r\n");
-    }
-    head.push_str("\r\n");
     let mut response = head.into_bytes();
     if include_body {
         response.extend_from_slice(body.as_bytes());
@@ -816,6 +995,134 @@ mod tests {
         assert_eq!(client.response(false).status, 200);
         backend.stop();
         assert!(client.is_closed());
+    }
+
+    fn start_with_resets(name: &str, reset_percent: u8) -> DemoBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let options = Options {
+            reset_percent,
+            ..Options::default()
+        };
+        start_with(listener, name.to_string(), options).expect("start demo backend")
+    }
+
+    /// Reads until the connection ends; returns what arrived and how it ended (`None`: a FIN).
+    fn read_to_end(client: &mut Client) -> (Vec<u8>, Option<io::ErrorKind>) {
+        let mut received = std::mem::take(&mut client.buf);
+        let mut chunk = [0u8; 4096];
+        loop {
+            match client.stream.read(&mut chunk) {
+                Ok(0) => return (received, None),
+                Ok(read) => received.extend_from_slice(&chunk[..read]),
+                Err(err) => return (received, Some(err.kind())),
+            }
+        }
+    }
+
+    /// Splits a raw response into its head (without the blank line) and what followed it.
+    fn split_head(raw: &[u8]) -> (String, &[u8]) {
+        let end = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a whole head arrived");
+        (
+            String::from_utf8_lossy(&raw[..end]).into_owned(),
+            &raw[end + 4..],
+        )
+    }
+
+    #[test]
+    fn bytes_path_streams_that_many_bytes() {
+        let backend = start_backend("bytes", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        client.send(b"GET /bytes/100000 HTTP/1.1\r\nHost: test\r\n\r\n");
+        let response = client.response(false);
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body.len(), 100_000);
+        assert!(response.body.bytes().all(|b| b == b'x'));
+        // The connection stays in step for the next request.
+        client.send(b"HEAD /bytes/7 HTTP/1.1\r\nHost: test\r\n\r\n");
+        assert_eq!(client.response(true).header("content-length"), Some("7"));
+        backend.stop();
+    }
+
+    #[test]
+    fn bytes_path_without_a_number_answers_hello() {
+        let backend = start_backend("bytes", Duration::ZERO);
+        let mut client = Client::connect(backend.local_addr());
+        let too_large = format!("/bytes/{}", MAX_BYTES_BODY + 1);
+        for path in ["/bytes/", "/bytes/12ab", "/bytes/-1", too_large.as_str()] {
+            client.send(format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").as_bytes());
+            assert_eq!(
+                client.response(false).body,
+                hello(&backend, "bytes", "GET", path)
+            );
+        }
+        backend.stop();
+    }
+
+    #[test]
+    fn reset_percent_cuts_responses_midway_and_evenly() {
+        // With 50, responses 2, 4, 6, … are cut: the head and half the body, then a reset.
+        let backend = start_with_resets("cutter", 50);
+        for round in 0..3 {
+            let mut client = Client::connect(backend.local_addr());
+            client.send(b"GET /whole HTTP/1.1\r\nHost: test\r\n\r\n");
+            let whole = client.response(false);
+            assert_eq!(
+                whole.body,
+                hello(&backend, "cutter", "GET", "/whole"),
+                "round {round}"
+            );
+
+            client.send(b"GET /cut HTTP/1.1\r\nHost: test\r\n\r\n");
+            let (raw, ending) = read_to_end(&mut client);
+            let (head, body) = split_head(&raw);
+            let expected = hello(&backend, "cutter", "GET", "/cut");
+            assert!(head.starts_with("HTTP/1.1 200 OK"), "round {round}: {head}");
+            assert!(head.contains(&format!("Content-Length: {}", expected.len())));
+            assert_eq!(
+                body,
+                &expected.as_bytes()[..expected.len() - expected.len() / 2]
+            );
+            assert_eq!(
+                ending,
+                Some(io::ErrorKind::ConnectionReset),
+                "round {round}"
+            );
+        }
+        backend.stop();
+    }
+
+    #[test]
+    fn reset_cuts_a_large_body_in_half_but_never_health() {
+        let backend = start_with_resets("cutter", 100);
+        let mut client = Client::connect(backend.local_addr());
+        for _ in 0..3 {
+            client.send(b"GET /health HTTP/1.1\r\nHost: test\r\n\r\n");
+            assert_eq!(client.response(false).body, "ok\n");
+        }
+        client.send(b"GET /bytes/200000 HTTP/1.1\r\nHost: test\r\n\r\n");
+        let (raw, ending) = read_to_end(&mut client);
+        let (head, body) = split_head(&raw);
+        assert!(head.contains("Content-Length: 200000"), "{head}");
+        assert_eq!(body.len(), 100_000);
+        assert_eq!(ending, Some(io::ErrorKind::ConnectionReset));
+        backend.stop();
+    }
+
+    #[test]
+    fn reset_percent_over_100_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        let options = Options {
+            reset_percent: 101,
+            ..Options::default()
+        };
+        let result = start_with(listener, "over".to_string(), options);
+        assert_eq!(
+            result.err().map(|err| err.kind()),
+            Some(io::ErrorKind::InvalidInput)
+        );
     }
 
     #[test]

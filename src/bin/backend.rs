@@ -1,4 +1,4 @@
-//! The demo backend: `backend --listen ADDR [--name NAME] [--delay DUR]`.
+//! The demo backend: `backend --listen ADDR [--name NAME] [--delay DUR] [--reset-percent P]`.
 //!
 //! Run three of these (`scripts/backends.sh` does) and put a balancer in front of them; every response
 //! says which backend served it. The server itself lives in [`lb::demo`]; this file only parses flags,
@@ -26,6 +26,12 @@ struct Cli {
     /// Wait this long before each response (not for /health): 500ms, 5s, 1m or seconds.
     #[arg(long, value_name = "DUR", default_value = "0", value_parser = lb::cli::parse_duration)]
     delay: Duration,
+
+    /// Cut off this share of responses (0-100; never /health) midway: head and half the body
+    /// sent, then the connection reset. For soak tests; with 5, every 20th response.
+    #[arg(long, value_name = "P", default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    reset_percent: u8,
 }
 
 fn main() -> ExitCode {
@@ -48,7 +54,11 @@ fn run(cli: Cli) -> Result<(), String> {
         .name
         .unwrap_or_else(|| format!("backend-{}", addr.port()));
     log::info!("backend {name} listening on {addr}");
-    lb::demo::serve(listener, name, cli.delay).map_err(|err| format!("backend stopped: {err}"))
+    let options = lb::demo::Options {
+        delay: cli.delay,
+        reset_percent: cli.reset_percent,
+    };
+    lb::demo::serve_with(listener, name, options).map_err(|err| format!("backend stopped: {err}"))
 }
 
 #[cfg(test)]
@@ -67,5 +77,18 @@ mod tests {
         assert_eq!(cli.listen, "127.0.0.1:8001".parse().expect("address"));
         assert_eq!(cli.name, None);
         assert_eq!(cli.delay, Duration::ZERO);
+        assert_eq!(cli.reset_percent, 0);
+    }
+
+    #[test]
+    fn reset_percent_is_a_percentage() {
+        let cli = Cli::try_parse_from(["backend", "--reset-percent", "5"]).expect("5 parses");
+        assert_eq!(cli.reset_percent, 5);
+        for bad in ["101", "-1", "five"] {
+            assert!(
+                Cli::try_parse_from(["backend", "--reset-percent", bad]).is_err(),
+                "{bad} is refused"
+            );
+        }
     }
 }
