@@ -154,6 +154,20 @@ impl Backend {
         }
     }
 
+    /// Closes the idle connections unused for too long: the backend may have closed them, and
+    /// each holds a descriptor.
+    pub fn close_expired_idle(&self) {
+        let mut pool = self.pool();
+        let fresh_from = pool
+            .idle
+            .iter()
+            .position(|c| c.since.elapsed() < MAX_IDLE_TIME)
+            .unwrap_or(pool.idle.len());
+        let expired: Vec<IdleConnection> = pool.idle.drain(..fresh_from).collect();
+        drop(pool);
+        drop(expired);
+    }
+
     /// Closes every idle connection (used when a backend goes down).
     pub fn close_idle(&self) {
         let closed = std::mem::take(&mut self.pool().idle);
@@ -207,5 +221,32 @@ impl Backend {
 
     fn pool(&self) -> MutexGuard<'_, Pool> {
         self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    /// A pooled connection to a listener of the test's, put back `age` ago.
+    fn idle_for(backend: &Backend, listener: &TcpListener, age: Duration) {
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        backend.pool().idle.push(IdleConnection {
+            stream,
+            since: Instant::now() - age,
+        });
+    }
+
+    #[test]
+    fn the_sweep_closes_only_connections_idle_too_long() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        idle_for(&backend, &listener, MAX_IDLE_TIME + Duration::from_secs(5));
+        idle_for(&backend, &listener, MAX_IDLE_TIME + Duration::from_secs(1));
+        idle_for(&backend, &listener, Duration::from_secs(1));
+        backend.close_expired_idle();
+        assert_eq!(backend.pool().idle.len(), 1);
+        assert!(backend.take_idle().is_some(), "the fresh one is kept");
     }
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::admin::{self, AdminServer};
 use crate::cli::{AdminAddr, CommonArgs};
@@ -65,7 +65,7 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     }
     log_banner(phase, &lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
-    let stats_logger = start_stats_log(Arc::clone(&lb), settings.stats_interval, stats_stopped);
+    let stats_logger = start_housekeeping(Arc::clone(&lb), settings.stats_interval, stats_stopped);
     let checker = start_active_checks(&lb)?;
 
     server.serve(Arc::clone(&lb));
@@ -210,23 +210,41 @@ fn start_active_checks(lb: &LoadBalancer) -> Result<Option<ActiveChecker>, Start
         .map_err(|err| StartError(format!("cannot start health checks: {err}")))
 }
 
-/// Logs the statistics every `interval` until `stop` is dropped; no thread when `interval` is 0.
-fn start_stats_log(
+/// How often idle backend connections past their time are closed.
+const POOL_SWEEP: Duration = Duration::from_secs(5);
+
+/// Until `stop` is dropped: logs the statistics every `stats_interval` (never when it is 0), and
+/// closes pooled backend connections idle for too long, which nothing else would close while
+/// no request comes (backends close theirs after a while, and the balancer would hold the dead
+/// ends).
+fn start_housekeeping(
     lb: Arc<LoadBalancer>,
-    interval: Duration,
+    stats_interval: Duration,
     stop: mpsc::Receiver<()>,
 ) -> Option<thread::JoinHandle<()>> {
-    if interval.is_zero() {
-        return None;
-    }
     let spawned = thread::Builder::new()
-        .name("stats-log".into())
+        .name("housekeeping".into())
         .spawn(move || {
-            while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(interval) {
-                log::info!("{}", lb.stats().summary(lb.backends()));
+            let mut next_stats = Instant::now() + stats_interval;
+            loop {
+                let tick = if stats_interval.is_zero() {
+                    POOL_SWEEP
+                } else {
+                    POOL_SWEEP.min(next_stats.saturating_duration_since(Instant::now()))
+                };
+                if let Err(mpsc::RecvTimeoutError::Disconnected) = stop.recv_timeout(tick) {
+                    return;
+                }
+                for backend in lb.backends() {
+                    backend.close_expired_idle();
+                }
+                if !stats_interval.is_zero() && Instant::now() >= next_stats {
+                    log::info!("{}", lb.stats().summary(lb.backends()));
+                    next_stats += stats_interval;
+                }
             }
         });
     spawned
-        .map_err(|err| log::warn!("no periodic statistics: {err}"))
+        .map_err(|err| log::warn!("no periodic statistics or pool sweeping: {err}"))
         .ok()
 }
