@@ -72,6 +72,9 @@ EOF
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 HELPERS=$SCRIPT_DIR/bench
+SCRIPT_NAME=bench.sh
+# shellcheck source=scripts/lib/processes.sh
+source "$SCRIPT_DIR/lib/processes.sh"
 
 BINARY=phase1_rr
 EXTRA_FLAGS=()
@@ -146,14 +149,6 @@ descendants() {
   return 0
 }
 
-# Alive and not a zombie waiting to be reaped.
-alive() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ ${stat:0:1} != Z ]]
-}
-
 stop_tree() {
   local pid=$1 tree i
   tree=$(descendants "$pid")
@@ -179,44 +174,6 @@ trap 'echo; echo "bench.sh: interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- helpers
-# N free ports on 127.0.0.1, held open together so they are distinct.
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-# Wait until PORT accepts connections (bounded), failing early if PID died.
-wait_port() {
-  local name=$1 pid=$2 port=$3 log=$4 i
-  for ((i = 0; i < 200; i++)); do          # up to 10 s
-    if ! alive "$pid"; then
-      echo "bench.sh: $name exited during start-up; its log:" >&2
-      tail -n 20 "$log" >&2
-      exit 1
-    fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "bench.sh: $name did not accept on 127.0.0.1:$port within 10 s; its log:" >&2
-  tail -n 20 "$log" >&2
-  exit 1
-}
-
-# One GET through PORT; fails unless the status line says 200.
-check_http() {
-  local name=$1 port=$2 line
-  exec 3<>"/dev/tcp/127.0.0.1/$port"
-  printf 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&3
-  IFS= read -r -t 5 line <&3 || line="(no answer)"
-  exec 3<&-
-  [[ $line == "HTTP/1."[01]" 200"* ]] || { echo "bench.sh: $name answered '$line'" >&2; exit 1; }
-}
-
 # utime+stime (clock ticks) summed over the process tree.
 cpu_ticks() {
   local total=0 pid stat f

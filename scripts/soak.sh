@@ -79,6 +79,9 @@ EOF
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
 HELPERS=$SCRIPT_DIR/soak
+SCRIPT_NAME=soak.sh
+# shellcheck source=scripts/lib/processes.sh
+source "$SCRIPT_DIR/lib/processes.sh"
 
 BINARY=loadbalancer
 EXTRA_FLAGS=()
@@ -156,13 +159,6 @@ LB_PID=""
 LOAD_PID=""
 VERDICT=""
 
-alive() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
-  stat=${stat##*) }
-  [[ ${stat:0:1} != Z ]]
-}
-
 stop_process() {
   local pid=$1 i
   [[ -n $pid && $pid != 0 ]] || return 0
@@ -194,37 +190,6 @@ trap 'echo; echo "soak.sh: interrupted" >&2; exit 130' INT
 trap 'exit 143' TERM
 
 # ---------------------------------------------------------------- helpers
-# N free ports on 127.0.0.1, held open together so they are distinct.
-free_ports() {
-  python3 - "$1" <<'EOF'
-import socket, sys
-socks = [socket.socket() for _ in range(int(sys.argv[1]))]
-for s in socks:
-    s.bind(("127.0.0.1", 0))
-print(" ".join(str(s.getsockname()[1]) for s in socks))
-EOF
-}
-
-# Wait until PORT accepts connections (bounded), failing early if PID died.
-wait_port() {
-  local name=$1 pid=$2 port=$3 log=$4 i
-  for ((i = 0; i < 200; i++)); do          # up to 10 s
-    if ! alive "$pid"; then
-      local rc=0
-      wait "$pid" || rc=$?
-      echo "soak.sh: $name exited during start-up (exit code $rc); its log:" >&2
-      tail -n 20 "$log" >&2
-      ((rc == 2)) && exit 2                # a bad flag: a usage error, as the binary says
-      exit 1
-    fi
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.05
-  done
-  echo "soak.sh: $name did not accept on 127.0.0.1:$port within 10 s; its log:" >&2
-  tail -n 20 "$log" >&2
-  exit 1
-}
-
 # Microseconds since the epoch, and a sleep until a given one.
 now_us() { local t=$EPOCHREALTIME; echo "${t/./}"; }
 sleep_until_us() {
@@ -260,16 +225,6 @@ start_balancer() {
   wait_port "balancer statistics" "$LB_PID" "$ADMIN_PORT" "$TMP/balancer.log"
 }
 
-# One GET through the balancer; fails unless the status line says 200.
-check_http() {
-  local line
-  exec 3<>"/dev/tcp/127.0.0.1/$LB_PORT"
-  printf 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&3
-  IFS= read -r -t 5 line <&3 || line="(no answer)"
-  exec 3<&-
-  [[ $line == "HTTP/1."[01]" 200"* ]] || { echo "soak.sh: the balancer answered '$line'" >&2; exit 1; }
-}
-
 # One sample line appended to samples.jsonl; with a baseline file, succeeds when back to it.
 sample() {  # t phase [baseline file]
   local args=(--pid "$LB_PID" --lb-port "$LB_PORT" --admin-port "$ADMIN_PORT"
@@ -282,7 +237,7 @@ sample() {  # t phase [baseline file]
 echo "Starting four backends and the balancer on 127.0.0.1 (temp dir $TMP)..."
 for i in 0 1 2 3; do start_backend "$i"; done
 start_balancer
-check_http
+check_http balancer "$LB_PORT"
 sleep 1                                    # let the first health checks settle
 sample 0 baseline
 tail -n 1 "$TMP/samples.jsonl" >"$TMP/baseline.json"

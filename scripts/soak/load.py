@@ -12,6 +12,9 @@ One thread per simulated client, each a loop over requests to the balancer on
   upload     POST /upload with a 1 MiB body, once a second
   slow       GET /bytes/1048576 read 16 KiB at a time, 20 reads a second, with a
              16 KiB receive buffer, so the balancer really has to wait for it
+  websocket  one WebSocket to /ws held open, a text message echoed 5 times a
+             second; a socket that ends is opened again (a tunnel cannot move to
+             another backend, so the backend's death ends it)
 
 Every response is read whole and checked against its framing. An error is
 counted by kind (status 5xx by code, cut short, reset, closed, timeout, ...),
@@ -24,6 +27,7 @@ gets everything as JSON at the end.
 """
 
 import argparse
+import base64
 import json
 import os
 import socket
@@ -35,6 +39,7 @@ UPLOAD = b"u" * (1024 * 1024)
 SLOW_BODY = 1024 * 1024
 SLOW_CHUNK = 16 * 1024
 MAX_RECORDS = 5000
+KINDS = ("keepalive", "close", "sticky", "upload", "slow", "websocket")
 
 
 class Cut(Exception):
@@ -230,6 +235,71 @@ class Connection:
             total += self.read_exactly(size + 2, None) - 2
 
 
+class WebSocket:
+    """A WebSocket to /ws through the balancer (RFC 6455, text frames only): the handshake,
+    the backend's greeting, then masked frames out and plain frames back."""
+
+    def __init__(self, port, timeout):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            ("GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\n"
+             "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+             f"Sec-WebSocket-Key: {key}\r\n\r\n").encode())
+        head = self.take_until(b"\r\n\r\n")
+        status = head.split(b" ", 2)[1] if head.count(b" ") >= 2 else b"?"
+        if status != b"101":
+            raise BadResponse(f"the WebSocket handshake got {status.decode('latin-1')}")
+        greeting = self.receive()
+        self.backend = greeting.removeprefix("connected to ")
+
+    def take(self, n):
+        while len(self.buf) < n:
+            data = self.sock.recv(65536)
+            if not data:
+                raise Closed("the WebSocket ended")
+            self.buf += data
+        taken, self.buf = self.buf[:n], self.buf[n:]
+        return taken
+
+    def take_until(self, marker):
+        while marker not in self.buf:
+            if len(self.buf) > HEAD_LIMIT:
+                raise BadResponse("handshake response head too large")
+            data = self.sock.recv(65536)
+            if not data:
+                raise Closed("closed during the WebSocket handshake")
+            self.buf += data
+        head, _, self.buf = self.buf.partition(marker)
+        return head
+
+    def send(self, text):
+        payload = text.encode()
+        assert len(payload) < 126
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
+
+    def receive(self):
+        first, second = self.take(2)
+        length = second & 0x7F
+        if length == 126:
+            length = int.from_bytes(self.take(2), "big")
+        elif length == 127:
+            length = int.from_bytes(self.take(8), "big")
+        payload = self.take(length)
+        if first & 0x0F == 0x8:
+            raise Closed("the backend closed the WebSocket")
+        return payload.decode("utf-8", "replace")
+
+    def close(self):
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
 class Client(threading.Thread):
     """One simulated client of a given kind, looping until the deadline."""
 
@@ -238,18 +308,48 @@ class Client(threading.Thread):
         self.kind, self.port, self.deadline = kind, port, deadline
         self.timeout, self.totals = timeout, totals
         self.conn = None
+        self.ws = None
         self.cookies = {}
         self.sticky_backend = None
         self.requests = 0
 
     def run(self):
-        pause = {"keepalive": 0.05, "close": 0.1, "sticky": 0.1, "upload": 1.0, "slow": 0.5}[self.kind]
+        pause = {"keepalive": 0.05, "close": 0.1, "sticky": 0.1, "upload": 1.0, "slow": 0.5,
+                 "websocket": 0.2}[self.kind]
         while time.time() < self.deadline:
-            self.one_request()
+            if self.kind == "websocket":
+                self.one_message()
+            else:
+                self.one_request()
             self.requests += 1
             time.sleep(pause)
         if self.conn:
             self.conn.close()
+        if self.ws:
+            self.ws.close()
+
+    def one_message(self):
+        """One message echoed over the client's WebSocket, opened first if needed."""
+        started = time.time()
+        backend = self.ws.backend if self.ws else None
+        try:
+            if self.ws is None:
+                self.ws = WebSocket(self.port, self.timeout)
+                backend = self.ws.backend
+            text = f"message {self.requests}"
+            self.ws.send(text)
+            echoed = self.ws.receive()
+            if echoed != text:
+                raise BadResponse(f"echo {echoed!r} for {text!r}")
+        except (Closed, ConnectionError, OSError, BadResponse, ValueError) as err:
+            if self.ws:
+                self.ws.close()
+            self.ws = None
+            outcome = "websocket_ended" if backend else "websocket_handshake_failed"
+            self.totals.error(self.kind, "WS", outcome, started, backend,
+                              f"{type(err).__name__}: {err}")
+            return
+        self.totals.ok(self.kind, backend)
 
     def one_request(self):
         method, path, headers, body, slow, rcvbuf = "GET", "/", [], b"", None, None
@@ -346,13 +446,14 @@ def main():
                         help="socket timeout; longer than the balancer's --backend-timeout")
     parser.add_argument("--grace", type=float, default=15.0,
                         help="seconds after the deadline to wait for requests in flight")
-    parser.add_argument("--clients", default="keepalive=12,close=8,sticky=8,upload=4,slow=4")
+    parser.add_argument("--clients",
+                        default="keepalive=12,close=8,sticky=8,upload=4,slow=4,websocket=4")
     args = parser.parse_args()
 
     mix = {}
     for item in args.clients.split(","):
         kind, _, n = item.partition("=")
-        if kind not in ("keepalive", "close", "sticky", "upload", "slow") or not n.isdigit():
+        if kind not in KINDS or not n.isdigit():
             parser.error(f"bad --clients item {item!r}")
         mix[kind] = int(n)
 

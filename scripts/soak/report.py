@@ -84,6 +84,9 @@ def classify(record, chaos, names):
         if chaos.kill_before(record):
             return True, (f"{method} sent on a connection the killed backend ({killed}) had "
                           "left in the balancer's pool: never resent once sent")
+    if outcome == "websocket_ended" and backend == killed and chaos.kill_during(record):
+        return True, (f"a WebSocket held by {killed} when it was SIGKILLed: a tunnel cannot move to "
+                      "another backend once it is open, so the client opens a new one")
     if outcome == "504" and chaos.stop_during(record):
         return True, (f"the hung backend ({stopped}) outlasted --backend-timeout: 504, which "
                       "is not retried")
@@ -103,6 +106,8 @@ def classify(record, chaos, names):
         "closed_before_response": "connection closed before any response byte",
         "bad_response": "not a valid HTTP/1.1 response",
         "load_generator_error": "the load generator itself failed (a bug in scripts/soak/load.py)",
+        "websocket_ended": f"WebSocket to {backend} ended with no kill to explain it",
+        "websocket_handshake_failed": "the WebSocket handshake failed",
     }
     why = reasons.get(outcome, f"status {outcome}")
     return False, f"{method} {why}"
@@ -110,7 +115,7 @@ def classify(record, chaos, names):
 
 LOG_LINE = re.compile(r"^\[\S+\s+(WARN|ERROR)\s+(\S+)\]\s?(.*)$")
 ALLOWED_LOG = [
-    ("backend state change", re.compile(r"backend \S+ is (down|back|up)\b", re.I)),
+    ("backend state change", re.compile(r"backend \S+ (is (down|back|up)|stays out)\b", re.I)),
     ("backend unreachable", re.compile(r"\bunreachable\b", re.I)),
     ("retry", re.compile(r"\bretr(y|ies|ied|ying)\b", re.I)),
     ("rate-limited summary", re.compile(r"suppressed", re.I)),
@@ -177,8 +182,8 @@ def print_samples(samples, events):
               f"{load.get('requests', '-'):>8} {errors:<28} "
               f"{chaos_between(events, previous_t, s['t'])}")
         previous_t = s["t"]
-    print("  (client/backend: descriptors of connections from clients and to backends, which may")
-    print("   be two per connection; up: healthy backends;")
+    print("  (client/backend: descriptors of connections from clients and to backends,")
+    print("   one per connection; up: healthy backends;")
     print("   errors: the clients' failed requests by kind, as counted by the load generator)")
 
 
@@ -261,7 +266,7 @@ def main():
             return abs(after - before) <= max(before * 0.05, 2)
 
         # Descriptors of client connections come and go with the requests in flight at the
-        # instant of the sample (two per connection), and so do sockets closing; a leak of either
+        # instant of the sample, and so do sockets closing; a leak of either
         # shows after the load (rule 3). A run shorter than the pool's idle limit ends before the
         # pool of idle backend connections can have settled, so --quick leaves those out too.
         if args.quick:
