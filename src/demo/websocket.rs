@@ -56,6 +56,9 @@ pub(super) fn echo(conn: BufferedStream, name: &str) -> io::Result<()> {
             Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
                 return Ok(())
             }
+            // A socket with a timeout set fails a blocked read with EINTR when the process was
+            // stopped and continued (SIGSTOP, SIGCONT; signal(7)); the socket is fine.
+            Err(tungstenite::Error::Io(err)) if err.kind() == io::ErrorKind::Interrupted => {}
             Err(err) => return Err(io::Error::other(err)),
         }
     }
