@@ -51,10 +51,14 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), StartError> {
     let backends = args.common.backends(&[1, 1, 1]);
     let balancer = RoundRobin::new();
+    // `--sticky-secret` (beyond the chapter): the cookie itself names the backend, signed.
+    let signed = args.session.signed_cookies(&backends)?;
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
     // What phase 4 adds: a session's requests stay on the backend its first request went to.
-    let sessions = args.session.session_table();
-    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
-        .with_sessions(sessions);
+    let lb = match signed {
+        Some(signed) => lb.with_signed_sessions(signed),
+        None => lb.with_sessions(args.session.session_table()),
+    };
     lb::startup::run(PHASE, lb, &args.common)
 }
 

@@ -12,8 +12,9 @@
 //! process runs out of descriptors anyway, accepting pauses for a moment, as nginx does, rather
 //! than accepting clients it could not serve.
 //!
-//! Shutdown (Ctrl-C or SIGTERM) stops accepting, closes connections that are idle between
-//! requests, and lets requests in flight finish for up to ten seconds.
+//! Shutdown (Ctrl-C or SIGTERM) stops accepting, accepts what is already in the listen queue
+//! (closing the listener would reset those connections), closes connections that are idle
+//! between requests, and lets requests in flight finish for up to ten seconds.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -44,6 +45,9 @@ const THREAD_KEEP: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once shutdown begins.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// With `--reuse-port`, how often a thread blocked in `accept` looks whether shutdown began.
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
 /// How long accepting pauses when the process is out of file descriptors (or a connection
 /// closes first, giving one back).
@@ -118,6 +122,15 @@ impl Server {
         let addr = settings.listen;
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
+        // `--reuse-port`: a second balancer may listen on the same address (a new version taking
+        // over while this one drains); the kernel then spreads new connections over both.
+        // The other instance's listener may then also take the connection `ShutdownHandle`
+        // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
+        // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
+        if settings.reuse_port {
+            socket.set_reuse_port(true)?;
+            socket.set_read_timeout(Some(ACCEPT_TICK))?;
+        }
         // Linux copies these options from the listening socket to every accepted one, which
         // saves two system calls per client connection (`prepare` sets them itself on other
         // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
@@ -164,15 +177,42 @@ impl Server {
                 break;
             }
             match self.listener.accept() {
-                Ok((stream, peer)) if !self.shared.is_shutting_down() => {
-                    self.shared.start(&lb, stream, peer)
-                }
-                Ok(_) => break,
+                // A connection accepted as shutdown begins is served all the same.
+                Ok((stream, peer)) => self.shared.start(&lb, stream, peer),
+                // `ACCEPT_TICK` passed (with `--reuse-port`).
+                Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
                 Err(err) => self.shared.accept_failed(&err, &lb),
             }
         }
+        self.accept_queued(&lb);
         drop(self.listener);
         self.shared.drain(&lb);
+    }
+
+    /// Accepts the connections still waiting in the listen queue, before the listener closes:
+    /// the kernel completed their handshakes, their requests are on the way, and closing the
+    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
+    /// the old instance's queue is emptied, not dropped. Each is served its first request
+    /// (with `Connection: close`); `--max-connections` still holds, within the drain's limit.
+    fn accept_queued(&self, lb: &Arc<LoadBalancer>) {
+        if let Err(err) = self.listener.set_nonblocking(true) {
+            return log::warn!("cannot empty the listen queue before closing it: {err}");
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut taken = 0;
+        while self.shared.wait_for_a_slot_until(deadline) {
+            let Ok((stream, peer)) = self.listener.accept() else {
+                break;
+            };
+            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
+            if stream.set_nonblocking(false).is_ok() {
+                self.shared.start(lb, stream, peer);
+                taken += 1;
+            }
+        }
+        if taken > 0 {
+            log::info!("accepted {taken} connections still queued when shutdown began");
+        }
     }
 }
 
@@ -234,6 +274,27 @@ impl Shared {
             open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
         }
         open.someone_waits = false;
+    }
+
+    /// At shutdown: waits until fewer than `--max-connections` clients are served, or
+    /// `deadline`; whether a slot is free.
+    fn wait_for_a_slot_until(&self, deadline: Instant) -> bool {
+        let mut open = self.open();
+        while open.by_id.len() >= self.max_connections {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                open.someone_waits = false;
+                return false;
+            }
+            open.someone_waits = true;
+            open = self
+                .closed
+                .wait_timeout(open, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        open.someone_waits = false;
+        true
     }
 
     /// Out of descriptors, while under `--max-connections`: backend connections idle in the
