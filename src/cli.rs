@@ -254,7 +254,10 @@ impl SessionArgs {
     /// Signed session cookies for `backends` when `--sticky-secret` (or `LB_STICKY_SECRET`) is
     /// given, else none. A secret shorter than [`MIN_SECRET_LEN`] bytes is refused: one cookie
     /// would be enough to guess it offline. The error never repeats the secret.
-    pub fn signed_cookies(&self, backends: &[Backend]) -> Result<Option<SignedCookies>, StartError> {
+    pub fn signed_cookies(
+        &self,
+        backends: &[Backend],
+    ) -> Result<Option<SignedCookies>, StartError> {
         let Some(secret) = &self.sticky_secret else {
             return Ok(None);
         };

@@ -140,6 +140,11 @@ impl Server {
         socket.set_write_timeout(Some(settings.client_timeout))?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
+        if settings.reuse_port {
+            if let Err(err) = newest_takes_new_connections(&socket) {
+                log::warn!("--reuse-port: new connections will be spread over every instance on {addr}: {err}");
+            }
+        }
         let shared = Shared {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
@@ -180,7 +185,11 @@ impl Server {
                 // A connection accepted as shutdown begins is served all the same.
                 Ok((stream, peer)) => self.shared.start(&lb, stream, peer),
                 // `ACCEPT_TICK` passed (with `--reuse-port`).
-                Err(err) if matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(err) => self.shared.accept_failed(&err, &lb),
             }
         }
@@ -214,6 +223,51 @@ impl Server {
             log::info!("accepted {taken} connections still queued when shutdown began");
         }
     }
+}
+
+/// With `--reuse-port`, makes the newest listener on the address take every new connection.
+///
+/// Linux spreads new connections over the listeners sharing a port by a hash, and a listener
+/// that closes resets the connections in its queue. A takeover loses nothing only if the old
+/// instance gets none once the new one listens; then it empties its queue and closes it.
+/// One classic BPF instruction, attached to the group of listeners, says so: `ret #1`, the
+/// second listener of the group, which is the one that joined last. When it is alone (index 1
+/// does not exist), the kernel falls back to the hash, which has only it to choose from; when
+/// the old one closes, the new one takes its place as the first. (nginx and HAProxy avoid the
+/// same loss by handing the listening socket itself to the new process.)
+#[cfg(target_os = "linux")]
+fn newest_takes_new_connections(socket: &Socket) -> io::Result<()> {
+    let program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let filter = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `filter` points to `program`, both alive for the call; the kernel copies them.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&filter as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the kernel's own spreading stays; the old instance's queue is still emptied.
+#[cfg(not(target_os = "linux"))]
+fn newest_takes_new_connections(_socket: &Socket) -> io::Result<()> {
+    Ok(())
 }
 
 /// The address to connect to in order to wake a thread blocked in `accept` on `addr`: the

@@ -20,7 +20,10 @@ const SECRET: &str = "correct horse battery staple";
 
 /// Three demo backends, `a`, `b` and `c`.
 fn three_backends() -> Vec<DemoBackend> {
-    ["a", "b", "c"].iter().map(|n| DemoBackend::start(n)).collect()
+    ["a", "b", "c"]
+        .iter()
+        .map(|n| DemoBackend::start(n))
+        .collect()
 }
 
 /// `--backend` flags for `backends`, then `extra`.
@@ -78,10 +81,20 @@ fn a_signed_cookie_from_one_instance_is_honoured_by_the_other_and_after_a_restar
         let home = backend_of(&first);
         for i in 0..30 {
             let response = with_cookie(b.addr, &value);
-            assert_eq!(backend_of(&response), home, "request {i} through the other instance");
-            assert!(cookie(&response).is_none(), "a fresh cookie is not reissued");
+            assert_eq!(
+                backend_of(&response),
+                home,
+                "request {i} through the other instance"
+            );
             assert!(
-                decision(&response).starts_with(&format!("sticky hit: signed cookie names {}", backends.iter().find(|x| x.name == home).unwrap().spec())),
+                cookie(&response).is_none(),
+                "a fresh cookie is not reissued"
+            );
+            assert!(
+                decision(&response).starts_with(&format!(
+                    "sticky hit: signed cookie names {}",
+                    backends.iter().find(|x| x.name == home).unwrap().spec()
+                )),
                 "{}",
                 decision(&response)
             );
@@ -93,7 +106,10 @@ fn a_signed_cookie_from_one_instance_is_honoured_by_the_other_and_after_a_restar
     drop(a);
     let restarted = signed(&backends, SECRET, &[]);
     for _ in 0..5 {
-        assert_eq!(backend_of(&with_cookie(restarted.addr, &value)), backend_of(&first));
+        assert_eq!(
+            backend_of(&with_cookie(restarted.addr, &value)),
+            backend_of(&first)
+        );
     }
 }
 
@@ -267,7 +283,11 @@ fn bad_secrets_and_combinations_are_refused_without_repeating_the_secret() {
     assert!(err.contains("--max-sessions"), "{err}");
 
     // --help names the variable but never shows its value.
-    let (code, help) = run(LOADBALANCER, &["--help"], Some(("LB_STICKY_SECRET", SECRET)));
+    let (code, help) = run(
+        LOADBALANCER,
+        &["--help"],
+        Some(("LB_STICKY_SECRET", SECRET)),
+    );
     assert_eq!(code, Some(0), "{help}");
     assert!(help.contains("LB_STICKY_SECRET"), "{help}");
     assert!(!help.contains(SECRET), "{help}");
@@ -301,11 +321,7 @@ fn a_second_instance_needs_reuse_port_on_both() {
     let port = free_ports(1)[0];
     let listen = format!("127.0.0.1:{port}");
     let _first = Balancer::start(LOADBALANCER, &args(&specs, &["--listen", &listen]));
-    let (code, err) = run(
-        LOADBALANCER,
-        &["--reuse-port", "--listen", &listen],
-        None,
-    );
+    let (code, err) = run(LOADBALANCER, &["--reuse-port", "--listen", &listen], None);
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--listen"), "{err}");
 }
@@ -462,7 +478,12 @@ fn an_idle_instance_sharing_its_port_exits_promptly_on_sigterm() {
     for _ in 0..5 {
         let mut old = Balancer::start(LOADBALANCER, &args(&specs, &flags));
         old.terminate();
-        assert_eq!(old.wait_exit(Duration::from_secs(3)), Some(0), "{}", old.log());
+        assert_eq!(
+            old.wait_exit(Duration::from_secs(3)),
+            Some(0),
+            "{}",
+            old.log()
+        );
     }
     assert_eq!(get(new.addr, "/").status, 200);
 }

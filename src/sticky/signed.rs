@@ -61,7 +61,9 @@ impl BackendId {
     /// whatever the backend's position in the list.
     pub fn of(addr: SocketAddr) -> Self {
         let digest = Sha256::digest(addr.to_string().as_bytes());
-        BackendId(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]))
+        BackendId(u32::from_be_bytes([
+            digest[0], digest[1], digest[2], digest[3],
+        ]))
     }
 }
 
@@ -273,7 +275,7 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
         _ => None,
     };
     let bytes = text.as_bytes();
-    if bytes.len() % 2 != 0 {
+    if !bytes.len().is_multiple_of(2) {
         return None;
     }
     bytes
