@@ -14,6 +14,10 @@
 //! it is available; any other request is balanced round robin and its response gets a new
 //! session cookie. The table is bounded (`--max-sessions`) and forgets idle sessions
 //! (`--session-ttl`), where the chapter's dict grew forever.
+//!
+//! Beyond the chapter, `--sticky-secret` (or `LB_STICKY_SECRET`) replaces the table with signed
+//! cookies that name their backend, which any instance with the same secret honours
+//! ([`SignedCookies`](lb::sticky::signed::SignedCookies)).
 
 use std::process::ExitCode;
 
