@@ -123,8 +123,8 @@ impl Server {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         // `--reuse-port`: a second balancer may listen on the same address (a new version taking
-        // over while this one drains); the kernel then spreads new connections over both.
-        // The other instance's listener may then also take the connection `ShutdownHandle`
+        // over while this one drains); see `newest_takes_new_connections` for which one gets
+        // the new connections. The other listener may also take the connection `ShutdownHandle`
         // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
         // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
         if settings.reuse_port {
