@@ -14,6 +14,10 @@
 //! it is available; any other request is balanced round robin and its response gets a new
 //! session cookie. The table is bounded (`--max-sessions`) and forgets idle sessions
 //! (`--session-ttl`), where the chapter's dict grew forever.
+//!
+//! Beyond the chapter, `--sticky-secret` (or `LB_STICKY_SECRET`) replaces the table with signed
+//! cookies that name their backend, which any instance with the same secret honours
+//! ([`SignedCookies`](lb::sticky::signed::SignedCookies)).
 
 use std::process::ExitCode;
 
@@ -51,10 +55,14 @@ fn main() -> ExitCode {
 fn run(args: Args) -> Result<(), StartError> {
     let backends = args.common.backends(&[1, 1, 1]);
     let balancer = RoundRobin::new();
+    // `--sticky-secret` (beyond the chapter): the cookie itself names the backend, signed.
+    let signed = args.session.signed_cookies(&backends)?;
+    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
     // What phase 4 adds: a session's requests stay on the backend its first request went to.
-    let sessions = args.session.session_table();
-    let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
-        .with_sessions(sessions);
+    let lb = match signed {
+        Some(signed) => lb.with_signed_sessions(signed),
+        None => lb.with_sessions(args.session.session_table()),
+    };
     lb::startup::run(PHASE, lb, &args.common)
 }
 

@@ -12,8 +12,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser};
 
 use crate::backend::Backend;
+use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::settings::Settings;
+use crate::sticky::signed::{Secret, SignedCookies, MIN_SECRET_LEN};
 use crate::sticky::SessionTable;
 
 /// The backends used when no `--backend` is given: the three demo backends of `scripts/backends.sh`.
@@ -72,6 +74,11 @@ pub struct CommonArgs {
     #[arg(long, value_name = "N")]
     pub retries: Option<usize>,
 
+    /// Set SO_REUSEPORT on the listener, so that a new instance can start on the same address
+    /// while this one drains after SIGTERM (a restart that loses no request).
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// Add an X-Lb-Decision response header saying why this backend was chosen.
     #[arg(long)]
     pub explain: bool,
@@ -125,6 +132,7 @@ impl CommonArgs {
                 .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
             stats_interval: self.stats_interval,
             explain: self.explain,
+            reuse_port: self.reuse_port,
         }
     }
 }
@@ -221,6 +229,20 @@ pub struct SessionArgs {
     /// The most sessions remembered; the least recently used is forgotten first.
     #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
     pub max_sessions: usize,
+
+    /// Keep sessions in signed cookies instead of a table (HMAC-SHA256, at least 16 bytes):
+    /// every balancer with the same secret and backends honours them, across restarts. Prefer
+    /// the environment variable, which `ps` does not show.
+    // The secret's value never appears in `--help` (hide_env_values), nor in a `Debug` print.
+    #[arg(
+        long,
+        value_name = "SECRET",
+        env = "LB_STICKY_SECRET",
+        hide_env_values = true,
+        value_parser = parse_secret,
+        conflicts_with = "max_sessions"
+    )]
+    pub sticky_secret: Option<Secret>,
 }
 
 impl SessionArgs {
@@ -228,6 +250,38 @@ impl SessionArgs {
     pub fn session_table(&self) -> SessionTable {
         SessionTable::new(&self.cookie_name, self.session_ttl, self.max_sessions)
     }
+
+    /// Signed session cookies for `backends` when `--sticky-secret` (or `LB_STICKY_SECRET`) is
+    /// given, else none. A secret shorter than [`MIN_SECRET_LEN`] bytes is refused: one cookie
+    /// would be enough to guess it offline. The error never repeats the secret.
+    pub fn signed_cookies(
+        &self,
+        backends: &[Backend],
+    ) -> Result<Option<SignedCookies>, StartError> {
+        let Some(secret) = &self.sticky_secret else {
+            return Ok(None);
+        };
+        if secret.len() < MIN_SECRET_LEN {
+            return Err(StartError(format!(
+                "--sticky-secret (or LB_STICKY_SECRET) is {} bytes; it must be at least \
+                 {MIN_SECRET_LEN} (try: openssl rand -hex 16)",
+                secret.len()
+            )));
+        }
+        let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+        Ok(Some(SignedCookies::new(
+            &self.cookie_name,
+            self.session_ttl,
+            secret,
+            &addrs,
+        )))
+    }
+}
+
+/// Parses `--sticky-secret`. Its length is checked at start-up rather than here, because clap
+/// would repeat a refused value in its error message.
+pub fn parse_secret(text: &str) -> Result<Secret, String> {
+    Ok(Secret::new(text))
 }
 
 /// One `--backend HOST:PORT[=WEIGHT]` flag, resolved at start-up.

@@ -16,6 +16,7 @@ use crate::proxy::LoadBalancer;
 use crate::stats::events::{rfc3339, Event, EventKind, MAX_EVENTS};
 use crate::stats::history::{self, Series, HISTORY_SECONDS};
 use crate::stats::LATENCY_BUCKETS;
+use crate::sticky::Sticky;
 
 pub mod chart;
 
@@ -41,8 +42,10 @@ pub struct Snapshot {
     pub tunnels: u64,
     /// Tunnels opened since start.
     pub tunnels_total: u64,
-    /// Sticky sessions held and the table's bound, when sessions are on.
+    /// Sticky sessions held and the table's bound, when sessions are kept in a table.
     pub sessions: Option<(usize, usize)>,
+    /// How sticky sessions are kept: `"table"`, `"signed"` (cookies, no table), or none.
+    pub sticky: Option<&'static str>,
     /// One entry per backend, in the order they were given.
     pub backends: Vec<BackendSnapshot>,
     /// The wall-clock time at the start of the newest second of every backend's `history`.
@@ -174,6 +177,10 @@ impl Snapshot {
             tunnels: stats.tunnels().active(),
             tunnels_total: stats.tunnels().total(),
             sessions: lb.sessions().map(|s| (s.len(), s.max_sessions())),
+            sticky: lb.sticky().map(|sticky| match sticky {
+                Sticky::Table(_) => "table",
+                Sticky::Signed(_) => "signed",
+            }),
             backends,
             history_last: history::wall_time(now as i64),
             events: newest_events(events, stats.started()),
@@ -234,7 +241,10 @@ impl Snapshot {
             "history": self.history_json(),
             "events": self.events_json(),
         });
-        if let (Some((held, max)), Some(fields)) = (self.sessions, document.as_object_mut()) {
+        // With signed cookies there is no table to count: `sessions` is null.
+        if let (Some(sticky), Some(fields)) = (self.sticky, document.as_object_mut()) {
+            let (held, max) = self.sessions.unzip();
+            fields.insert("sticky".into(), json!(sticky));
             fields.insert("sessions".into(), json!(held));
             fields.insert("max_sessions".into(), json!(max));
         }
@@ -475,9 +485,11 @@ impl Snapshot {
             self.active_connections,
             self.tunnels,
             self.retries,
-            self.sessions
-                .map(|(held, max)| format!(" &middot; {held} of {max} sticky sessions"))
-                .unwrap_or_default()
+            match (self.sessions, self.sticky) {
+                (Some((held, max)), _) => format!(" &middot; {held} of {max} sticky sessions"),
+                (None, Some(_)) => " &middot; sticky sessions in signed cookies".to_string(),
+                (None, None) => String::new(),
+            }
         );
         self.html_table(&mut page);
         self.html_charts(&mut page);
@@ -843,6 +855,7 @@ mod tests {
             tunnels: 2,
             tunnels_total: 8,
             sessions: Some((3, 100)),
+            sticky: Some("table"),
             backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],
             history_last: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_080_000),
             events: vec![EventSnapshot {
@@ -861,6 +874,7 @@ mod tests {
         assert_eq!(value["total_requests"], 10);
         assert_eq!(value["uptime_seconds"], 12.3);
         assert_eq!(value["sessions"], 3);
+        assert_eq!(value["sticky"], "table");
         assert_eq!(value["retries"], 2);
         assert_eq!(value["tunnels"], 2);
         assert_eq!(value["backends"][0]["tunnels_total"], 4);

@@ -12,8 +12,9 @@
 //! process runs out of descriptors anyway, accepting pauses for a moment, as nginx does, rather
 //! than accepting clients it could not serve.
 //!
-//! Shutdown (Ctrl-C or SIGTERM) stops accepting, closes connections that are idle between
-//! requests, and lets requests in flight finish for up to ten seconds.
+//! Shutdown (Ctrl-C or SIGTERM) stops accepting, accepts what is already in the listen queue
+//! (closing the listener would reset those connections), closes connections that are idle
+//! between requests, and lets requests in flight finish for up to ten seconds.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -44,6 +45,9 @@ const THREAD_KEEP: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once shutdown begins.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
+
+/// With `--reuse-port`, how often a thread blocked in `accept` looks whether shutdown began.
+const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
 /// How long accepting pauses when the process is out of file descriptors (or a connection
 /// closes first, giving one back).
@@ -118,6 +122,15 @@ impl Server {
         let addr = settings.listen;
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
+        // `--reuse-port`: a second balancer may listen on the same address (a new version taking
+        // over while this one drains); see `newest_takes_new_connections` for which one gets
+        // the new connections. The other listener may also take the connection `ShutdownHandle`
+        // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
+        // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
+        if settings.reuse_port {
+            socket.set_reuse_port(true)?;
+            socket.set_read_timeout(Some(ACCEPT_TICK))?;
+        }
         // Linux copies these options from the listening socket to every accepted one, which
         // saves two system calls per client connection (`prepare` sets them itself on other
         // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
@@ -127,6 +140,11 @@ impl Server {
         socket.set_write_timeout(Some(settings.client_timeout))?;
         socket.bind(&addr.into())?;
         socket.listen(LISTEN_BACKLOG)?;
+        if settings.reuse_port {
+            if let Err(err) = newest_takes_new_connections(&socket) {
+                log::warn!("--reuse-port: new connections will be spread over every instance on {addr}: {err}");
+            }
+        }
         let shared = Shared {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
@@ -164,16 +182,92 @@ impl Server {
                 break;
             }
             match self.listener.accept() {
-                Ok((stream, peer)) if !self.shared.is_shutting_down() => {
-                    self.shared.start(&lb, stream, peer)
-                }
-                Ok(_) => break,
+                // A connection accepted as shutdown begins is served all the same.
+                Ok((stream, peer)) => self.shared.start(&lb, stream, peer),
+                // `ACCEPT_TICK` passed (with `--reuse-port`).
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
                 Err(err) => self.shared.accept_failed(&err, &lb),
             }
         }
+        self.accept_queued(&lb);
         drop(self.listener);
         self.shared.drain(&lb);
     }
+
+    /// Accepts the connections still waiting in the listen queue, before the listener closes:
+    /// the kernel completed their handshakes, their requests are on the way, and closing the
+    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
+    /// the old instance's queue is emptied, not dropped. Each is served its first request
+    /// (with `Connection: close`); `--max-connections` still holds, within the drain's limit.
+    fn accept_queued(&self, lb: &Arc<LoadBalancer>) {
+        if let Err(err) = self.listener.set_nonblocking(true) {
+            return log::warn!("cannot empty the listen queue before closing it: {err}");
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut taken = 0;
+        while self.shared.wait_for_a_slot_until(deadline) {
+            let Ok((stream, peer)) = self.listener.accept() else {
+                break;
+            };
+            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
+            if stream.set_nonblocking(false).is_ok() {
+                self.shared.start(lb, stream, peer);
+                taken += 1;
+            }
+        }
+        if taken > 0 {
+            log::info!("accepted {taken} connections still queued when shutdown began");
+        }
+    }
+}
+
+/// With `--reuse-port`, makes the newest listener on the address take every new connection.
+///
+/// Linux spreads new connections over the listeners sharing a port by a hash, and a listener
+/// that closes resets the connections in its queue. A takeover loses nothing only if the old
+/// instance gets none once the new one listens; then it empties its queue and closes it.
+/// One classic BPF instruction, attached to the group of listeners, says so: `ret #1`, the
+/// second listener of the group, which is the one that joined last. When it is alone (index 1
+/// does not exist), the kernel falls back to the hash, which has only it to choose from; when
+/// the old one closes, the new one takes its place as the first. (nginx and HAProxy avoid the
+/// same loss by handing the listening socket itself to the new process.)
+#[cfg(target_os = "linux")]
+fn newest_takes_new_connections(socket: &Socket) -> io::Result<()> {
+    let program = [libc::sock_filter {
+        code: (libc::BPF_RET | libc::BPF_K) as u16,
+        jt: 0,
+        jf: 0,
+        k: 1,
+    }];
+    let filter = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `filter` points to `program`, both alive for the call; the kernel copies them.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&filter as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere the kernel's own spreading stays; the old instance's queue is still emptied.
+#[cfg(not(target_os = "linux"))]
+fn newest_takes_new_connections(_socket: &Socket) -> io::Result<()> {
+    Ok(())
 }
 
 /// The address to connect to in order to wake a thread blocked in `accept` on `addr`: the
@@ -234,6 +328,27 @@ impl Shared {
             open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
         }
         open.someone_waits = false;
+    }
+
+    /// At shutdown: waits until fewer than `--max-connections` clients are served, or
+    /// `deadline`; whether a slot is free.
+    fn wait_for_a_slot_until(&self, deadline: Instant) -> bool {
+        let mut open = self.open();
+        while open.by_id.len() >= self.max_connections {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                open.someone_waits = false;
+                return false;
+            }
+            open.someone_waits = true;
+            open = self
+                .closed
+                .wait_timeout(open, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        open.someone_waits = false;
+        true
     }
 
     /// Out of descriptors, while under `--max-connections`: backend connections idle in the

@@ -26,4 +26,6 @@ pub struct Settings {
     pub stats_interval: Duration,
     /// Whether responses carry an `X-Lb-Decision` header.
     pub explain: bool,
+    /// Whether the listener sets `SO_REUSEPORT`, so a new instance can take over its address.
+    pub reuse_port: bool,
 }

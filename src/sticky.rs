@@ -5,6 +5,11 @@
 //! sessions idle longer than `--session-ttl`, so a flood of cookie-less clients cannot grow it.
 //! The chapter's version kept an unbounded dict and read the cookie with a regex that could not
 //! match its own hyphenated UUIDs; here the `Cookie` header is parsed as RFC 6265 §4.2 lays it out.
+//!
+//! With `--sticky-secret`, [`signed`] replaces the table: the cookie itself names the backend and
+//! is signed, so that several balancers (or one restarted) agree without sharing a table.
+
+pub mod signed;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
@@ -16,6 +21,15 @@ use crate::http::HeaderFields;
 
 /// The cookie name used unless `--cookie-name` says otherwise.
 pub const DEFAULT_COOKIE: &str = "SESSION_ID";
+
+/// How sticky sessions are kept: in this balancer's table, or in signed cookies.
+#[derive(Debug)]
+pub enum Sticky {
+    /// The chapter's way: a table of session ids, in this process only.
+    Table(SessionTable),
+    /// Stateless: the cookie names its backend and is signed (`--sticky-secret`).
+    Signed(signed::SignedCookies),
+}
 
 /// Sessions and the backends they belong to, bounded in size and in idle time.
 #[derive(Debug)]

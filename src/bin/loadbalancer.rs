@@ -120,6 +120,10 @@ fn check_combinations(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
             "--health-check passive or both",
         ),
     ];
+    // The secret may come from the environment too, where `given` does not look.
+    if cli.sticky.session.sticky_secret.is_some() && !cli.sticky.sticky {
+        return Err("--sticky-secret (or LB_STICKY_SECRET) needs --sticky".to_string());
+    }
     for (ids, enabled, needed) in rules {
         if let Some(id) = ids.iter().find(|&&id| !enabled && cli::given(matches, id)) {
             return Err(format!("--{} needs {needed}", id.replace('_', "-")));
@@ -132,9 +136,12 @@ fn check_combinations(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
 fn run(cli: Cli) -> Result<(), StartError> {
     let backends = cli.common.backends(&[1, 1, 1]);
     let balancer = cli.algorithm.balancer(&backends);
+    let signed = cli.sticky.session.signed_cookies(&backends)?;
     let mut lb = LoadBalancer::new(backends, balancer, cli.common.settings())
         .with_health(cli.health.config(cli.health_check.health_check));
-    if let Some(sessions) = cli.sticky.session_table() {
+    if let Some(signed) = signed {
+        lb = lb.with_signed_sessions(signed);
+    } else if let Some(sessions) = cli.sticky.session_table() {
         lb = lb.with_sessions(sessions);
     }
     lb::startup::run(PHASE, lb, &cli.common)

@@ -74,10 +74,15 @@ impl<'a> ClientConnection<'a> {
     /// Serves requests until the client closes, an error ends the connection, or the balancer
     /// shuts down.
     pub fn serve(&mut self) {
+        // A connection whose serving begins after shutdown began was waiting in the listen
+        // queue, its request on the way: that first request is served, not dropped.
+        let mut first_owed = self.shutdown.load(Ordering::SeqCst);
         loop {
-            self.state.idle.store(true, Ordering::SeqCst);
-            if self.shutdown.load(Ordering::SeqCst) {
-                break;
+            if !std::mem::take(&mut first_owed) {
+                self.state.idle.store(true, Ordering::SeqCst);
+                if self.shutdown.load(Ordering::SeqCst) {
+                    break;
+                }
             }
             let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
             self.state.idle.store(false, Ordering::SeqCst);
@@ -177,10 +182,9 @@ impl<'a> ClientConnection<'a> {
         let (prefix, rest) = self.take_body_prefix(body);
         let session = self
             .lb
-            .sessions
+            .sticky
             .as_ref()
-            .map(|table| Session::of(table, head));
-        let set_cookie = session.as_ref().and_then(Session::set_cookie);
+            .map(|sticky| Session::of(sticky, head));
         let mut tried: Vec<usize> = Vec::new();
         // Why the last backend tried failed the request, if another one may take it over.
         let mut failed: Option<Failure> = None;
@@ -206,6 +210,7 @@ impl<'a> ClientConnection<'a> {
             if let Some(session) = &session {
                 session.follow(pick.index);
             }
+            let set_cookie = session.as_ref().and_then(|s| s.set_cookie(pick.index));
             tried.push(pick.index);
             let backend = &self.lb.backends[pick.index];
             if !backend.health().admit() {
@@ -310,22 +315,11 @@ impl<'a> ClientConnection<'a> {
         let backends = &self.lb.backends;
         let name = |i: usize| backends[i].name();
         let mut parts = Vec::new();
-        match session {
-            Some(s) if s.backend == Some(pick.index) => {
-                parts.push(format!(
-                    "sticky hit: session {} belongs to {}",
-                    s.id,
-                    name(pick.index)
-                ));
-            }
-            Some(s) => {
-                parts.push(match s.backend {
-                    Some(old) => format!("sticky miss: session {} moves from {}", s.id, name(old)),
-                    None => format!("sticky miss: new session {}", s.id),
-                });
-                parts.push(pick.reason.clone());
-            }
-            None => parts.push(pick.reason.clone()),
+        if let Some(session) = session {
+            parts.push(session.explain(pick.index, name));
+        }
+        if session.is_none_or(|s| s.backend != Some(pick.index)) {
+            parts.push(pick.reason.clone());
         }
         let unavailable: Vec<&str> = backends
             .iter()

@@ -35,7 +35,8 @@ use crate::health::HealthConfig;
 use crate::http::BufferPool;
 use crate::settings::Settings;
 use crate::stats::Stats;
-use crate::sticky::SessionTable;
+use crate::sticky::signed::SignedCookies;
+use crate::sticky::{SessionTable, Sticky};
 
 /// The size of a read buffer, for a client or a backend connection: enough for the head and body
 /// of most small messages. A buffer grows only for a large head or a long body.
@@ -53,7 +54,7 @@ pub struct LoadBalancer {
     settings: Settings,
     buffers: BufferPool,
     health: HealthConfig,
-    sessions: Option<SessionTable>,
+    sticky: Option<Sticky>,
 }
 
 impl LoadBalancer {
@@ -66,7 +67,7 @@ impl LoadBalancer {
             buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
             settings,
             health: HealthConfig::default(),
-            sessions: None,
+            sticky: None,
         }
     }
 
@@ -88,13 +89,28 @@ impl LoadBalancer {
     /// The same balancer with sticky sessions: a client that sends back its session cookie
     /// goes to its session's backend while that backend is available.
     pub fn with_sessions(mut self, sessions: SessionTable) -> Self {
-        self.sessions = Some(sessions);
+        self.sticky = Some(Sticky::Table(sessions));
         self
     }
 
-    /// The sticky-session table, when sessions are on.
+    /// The same balancer with sticky sessions kept in signed cookies instead of a table
+    /// (`--sticky-secret`): every balancer with the same secret and backends honours them.
+    pub fn with_signed_sessions(mut self, cookies: SignedCookies) -> Self {
+        self.sticky = Some(Sticky::Signed(cookies));
+        self
+    }
+
+    /// How sticky sessions are kept, when they are on.
+    pub fn sticky(&self) -> Option<&Sticky> {
+        self.sticky.as_ref()
+    }
+
+    /// The sticky-session table, when sessions are on and kept in a table.
     pub fn sessions(&self) -> Option<&SessionTable> {
-        self.sessions.as_ref()
+        match &self.sticky {
+            Some(Sticky::Table(table)) => Some(table),
+            _ => None,
+        }
     }
 
     /// The backends, in the order they were given.

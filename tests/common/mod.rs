@@ -56,7 +56,10 @@ impl Balancer {
 
     fn launch(bin: &str, args: &[&str], setup: impl FnOnce(&mut Command)) -> Balancer {
         let mut command = Command::new(bin);
-        command.args(["--listen", "127.0.0.1:0", "--stats-interval", "0"]);
+        if !args.contains(&"--listen") {
+            command.args(["--listen", "127.0.0.1:0"]);
+        }
+        command.args(["--stats-interval", "0"]);
         command
             .args(args)
             .env("RUST_LOG", "debug")
@@ -126,6 +129,17 @@ impl Balancer {
         assert!(
             status.map(|s| s.success()).unwrap_or(false),
             "kill -INT works"
+        );
+    }
+
+    /// Sends SIGTERM, as systemd and `kill` do.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        assert!(
+            status.map(|s| s.success()).unwrap_or(false),
+            "kill -TERM works"
         );
     }
 
@@ -322,6 +336,17 @@ impl Client {
             stream,
             buf: Vec::new(),
         }
+    }
+
+    /// Connects to `addr` like [`Client::connect`], returning the error instead of panicking.
+    pub fn try_connect(addr: SocketAddr) -> std::io::Result<Client> {
+        let stream = TcpStream::connect_timeout(&addr, WAIT)?;
+        stream.set_read_timeout(Some(WAIT))?;
+        stream.set_nodelay(true)?;
+        Ok(Client {
+            stream,
+            buf: Vec::new(),
+        })
     }
 
     /// Connects from a given local IP (e.g. 127.0.0.2) so the balancer sees another client.
