@@ -5,6 +5,7 @@
 //! are plain functions, unit-tested below, and every error they return names the offending input.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -76,6 +77,10 @@ pub struct CommonArgs {
     #[arg(long)]
     pub explain: bool,
 
+    /// HTTPS: where TLS clients connect, and the certificates they are shown.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Log at debug level (one line per request); RUST_LOG overrides.
     #[arg(short, long)]
     pub verbose: bool,
@@ -127,6 +132,23 @@ impl CommonArgs {
             explain: self.explain,
         }
     }
+}
+
+/// The HTTPS flags of every balancer binary: a TLS listener beside the plain one.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Where HTTPS clients connect (TLS ends here; backends get plain HTTP/1.1).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// A PEM certificate file (the end-entity certificate first, then its chain); repeat with
+    /// --tls-key for each certificate; the client's SNI picks one, the first is the default.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Vec<PathBuf>,
+
+    /// The PEM private key of the --tls-cert given in the same position.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<PathBuf>,
 }
 
 /// The health-check flags of the `phase3_*` binaries and `loadbalancer` (the contract's table).

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::admin::{self, AdminServer};
-use crate::cli::{AdminAddr, CommonArgs};
+use crate::cli::{AdminAddr, CommonArgs, TlsArgs};
 use crate::demo::{self, DemoBackend};
 use crate::descriptors::{self, Budget};
 use crate::error::StartError;
@@ -20,6 +20,7 @@ use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::server::Server;
 use crate::stats::events::EventKind;
+use crate::tls;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
@@ -29,8 +30,18 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
-    let server = Server::bind(&settings)
+    let mut server = Server::bind(&settings)
         .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
+    if let Some(addr) = args.tls.tls_listen {
+        let config = tls_config(&args.tls)?;
+        server
+            .add_tls_listener(addr, config, &settings)
+            .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
+    } else if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() {
+        return Err(StartError(
+            "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
+        ));
+    }
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?
     } else {
@@ -105,8 +116,12 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
             }
         })
         .collect();
+    let https = server
+        .tls_local_addr()
+        .map(|addr| format!(" (HTTPS on {addr})"))
+        .unwrap_or_default();
     let message = format!(
-        "load balancer listening on {listen}, {} over {} backend{}: {}",
+        "load balancer listening on {listen}{https}, {} over {} backend{}: {}",
         lb.balancer().name(),
         backends.len(),
         if backends.len() == 1 { "" } else { "s" },
@@ -115,6 +130,30 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
     // The event first: whoever reads the log line to know the balancer is up finds it listed.
     lb.stats().push_event(EventKind::Start, message.clone());
     log::info!("{message}");
+}
+
+/// The TLS configuration of `--tls-listen`: each `--tls-cert` with the `--tls-key` in the same
+/// position, read and checked now so that a bad file stops the start with one line naming it.
+fn tls_config(args: &TlsArgs) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    if args.tls_cert.is_empty() {
+        return Err(StartError(
+            "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),
+        ));
+    }
+    if args.tls_cert.len() != args.tls_key.len() {
+        return Err(StartError(format!(
+            "{} --tls-cert but {} --tls-key: give one key per certificate, in the same order",
+            args.tls_cert.len(),
+            args.tls_key.len()
+        )));
+    }
+    let certificates = args
+        .tls_cert
+        .iter()
+        .zip(&args.tls_key)
+        .map(|(cert, key)| tls::load(cert, key))
+        .collect::<Result<Vec<_>, _>>()?;
+    tls::server_config(certificates)
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`

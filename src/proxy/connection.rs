@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::balance;
 use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
+use crate::stream::ClientStream;
 
 use super::exchange::TryError;
 use super::request::{check_request, is_upgrade, OutgoingRequest};
@@ -40,10 +41,12 @@ pub(super) enum Failure {
 /// One client connection: its socket, who it is, and the state its requests share.
 pub struct ClientConnection<'a> {
     pub(super) lb: &'a LoadBalancer,
-    pub(super) client: BufferedStream,
+    pub(super) client: BufferedStream<ClientStream>,
     pub(super) client_ip: IpAddr,
     /// The client's address as text, written once per connection rather than per request.
     pub(super) client_ip_text: String,
+    /// `https` when the client came through TLS, else `http` (for `X-Forwarded-Proto`).
+    pub(super) scheme: &'static str,
     state: &'a ConnectionState,
     pub(super) shutdown: &'a AtomicBool,
     /// Whether the current request still has body bytes unread: the connection then cannot be
@@ -52,16 +55,18 @@ pub struct ClientConnection<'a> {
 }
 
 impl<'a> ClientConnection<'a> {
-    /// Prepares to serve `stream`, whose timeouts the server has set.
+    /// Prepares to serve `stream`, whose timeouts the server has set (and whose TLS handshake,
+    /// for HTTPS, is done).
     pub fn new(
         lb: &'a LoadBalancer,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         state: &'a ConnectionState,
         shutdown: &'a AtomicBool,
     ) -> Self {
         ClientConnection {
             lb,
+            scheme: if stream.is_tls() { "https" } else { "http" },
             client: BufferedStream::with_buffer(stream, lb.buffers.take()),
             client_ip: peer.ip(),
             client_ip_text: peer.ip().to_string(),
@@ -92,9 +97,9 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
-    /// Ends the connection: the read buffer goes back for reuse, and the socket to the server,
+    /// Ends the connection: the read buffer goes back for reuse, and the stream to the server,
     /// which closes it.
-    pub fn into_socket(self) -> TcpStream {
+    pub fn into_stream(self) -> ClientStream {
         let (socket, buffer) = self.client.into_parts();
         self.lb.buffers.give(buffer);
         socket
@@ -158,10 +163,10 @@ impl<'a> ClientConnection<'a> {
     /// Answers with `err`; when the connection closes afterwards, closes it without losing the
     /// answer.
     fn write_error(&mut self, err: &ProxyError, close: bool) {
-        let mut socket = self.client.socket();
-        let _ = std::io::Write::write_all(&mut socket, &err.to_response(close));
+        let client = self.client.get_mut();
+        let _ = std::io::Write::write_all(client, &err.to_response(close));
         if close {
-            http::close_gracefully(socket);
+            client.close_gracefully();
         }
     }
 

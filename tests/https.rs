@@ -1,0 +1,193 @@
+//! HTTPS over real sockets: TLS ends at the balancer, the backends get plain HTTP/1.1 with
+//! `X-Forwarded-Proto`, and whatever a client does wrong during the handshake stays inside its
+//! own connection. Certificates are made in the test with `rcgen`; the client is `rustls`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LOADBALANCER: &str = env!("CARGO_BIN_EXE_loadbalancer");
+const PHASE1: &str = env!("CARGO_BIN_EXE_phase1_rr");
+
+/// A balancer (`bin`) over one header-echoing backend, with an HTTPS listener showing `cert`.
+fn start_https(
+    bin: &str,
+    cert: &TestCertificate,
+    extra: &[&str],
+) -> (Balancer, RawBackend, std::net::SocketAddr) {
+    let backend = header_echo_with("");
+    let spec = backend.spec();
+    let mut args = vec![
+        "--backend",
+        &spec,
+        "--tls-listen",
+        "127.0.0.1:0",
+        "--tls-cert",
+        cert.cert(),
+        "--tls-key",
+        cert.key(),
+    ];
+    args.extend_from_slice(extra);
+    let lb = Balancer::start(bin, &args);
+    let tls_addr = lb
+        .tls_addr
+        .expect("the start-up line names the HTTPS address");
+    (lb, backend, tls_addr)
+}
+
+#[test]
+fn a_request_over_https_reaches_the_backend_as_plain_http_marked_https() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (lb, _backend, tls_addr) = start_https(LOADBALANCER, &cert, &[]);
+    let mut client = Client::connect_tls(tls_addr, "localhost", &[&cert.cert_pem]);
+    // Keep-alive: both requests on one TLS connection.
+    for _ in 0..2 {
+        let response = client.get("/over-tls");
+        assert_eq!(response.status, 200);
+        let seen = response.text();
+        assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+        assert!(seen.contains("x-forwarded-for: 127.0.0.1\n"), "{seen}");
+    }
+    assert_eq!(
+        client.stream.conn.alpn_protocol(),
+        Some(&b"http/1.1"[..]),
+        "ALPN offers http/1.1"
+    );
+    // The plain listener keeps working, marked http, whatever the client claims.
+    let plain = get_with(lb.addr, "X-Forwarded-Proto: https\r\n");
+    assert_eq!(plain.status, 200);
+    let seen = plain.text();
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(!seen.contains("https"), "{seen}");
+}
+
+#[test]
+fn every_phase_binary_serves_https() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (_lb, _backend, tls_addr) = start_https(PHASE1, &cert, &[]);
+    let mut client = Client::connect_tls(tls_addr, "localhost", &[&cert.cert_pem]);
+    let response = client.get("/");
+    assert_eq!(response.status, 200);
+    assert!(response.text().contains("x-forwarded-proto: https\n"));
+}
+
+#[test]
+fn a_large_body_goes_both_ways_over_https() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let backend = responder(|request| (200, String::new(), request.body.clone()));
+    let spec = backend.spec();
+    let lb = Balancer::start(
+        LOADBALANCER,
+        &[
+            "--backend",
+            &spec,
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.cert(),
+            "--tls-key",
+            cert.key(),
+        ],
+    );
+    let mut client = Client::connect_tls(lb.tls_addr.unwrap(), "localhost", &[&cert.cert_pem]);
+    let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let head = format!(
+        "POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    client.send(head.as_bytes());
+    client.send(&body);
+    let response = client.read_response("POST");
+    assert_eq!(response.status, 200);
+    assert_eq!(md5_hex(&response.body), md5_hex(&body));
+}
+
+#[test]
+fn a_plain_http_client_on_the_https_port_is_dropped_and_the_port_keeps_serving() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (lb, _backend, tls_addr) = start_https(LOADBALANCER, &cert, &[]);
+    let mut plain = TcpStream::connect(tls_addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = Vec::new();
+    // A TLS alert at most, then the end of the stream (or a reset): never an HTTP answer.
+    let _ = plain.read_to_end(&mut answer);
+    assert!(started.elapsed() < WAIT, "dropped at once");
+    assert!(!answer.starts_with(b"HTTP/"), "{answer:?}");
+    let mut client = Client::connect_tls(tls_addr, "localhost", &[&cert.cert_pem]);
+    assert_eq!(client.get("/").status, 200);
+    assert!(lb.log().contains("TLS handshake failed"));
+    assert!(!lb.log().contains("WARN"), "{}", lb.log());
+}
+
+#[test]
+fn a_stalled_handshake_is_dropped_after_the_client_timeout_and_holds_a_slot_meanwhile() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (lb, _backend, tls_addr) = start_https(
+        LOADBALANCER,
+        &cert,
+        &[
+            "--client-timeout",
+            "1s",
+            "--max-connections",
+            "1",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+    );
+    let mut stalled = TcpStream::connect(tls_addr).unwrap();
+    stalled.set_read_timeout(Some(WAIT)).unwrap();
+    // Half a ClientHello's record header: the handshake has begun and never goes on.
+    stalled.write_all(&[0x16, 0x03]).unwrap();
+    let started = Instant::now();
+    assert!(eventually(WAIT, || stats_json(&lb)["active_connections"] == 1));
+    // The one slot is taken: a plain request waits until the stalled handshake is dropped.
+    let response = get(lb.addr, "/");
+    assert_eq!(response.status, 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500),
+        "served after {waited:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(lb.log().contains("TLS handshake failed"), "{}", lb.log());
+}
+
+#[test]
+fn a_handshake_trickled_byte_by_byte_is_still_bounded_by_the_client_timeout() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (_lb, _backend, tls_addr) =
+        start_https(LOADBALANCER, &cert, &["--client-timeout", "600ms"]);
+    let mut slow = TcpStream::connect(tls_addr).unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    // A record header announcing a long ClientHello, then one byte every 100 ms.
+    let _ = slow.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00]);
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(5) {
+            break false;
+        }
+        if slow.write_all(&[0x01]).is_err() {
+            break true;
+        }
+        let mut byte = [0u8; 64];
+        match slow.read(&mut byte) {
+            Ok(_) => break true,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break true,
+        }
+    };
+    assert!(closed, "the trickling client is dropped");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
