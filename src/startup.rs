@@ -30,17 +30,22 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
+    // Certificates are read before any port is bound: a bad file is the one line the user sees.
+    let tls = match args.tls.tls_listen {
+        Some(addr) => Some((addr, tls_config(&args.tls)?)),
+        None if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() => {
+            return Err(StartError(
+                "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
+            ))
+        }
+        None => None,
+    };
     let mut server = Server::bind(&settings)
         .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
-    if let Some(addr) = args.tls.tls_listen {
-        let config = tls_config(&args.tls)?;
+    if let Some((addr, config)) = tls {
         server
             .add_tls_listener(addr, config, &settings)
             .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
-    } else if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() {
-        return Err(StartError(
-            "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
-        ));
     }
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?

@@ -39,26 +39,32 @@ pub fn load(cert_path: &Path, key_path: &Path) -> Result<Certificate, StartError
     let key_error =
         |why: &dyn fmt::Display| StartError(format!("--tls-key {}: {why}", key_path.display()));
     let chain = CertificateDer::pem_file_iter(cert_path)
-        .map_err(|err| cert_error(&pem_error(err)))?
+        .map_err(|err| cert_error(&pem_error(err, "certificate")))?
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|err| cert_error(&pem_error(err)))?;
+        .map_err(|err| cert_error(&pem_error(err, "certificate")))?;
     if chain.is_empty() {
         return Err(cert_error(&"no PEM certificate in the file"));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|err| key_error(&pem_error(err)))?;
-    let certified = CertifiedKey::from_der(chain, key, &provider())
-        .map_err(|err| key_error(&format!("{err} (with --tls-cert {})", cert_path.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|err| key_error(&pem_error(err, "private key")))?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| {
+        let why = match err {
+            rustls::Error::InconsistentKeys(_) => "does not match".to_string(),
+            other => format!("cannot be used ({other}) with"),
+        };
+        key_error(&format!("the key {why} --tls-cert {}", cert_path.display()))
+    })?;
     Ok(Certificate {
         path: cert_path.to_path_buf(),
         key: Arc::new(certified),
     })
 }
 
-/// What went wrong reading a PEM file, in a few words.
-fn pem_error(err: pem::Error) -> String {
+/// What went wrong reading a PEM file that should hold a `what`, in a few words.
+fn pem_error(err: pem::Error, what: &str) -> String {
     match err {
         pem::Error::Io(err) => err.to_string(),
-        pem::Error::NoItemsFound => "not a PEM file with the expected item".to_string(),
+        pem::Error::NoItemsFound => format!("no PEM {what} in the file"),
         other => format!("not valid PEM ({other:?})"),
     }
 }

@@ -191,3 +191,86 @@ fn a_handshake_trickled_byte_by_byte_is_still_bounded_by_the_client_timeout() {
     assert!(closed, "the trickling client is dropped");
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+/// Runs the balancer with `args` and returns its exit code and standard error.
+fn start_up_error(args: &[&str]) -> (Option<i32>, String) {
+    let output = std::process::Command::new(LOADBALANCER)
+        .args(["--listen", "127.0.0.1:0", "--admin", "off"])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn each_bad_tls_configuration_is_a_one_line_error_naming_the_file() {
+    let good = TestCertificate::new(&["localhost"]);
+    let other = TestCertificate::new(&["localhost"]);
+    let not_pem = TestCertificate::write("hello\n".into(), "world\n".into());
+    let missing = good.cert_path.with_file_name("missing.pem");
+    let missing = missing.to_str().unwrap();
+    let tls = ["--tls-listen", "127.0.0.1:0"];
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["--tls-cert", missing, "--tls-key", good.key()],
+            missing,
+        ),
+        (
+            vec!["--tls-cert", good.cert(), "--tls-key", missing],
+            missing,
+        ),
+        (
+            vec!["--tls-cert", not_pem.cert(), "--tls-key", good.key()],
+            not_pem.cert(),
+        ),
+        (
+            vec!["--tls-cert", good.cert(), "--tls-key", not_pem.key()],
+            not_pem.key(),
+        ),
+        // The key of another certificate.
+        (
+            vec!["--tls-cert", good.cert(), "--tls-key", other.key()],
+            other.key(),
+        ),
+        (vec![], "--tls-cert"),
+        (vec!["--tls-cert", good.cert()], "--tls-key"),
+    ];
+    for (args, named) in cases {
+        let (code, stderr) = start_up_error(&[&tls[..], &args].concat());
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+    }
+    // Certificates without a TLS listener are a mistake too.
+    let (code, stderr) = start_up_error(&["--tls-cert", good.cert(), "--tls-key", good.key()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--tls-listen"), "{stderr}");
+}
+
+#[test]
+fn sni_picks_the_certificate_and_the_first_is_the_default() {
+    let a = TestCertificate::new(&["a.test"]);
+    let b = TestCertificate::new(&["b.test"]);
+    let (_lb, _backend, tls_addr) = start_https(
+        LOADBALANCER,
+        &a,
+        &["--tls-cert", b.cert(), "--tls-key", b.key()],
+    );
+    // Each client trusts only the certificate it expects, so a wrong pick fails the handshake.
+    for (name, cert) in [("a.test", &a), ("b.test", &b), ("a.test", &a)] {
+        let mut client = Client::connect_tls(tls_addr, name, &[&cert.cert_pem]);
+        assert_eq!(client.get("/").status, 200, "{name}");
+    }
+    // A name no certificate covers gets the first one (which this client then refuses).
+    assert!(Client::try_connect_tls(tls_addr, "c.test", &[&b.cert_pem]).is_err());
+    let wrong = Client::try_connect_tls(tls_addr, "c.test", &[&a.cert_pem]);
+    let err = wrong
+        .err()
+        .expect("the default certificate does not cover c.test");
+    // Refused for its name, not for its issuer: it was certificate a.
+    assert!(err.to_string().contains("certificate"), "{err}");
+    assert!(!err.to_string().contains("UnknownIssuer"), "{err}");
+}
