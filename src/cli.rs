@@ -130,6 +130,11 @@ impl CommonArgs {
                 .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
             stats_interval: self.stats_interval,
             explain: self.explain,
+            redirect_https: self
+                .tls
+                .tls_listen
+                .filter(|_| self.tls.redirect_https)
+                .map(|addr| addr.port()),
         }
     }
 }
@@ -149,6 +154,11 @@ pub struct TlsArgs {
     /// The PEM private key of the --tls-cert given in the same position.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Vec<PathBuf>,
+
+    /// Answer every request on the plain listener with 308 to the same host and path on HTTPS
+    /// (needs --tls-listen).
+    #[arg(long)]
+    pub redirect_https: bool,
 }
 
 /// The health-check flags of the `phase3_*` binaries and `loadbalancer` (the contract's table).

@@ -26,4 +26,6 @@ pub struct Settings {
     pub stats_interval: Duration,
     /// Whether responses carry an `X-Lb-Decision` header.
     pub explain: bool,
+    /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.
+    pub redirect_https: Option<u16>,
 }

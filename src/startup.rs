@@ -38,6 +38,11 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
                 "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
             ))
         }
+        None if args.tls.redirect_https => {
+            return Err(StartError(
+                "--redirect-https needs --tls-listen ADDR".to_string(),
+            ))
+        }
         None => None,
     };
     let mut server = Server::bind(&settings)

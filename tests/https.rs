@@ -274,3 +274,112 @@ fn sni_picks_the_certificate_and_the_first_is_the_default() {
     assert!(err.to_string().contains("certificate"), "{err}");
     assert!(!err.to_string().contains("UnknownIssuer"), "{err}");
 }
+
+#[test]
+fn a_websocket_over_tls_echoes_both_ways_and_closes() {
+    use tungstenite::handshake::client::{generate_key, Request};
+    use tungstenite::Message;
+    let cert = TestCertificate::new(&["localhost"]);
+    let backend = DemoBackend::start("a");
+    let lb = Balancer::start(
+        LOADBALANCER,
+        &[
+            "--backend",
+            &backend.spec(),
+            "--tls-listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.cert(),
+            "--tls-key",
+            cert.key(),
+        ],
+    );
+    let client = Client::connect_tls(lb.tls_addr.unwrap(), "localhost", &[&cert.cert_pem]);
+    let request = Request::builder()
+        .uri("wss://localhost/ws")
+        .header("Host", "localhost")
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .header("Sec-WebSocket-Version", "13")
+        .header("Sec-WebSocket-Key", generate_key())
+        .body(())
+        .unwrap();
+    let (mut socket, response) =
+        tungstenite::client::client(request, client.stream).expect("the handshake succeeds");
+    assert_eq!(response.status(), 101);
+    let greeting = socket.read().expect("a greeting");
+    assert!(
+        greeting.to_string().starts_with("connected to "),
+        "{greeting}"
+    );
+    for size in [5, 20_000, 200_000] {
+        let sent = Message::binary(vec![7u8; size]);
+        socket.send(sent.clone()).expect("sends");
+        assert_eq!(socket.read().expect("an echo"), sent, "{size} bytes");
+    }
+    socket.close(None).expect("closes");
+    let closed = loop {
+        match socket.read() {
+            Ok(Message::Close(_)) => continue,
+            Ok(_) => continue,
+            Err(err) => break err,
+        }
+    };
+    assert!(
+        matches!(closed, tungstenite::Error::ConnectionClosed),
+        "{closed:?}"
+    );
+    drop(socket);
+    assert!(eventually(WAIT, || lb.log().contains("tunnel to")
+        && lb.log().contains("closed after")));
+}
+
+#[test]
+fn redirect_https_answers_308_to_the_same_host_and_path() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let port = free_ports(1)[0];
+    let tls_listen = format!("127.0.0.1:{port}");
+    let backend = header_echo_with("");
+    let lb = Balancer::start(
+        LOADBALANCER,
+        &[
+            "--backend",
+            &backend.spec(),
+            "--tls-listen",
+            &tls_listen,
+            "--tls-cert",
+            cert.cert(),
+            "--tls-key",
+            cert.key(),
+            "--redirect-https",
+        ],
+    );
+    let mut client = Client::connect(lb.addr);
+    client.send(b"GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\n\r\n");
+    let response = client.read_response("GET");
+    assert_eq!(response.status, 308);
+    assert_eq!(
+        response.header("location"),
+        Some(format!("https://example.com:{port}/a/b?c=d").as_str())
+    );
+    // Keep-alive goes on; a request with a body is answered, then the connection closes.
+    client.send(b"POST /form HTTP/1.1\r\nHost: example.com\r\nContent-Length: 3\r\n\r\nabc");
+    let response = client.read_response("POST");
+    assert_eq!(response.status, 308);
+    assert_eq!(
+        response.header("location"),
+        Some(format!("https://example.com:{port}/form").as_str())
+    );
+    assert_eq!(response.header("connection"), Some("close"));
+    // HTTPS itself is served.
+    let mut tls = Client::connect_tls(lb.tls_addr.unwrap(), "localhost", &[&cert.cert_pem]);
+    assert_eq!(tls.get("/").status, 200);
+}
+
+#[test]
+fn redirect_https_needs_a_tls_listener() {
+    let (code, stderr) = start_up_error(&["--redirect-https"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--tls-listen"), "{stderr}");
+}

@@ -127,6 +127,14 @@ impl<'a> ClientConnection<'a> {
     fn handle(&mut self, head: RequestHead) -> Flow {
         let started = Instant::now();
         self.lb.stats.count_request();
+        if let Some(port) = self
+            .lb
+            .settings
+            .redirect_https
+            .filter(|_| self.scheme == "http")
+        {
+            return self.redirect_to_https(&head, port);
+        }
         match self.forward(&head, started) {
             Ok(flow) => flow,
             Err(Failure::Answer(err)) => {
@@ -157,6 +165,56 @@ impl<'a> ClientConnection<'a> {
                 );
                 Flow::Close
             }
+        }
+    }
+
+    /// `--redirect-https`: answers `308 Permanent Redirect` to the same host and target on the
+    /// HTTPS port (308 rather than 301, so that a POST stays a POST, RFC 9110 §15.4.9).
+    fn redirect_to_https(&mut self, head: &RequestHead, port: u16) -> Flow {
+        let host = head
+            .header("host")
+            .and_then(|h| std::str::from_utf8(h).ok());
+        let Some(host) = host.and_then(host_without_port) else {
+            self.write_error(
+                &ProxyError::BadRequest("no Host to redirect to".to_string()),
+                true,
+            );
+            return Flow::Close;
+        };
+        let target = head.target();
+        // An absolute-form target (`http://host/path`) keeps only its path.
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+            None if target.starts_with('/') => target,
+            None => "/",
+        };
+        let authority = if port == 443 {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
+        // A request body is not read: the connection closes after the answer instead.
+        let close = !head.wants_keep_alive()
+            || check_request(head).map_or(true, |body| body != BodyLength::Empty)
+            || self.shutdown.load(Ordering::SeqCst);
+        let response = format!(
+            "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{authority}{path}\r\n\
+             Content-Length: 0\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        log::debug!(
+            "{} {} {} -> 308 https://{authority}{path}",
+            self.client_ip,
+            head.method(),
+            target
+        );
+        let client = self.client.get_mut();
+        let _ = std::io::Write::write_all(client, response.as_bytes());
+        if close {
+            client.close_gracefully();
+            Flow::Close
+        } else {
+            Flow::KeepAlive
         }
     }
 
@@ -346,5 +404,33 @@ impl<'a> ClientConnection<'a> {
         }
         parts.push(format!("chose {}", name(pick.index)));
         parts.join("; ")
+    }
+}
+
+/// The host part of a Host field (`example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`),
+/// or `None` when it holds anything a host name or address cannot.
+fn host_without_port(host: &str) -> Option<&str> {
+    let host = match host.strip_prefix('[') {
+        Some(rest) => &host[..rest.find(']')? + 2],
+        None => host.split(':').next()?,
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._[]:".contains(c);
+    (!host.is_empty() && host.chars().all(allowed)).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_without_port;
+
+    #[test]
+    fn the_host_of_a_host_field_is_found_without_its_port() {
+        assert_eq!(host_without_port("example.com"), Some("example.com"));
+        assert_eq!(host_without_port("example.com:8080"), Some("example.com"));
+        assert_eq!(host_without_port("[::1]:8080"), Some("[::1]"));
+        assert_eq!(host_without_port("[::1]"), Some("[::1]"));
+        assert_eq!(host_without_port(""), None);
+        assert_eq!(host_without_port("a b"), None);
+        assert_eq!(host_without_port("evil.com/x"), None);
+        assert_eq!(host_without_port("[::1"), None);
     }
 }
