@@ -420,7 +420,7 @@ impl Shared {
     /// socket, so that shutdown never touches a descriptor number that was reused meanwhile.
     fn serve_one(&self, lb: &LoadBalancer, job: Job) {
         let _open = lb.stats().open_connection();
-        let stream = match self.client_stream(job.stream, job.tls, job.peer) {
+        let stream = match self.client_stream(lb, job.stream, job.tls, job.peer) {
             Ok(stream) => stream,
             Err(stream) => {
                 self.finish(job.id);
@@ -448,6 +448,7 @@ impl Shared {
     /// is done. A failed handshake gives the socket back (to be closed after `finish`).
     fn client_stream(
         &self,
+        lb: &LoadBalancer,
         socket: TcpStream,
         tls: Option<(Arc<ServerConfig>, Instant)>,
         peer: SocketAddr,
@@ -465,8 +466,14 @@ impl Shared {
         let mut stream = ClientStream::Tls(Box::new(StreamOwned::new(connection, socket)));
         let deadline = accepted + self.client_timeout;
         match stream.handshake(deadline, self.client_timeout) {
-            Ok(()) => Ok(stream),
+            Ok(()) => {
+                lb.stats()
+                    .tls()
+                    .handshake(stream.tls().and_then(|tls| tls.protocol_version()));
+                Ok(stream)
+            }
             Err(err) => {
+                lb.stats().tls().failed();
                 // Scanners and plain-HTTP clients fail handshakes all day: one debug line each.
                 log::debug!("client {peer}: TLS handshake failed: {err}");
                 Err(stream.into_tcp())

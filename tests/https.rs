@@ -383,3 +383,30 @@ fn redirect_https_needs_a_tls_listener() {
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--tls-listen"), "{stderr}");
 }
+
+#[test]
+fn handshakes_failures_and_versions_are_in_the_statistics() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (lb, _backend, tls_addr) = start_https(LOADBALANCER, &cert, &["--admin", "127.0.0.1:0"]);
+    let mut client = Client::connect_tls(tls_addr, "localhost", &[&cert.cert_pem]);
+    assert_eq!(client.get("/").status, 200);
+    let mut plain = TcpStream::connect(tls_addr).unwrap();
+    plain.set_read_timeout(Some(WAIT)).unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let _ = plain.read_to_end(&mut Vec::new());
+    assert!(eventually(WAIT, || {
+        stats_json(&lb)["tls"]["handshake_failures"] == 1
+    }));
+    let stats = stats_json(&lb);
+    assert_eq!(stats["tls"]["handshakes"], 1, "{stats}");
+    assert_eq!(stats["tls"]["versions"]["TLSv1.3"], 1, "{stats}");
+    let metrics = get(lb.admin.unwrap(), "/metrics").text();
+    assert!(
+        metrics.contains("lb_tls_handshakes_total{version=\"1.3\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("lb_tls_handshake_failures_total 1"),
+        "{metrics}"
+    );
+}
