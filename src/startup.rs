@@ -32,7 +32,7 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     }
     // Certificates are read before any port is bound: a bad file is the one line the user sees.
     let tls = match args.tls.tls_listen {
-        Some(addr) => Some((addr, tls_config(&args.tls)?)),
+        Some(addr) => Some((addr, tls_config(&args.tls, args.demo, addr)?)),
         None if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() => {
             return Err(StartError(
                 "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
@@ -144,7 +144,26 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
 
 /// The TLS configuration of `--tls-listen`: each `--tls-cert` with the `--tls-key` in the same
 /// position, read and checked now so that a bad file stops the start with one line naming it.
-fn tls_config(args: &TlsArgs) -> Result<Arc<rustls::ServerConfig>, StartError> {
+///
+/// With `--demo` and no certificate, a self-signed one is made for `localhost` and `127.0.0.1`,
+/// and the log says how to trust it.
+fn tls_config(
+    args: &TlsArgs,
+    demo: bool,
+    addr: SocketAddr,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    if args.tls_cert.is_empty() && args.tls_key.is_empty() && demo {
+        let path = std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()));
+        let certificate = tls::self_signed(&path)?;
+        log::info!(
+            "--demo: a self-signed certificate for localhost and 127.0.0.1 is in {path}; \
+             trust it with `curl --cacert {path} https://localhost:{port}/`, or skip the check \
+             for the demo with `curl -k https://localhost:{port}/`",
+            path = path.display(),
+            port = addr.port()
+        );
+        return tls::server_config(vec![certificate]);
+    }
     if args.tls_cert.is_empty() {
         return Err(StartError(
             "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),

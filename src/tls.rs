@@ -127,3 +127,21 @@ impl ResolvesServerCert for ByServerName {
         self.keys.first().cloned()
     }
 }
+
+/// A self-signed certificate (ECDSA P-256) for `localhost` and `127.0.0.1`, for `--demo` without
+/// `--tls-cert`; its PEM is written to `path` so that clients can be told to trust it.
+pub fn self_signed(path: &Path) -> Result<Certificate, StartError> {
+    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|err| StartError(format!("--demo: cannot make a certificate: {err}")))?;
+    std::fs::write(path, generated.cert.pem())
+        .map_err(|err| StartError(format!("--demo: {}: {err}", path.display())))?;
+    let key = PrivateKeyDer::Pkcs8(generated.key_pair.serialize_der().into());
+    let chain = vec![generated.cert.der().clone()];
+    let certified = CertifiedKey::from_der(chain, key, &provider())
+        .map_err(|err| StartError(format!("--demo: {err}")))?;
+    Ok(Certificate {
+        path: path.to_path_buf(),
+        key: Arc::new(certified),
+    })
+}

@@ -410,3 +410,40 @@ fn handshakes_failures_and_versions_are_in_the_statistics() {
         "{metrics}"
     );
 }
+
+#[test]
+fn demo_without_a_certificate_makes_a_self_signed_one_and_says_how_to_trust_it() {
+    let port = free_ports(1)[0];
+    let backend = format!("127.0.0.1:{port}");
+    let lb = Balancer::start(
+        LOADBALANCER,
+        &[
+            "--demo",
+            "--backend",
+            &backend,
+            "--tls-listen",
+            "127.0.0.1:0",
+        ],
+    );
+    let log = lb.log();
+    let line = log
+        .lines()
+        .find(|line| line.contains("self-signed"))
+        .expect("the log says where the certificate is");
+    assert!(
+        line.contains("curl --cacert") && line.contains("curl -k"),
+        "{line}"
+    );
+    let path = line
+        .split("--cacert ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("a path after --cacert");
+    let pem = std::fs::read_to_string(path).expect("the certificate file");
+    for name in ["localhost", "127.0.0.1"] {
+        let mut client = Client::connect_tls(lb.tls_addr.unwrap(), name, &[&pem]);
+        let response = client.get("/");
+        assert_eq!(response.status, 200, "{name}");
+        assert!(response.text().contains("Hello from"), "{name}");
+    }
+}
