@@ -447,3 +447,24 @@ fn demo_without_a_certificate_makes_a_self_signed_one_and_says_how_to_trust_it()
         assert!(response.text().contains("Hello from"), "{name}");
     }
 }
+
+#[test]
+fn an_expired_certificate_is_a_warning_and_the_balancer_starts() {
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let expired = TestCertificate::write(cert.pem(), key.serialize_pem());
+    let (lb, _backend, _tls_addr) = start_https(LOADBALANCER, &expired, &[]);
+    let log = lb.log();
+    let warning = log
+        .lines()
+        .find(|line| line.contains("WARN"))
+        .expect("a warning");
+    assert!(
+        warning.contains(expired.cert()) && warning.contains("expired on 2021-01-01"),
+        "{warning}"
+    );
+    assert_eq!(get(lb.addr, "/").status, 200);
+}
