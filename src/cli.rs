@@ -23,9 +23,9 @@ pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "12
 /// Flags common to every load-balancer binary (see the contract's table).
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Where clients connect.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
-    pub listen: SocketAddr,
+    /// Where clients connect; `off` for HTTPS only (with --tls-listen).
+    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
+    pub listen: ListenAddr,
 
     /// A backend as HOST:PORT[=WEIGHT]; repeat the flag for each one
     /// [default: 127.0.0.1:8001, 127.0.0.1:8002, 127.0.0.1:8003].
@@ -119,7 +119,7 @@ impl CommonArgs {
     /// The run-time settings the proxy and server read on every connection.
     pub fn settings(&self) -> Settings {
         Settings {
-            listen: self.listen,
+            listen: self.listen.0,
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             backend_timeout: self.backend_timeout,
@@ -320,6 +320,19 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| not_an_address())?
         .next()
         .ok_or_else(not_an_address)
+}
+
+/// The plain listener's address, or none when `--listen off` (HTTPS only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+/// Parses `--listen`: an address, or `off` (no plain listener).
+pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        Ok(ListenAddr(None))
+    } else {
+        parse_addr(text).map(|addr| ListenAddr(Some(addr)))
+    }
 }
 
 /// Parses `--admin`: an address, or `off`.

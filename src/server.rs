@@ -130,9 +130,16 @@ struct Job {
 }
 
 impl Server {
-    /// Binds the listening socket. A port already in use is reported here, before anything runs.
+    /// Binds the listening socket (none with `--listen off`: then [`Server::add_tls_listener`]
+    /// adds the only one). A port already in use is reported here, before anything runs.
     pub fn bind(settings: &Settings) -> io::Result<Server> {
-        let socket = listen_socket(settings.listen, settings)?;
+        let listeners = match settings.listen {
+            Some(addr) => vec![Listener {
+                socket: listen_socket(addr, settings)?,
+                tls: None,
+            }],
+            None => Vec::new(),
+        };
         let shared = Shared {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
@@ -143,7 +150,7 @@ impl Server {
             work: Condvar::new(),
         };
         Ok(Server {
-            listeners: vec![Listener { socket, tls: None }],
+            listeners,
             shared: Arc::new(shared),
         })
     }
@@ -164,9 +171,18 @@ impl Server {
         Ok(())
     }
 
-    /// The address the server listens on (with the real port when bound to port 0).
+    /// The address the server listens on (with the real port when bound to port 0): the plain
+    /// listener's, or with `--listen off` the HTTPS listener's.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listeners[0].socket.local_addr()
+        match self.listeners.first() {
+            Some(listener) => listener.socket.local_addr(),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "no listener")),
+        }
+    }
+
+    /// Whether the server has a plain-HTTP listener (not `--listen off`).
+    pub fn has_plain_listener(&self) -> bool {
+        self.listeners.iter().any(|listener| listener.tls.is_none())
     }
 
     /// The address of the HTTPS listener, when there is one.

@@ -8,8 +8,8 @@ use std::time::Duration;
 /// Settings fixed at start-up and shared by the server and every client connection.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where clients connect.
-    pub listen: SocketAddr,
+    /// Where plain-HTTP clients connect; none with `--listen off` (HTTPS only).
+    pub listen: Option<SocketAddr>,
     /// Client connections served at once.
     pub max_connections: usize,
     /// Time allowed for connecting to a backend.

@@ -45,8 +45,15 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
         }
         None => None,
     };
-    let mut server = Server::bind(&settings)
-        .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
+    if settings.listen.is_none() && tls.is_none() {
+        return Err(StartError(
+            "--listen off needs --tls-listen ADDR: there would be no listener".to_string(),
+        ));
+    }
+    let mut server = Server::bind(&settings).map_err(|err| {
+        let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
+        StartError(format!("--listen {listen}: {err}"))
+    })?;
     if let Some((addr, config)) = tls {
         server
             .add_tls_listener(addr, config, &settings)
@@ -126,10 +133,11 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
             }
         })
         .collect();
-    let https = server
-        .tls_local_addr()
-        .map(|addr| format!(" (HTTPS on {addr})"))
-        .unwrap_or_default();
+    let https = match server.tls_local_addr() {
+        Some(_) if !server.has_plain_listener() => " (HTTPS only)".to_string(),
+        Some(addr) => format!(" (HTTPS on {addr})"),
+        None => String::new(),
+    };
     let message = format!(
         "load balancer listening on {listen}{https}, {} over {} backend{}: {}",
         lb.balancer().name(),

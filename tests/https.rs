@@ -468,3 +468,53 @@ fn an_expired_certificate_is_a_warning_and_the_balancer_starts() {
     );
     assert_eq!(get(lb.addr, "/").status, 200);
 }
+
+#[test]
+fn listen_off_serves_https_only() {
+    use std::io::BufRead;
+    let cert = TestCertificate::new(&["localhost"]);
+    let backend = header_echo_with("");
+    let mut child = std::process::Command::new(LOADBALANCER)
+        .args([
+            "--listen",
+            "off",
+            "--admin",
+            "off",
+            "--backend",
+            &backend.spec(),
+        ])
+        .args(["--tls-listen", "127.0.0.1:0"])
+        .args(["--tls-cert", cert.cert(), "--tls-key", cert.key()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let line = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("listening on"))
+        .expect("a start-up line");
+    assert!(line.contains("(HTTPS only)"), "{line}");
+    let addr: std::net::SocketAddr = line
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|addr| addr.parse().ok())
+        .expect("the HTTPS address");
+    let mut client = Client::connect_tls(addr, "localhost", &[&cert.cert_pem]);
+    let response = client.get("/");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(response.text().contains("x-forwarded-proto: https\n"));
+    let output = std::process::Command::new(LOADBALANCER)
+        .args(["--listen", "off", "--admin", "off"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("--listen off needs --tls-listen"),
+        "{stderr}"
+    );
+}
