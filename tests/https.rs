@@ -440,6 +440,7 @@ fn demo_without_a_certificate_makes_a_self_signed_one_and_says_how_to_trust_it()
         .and_then(|rest| rest.split_whitespace().next())
         .expect("a path after --cacert");
     let pem = std::fs::read_to_string(path).expect("the certificate file");
+    let _ = std::fs::remove_file(path);
     for name in ["localhost", "127.0.0.1"] {
         let mut client = Client::connect_tls(lb.tls_addr.unwrap(), name, &[&pem]);
         let response = client.get("/");

@@ -370,12 +370,20 @@ pub fn tls_client(server_name: &str, trusted: &[&str]) -> rustls::ClientConnecti
 }
 
 /// A self-signed certificate for `names` and its key, both PEM, written to files in a fresh
-/// directory under the system's temporary one.
+/// directory under the system's temporary one (removed when dropped).
 pub struct TestCertificate {
     pub cert_pem: String,
     pub key_pem: String,
     pub cert_path: std::path::PathBuf,
     pub key_path: std::path::PathBuf,
+}
+
+impl Drop for TestCertificate {
+    fn drop(&mut self) {
+        if let Some(dir) = self.cert_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 impl TestCertificate {
