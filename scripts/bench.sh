@@ -41,6 +41,11 @@ Options:
   --no-build      do not run cargo build
   --self-test     use a second nginx as the "balancer under test" (checks the script
                   itself; its ratios to nginx should come out near 1.0)
+  --tls           the same cells over HTTPS: each server terminates TLS with one
+                  self-signed ECDSA P-256 certificate (made with openssl), the
+                  balancer with --listen off --tls-listen; the 'close' cell is then
+                  new TLS handshakes per second. Targets: 32 conns >= 0.8x nginx,
+                  close (handshakes/s) >= 1.0x nginx
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
@@ -63,6 +68,7 @@ Examples:
   scripts/bench.sh                                   # phase1_rr, 3 rounds x 5 s
   scripts/bench.sh loadbalancer -- --algorithm least-conn
   scripts/bench.sh --rounds 1 --duration 2 --self-test
+  scripts/bench.sh loadbalancer --tls
   scripts/bench.sh loadbalancer --idle 1000
   scripts/bench.sh phase1_rr --fd-limit 1024 --clients 600
 EOF
@@ -87,6 +93,7 @@ FD_CLIENTS=600
 BUILD=1
 SELF_TEST=0
 WATCH_STATS=0
+TLS=0
 
 die() { echo "bench.sh: $*" >&2; exit 2; }
 need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
@@ -103,6 +110,7 @@ while (($#)); do
     --watch-stats) need_number "$1" "${2-}"; WATCH_STATS=$2; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --self-test) SELF_TEST=1; shift ;;
+    --tls) TLS=1; shift ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
     -*) die "unknown option '$1' (see --help)" ;;
     *) BINARY=$1; shift ;;
@@ -279,7 +287,7 @@ $upstream    keepalive 64;
     keepalive_requests 1000000;
   }
   server {
-    listen 127.0.0.1:$port;
+    listen 127.0.0.1:$port$( ((TLS)) && printf ' ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s' "$TMP/tls/cert.pem" "$TMP/tls/key.pem");
     location / {
       proxy_pass http://backends;
       proxy_http_version 1.1;
@@ -314,7 +322,7 @@ defaults
   timeout http-keep-alive 30s
 
 frontend fe
-  bind 127.0.0.1:$HAPROXY_PORT
+  bind 127.0.0.1:$HAPROXY_PORT$( ((TLS)) && printf ' ssl crt %s alpn http/1.1' "$TMP/tls/haproxy.pem")
   default_backend be
 
 backend be
@@ -356,8 +364,13 @@ start_balancer() {
     fi
     [[ -x $bin ]] || die "balancer binary '$bin' not found or not executable"
     LB_LABEL=${LB_LABEL:-$(basename "$bin")}
-    cmd="$bin --listen 127.0.0.1:$LB_PORT ${backend_flags[*]} --admin 127.0.0.1:0"
-    "$bin" --listen "127.0.0.1:$LB_PORT" "${backend_flags[@]}" \
+    local listen=(--listen "127.0.0.1:$LB_PORT")
+    if ((TLS)); then
+      listen=(--listen off --tls-listen "127.0.0.1:$LB_PORT"
+        --tls-cert "$TMP/tls/cert.pem" --tls-key "$TMP/tls/key.pem")
+    fi
+    cmd="$bin ${listen[*]} ${backend_flags[*]} --admin 127.0.0.1:0"
+    "$bin" "${listen[@]}" "${backend_flags[@]}" \
       --admin 127.0.0.1:0 "${EXTRA_FLAGS[@]}" >"$log" 2>&1 &
     cmd+=" ${EXTRA_FLAGS[*]}"
   fi
@@ -365,6 +378,20 @@ start_balancer() {
   echo "balancer under test: $cmd"
   wait_port "$LB_LABEL" "$!" "$LB_PORT" "$log"
 }
+
+# --tls: one certificate for every server, ECDSA P-256 as most sites use today.
+SCHEME=http
+if ((TLS)); then
+  ((IDLE == 0 && FD_LIMIT == 0)) || die "--tls goes with the wrk cells, not --idle or --fd-limit"
+  [[ -z ${BENCH_BALANCER_CMD:-} ]] || die "--tls and BENCH_BALANCER_CMD: add the TLS flags to the command and leave out --tls"
+  command -v openssl >/dev/null || die "--tls needs openssl to make the certificate"
+  mkdir -p "$TMP/tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+    -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+  cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
+  SCHEME=https
+fi
 
 echo "Starting backends and balancers on 127.0.0.1 (temp dir $TMP)..."
 start_backends
@@ -476,7 +503,7 @@ run_wrk() {
   local t0 t1
   t0=$(cpu_ticks "${PID[$server]}")
   run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
-    "http://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
+    "$SCHEME://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
     echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
   t1=$(cpu_ticks "${PID[$server]}")
 
@@ -503,11 +530,11 @@ declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32)
 if ((WARMUP > 0)); then
   echo "Warm-up: ${WARMUP}s of 32 connections per server"
   for s in "${SERVERS[@]}"; do
-    run_child wrk -t 2 -c 32 -d "${WARMUP}s" "http://127.0.0.1:${PORT[$s]}/" >/dev/null
+    run_child wrk -t 2 -c 32 -d "${WARMUP}s" "$SCHEME://127.0.0.1:${PORT[$s]}/" >/dev/null
   done
 fi
 
-echo "Measuring: ${#CELL_IDS[@]} cells x $ROUNDS rounds x 3 servers x ${DURATION}s"
+echo "Measuring$( ((TLS)) && echo ' over HTTPS'): ${#CELL_IDS[@]} cells x $ROUNDS rounds x 3 servers x ${DURATION}s"
 : >"$TMP/runs.tsv"
 for cell in "${CELL_IDS[@]}"; do
   extra=()

@@ -5,6 +5,7 @@
 //! are plain functions, unit-tested below, and every error they return names the offending input.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -24,9 +25,9 @@ pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "12
 /// Flags common to every load-balancer binary (see the contract's table).
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Where clients connect.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080", value_parser = parse_addr)]
-    pub listen: SocketAddr,
+    /// Where clients connect; `off` for HTTPS only (with --tls-listen).
+    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
+    pub listen: ListenAddr,
 
     /// A backend as HOST:PORT[=WEIGHT]; repeat the flag for each one
     /// [default: 127.0.0.1:8001, 127.0.0.1:8002, 127.0.0.1:8003].
@@ -83,6 +84,10 @@ pub struct CommonArgs {
     #[arg(long)]
     pub explain: bool,
 
+    /// HTTPS: where TLS clients connect, and the certificates they are shown.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
     /// Log at debug level (one line per request); RUST_LOG overrides.
     #[arg(short, long)]
     pub verbose: bool,
@@ -121,7 +126,7 @@ impl CommonArgs {
     /// The run-time settings the proxy and server read on every connection.
     pub fn settings(&self) -> Settings {
         Settings {
-            listen: self.listen,
+            listen: self.listen.0,
             max_connections: self.max_connections,
             connect_timeout: self.connect_timeout,
             backend_timeout: self.backend_timeout,
@@ -133,8 +138,35 @@ impl CommonArgs {
             stats_interval: self.stats_interval,
             explain: self.explain,
             reuse_port: self.reuse_port,
+            redirect_https: self
+                .tls
+                .tls_listen
+                .filter(|_| self.tls.redirect_https)
+                .map(|addr| addr.port()),
         }
     }
+}
+
+/// The HTTPS flags of every balancer binary: a TLS listener beside the plain one.
+#[derive(Args, Debug, Clone, Default)]
+pub struct TlsArgs {
+    /// Where HTTPS clients connect (TLS ends here; backends get plain HTTP/1.1).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub tls_listen: Option<SocketAddr>,
+
+    /// A PEM certificate file (the end-entity certificate first, then its chain); repeat with
+    /// --tls-key for each certificate; the client's SNI picks one, the first is the default.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Vec<PathBuf>,
+
+    /// The PEM private key of the --tls-cert given in the same position.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<PathBuf>,
+
+    /// Answer every request on the plain listener with 308 to the same host and path on HTTPS
+    /// (needs --tls-listen).
+    #[arg(long)]
+    pub redirect_https: bool,
 }
 
 /// The health-check flags of the `phase3_*` binaries and `loadbalancer` (the contract's table).
@@ -342,6 +374,19 @@ pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
         .map_err(|_| not_an_address())?
         .next()
         .ok_or_else(not_an_address)
+}
+
+/// The plain listener's address, or none when `--listen off` (HTTPS only).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+/// Parses `--listen`: an address, or `off` (no plain listener).
+pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    if text.eq_ignore_ascii_case("off") {
+        Ok(ListenAddr(None))
+    } else {
+        parse_addr(text).map(|addr| ListenAddr(Some(addr)))
+    }
 }
 
 /// Parses `--admin`: an address, or `off`.

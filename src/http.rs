@@ -115,10 +115,27 @@ impl<S: Read> BufferedStream<S> {
     }
 }
 
-impl BufferedStream {
-    /// The underlying socket, for writing and for socket options.
+impl<S: Transport> BufferedStream<S> {
+    /// The underlying socket, for socket options (and for writing, when it is a plain one).
     pub fn socket(&self) -> &TcpStream {
-        &self.stream
+        self.stream.tcp()
+    }
+
+    /// The stream itself, for writing through it (a TLS stream needs `&mut` to write).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+}
+
+/// A byte stream over one TCP connection: the socket itself, or a layer over it such as TLS.
+pub trait Transport: Read + Write {
+    /// The TCP socket underneath, for timeouts, shutdown and addresses.
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Transport for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
     }
 }
 
@@ -373,8 +390,8 @@ pub fn is_timeout(err: &io::Error) -> bool {
 ///
 /// `timeout` is also the socket's usual read timeout; while a head is incomplete the socket waits
 /// only for what is left of the deadline, and the usual timeout is restored afterwards.
-pub fn read_request_head(
-    stream: &mut BufferedStream,
+pub fn read_request_head<S: Transport>(
+    stream: &mut BufferedStream<S>,
     timeout: Duration,
 ) -> Result<Option<RequestHead>, HeadError> {
     let deadline = Instant::now() + timeout;
@@ -786,7 +803,7 @@ pub struct Sink<'a> {
 
 /// Where a sink's output goes.
 enum Destination<'a> {
-    Socket(&'a TcpStream),
+    Writer(&'a mut dyn Write),
     /// Kept in memory, for tests of what a relay writes.
     #[cfg(test)]
     Memory(Vec<u8>),
@@ -796,9 +813,9 @@ enum Destination<'a> {
 
 impl<'a> Sink<'a> {
     /// A sink that writes to `dst`, starting with the bytes in `out` (usually a head).
-    pub fn new(dst: &'a TcpStream, out: Vec<u8>) -> Self {
+    pub fn new(dst: &'a mut dyn Write, out: Vec<u8>) -> Self {
         Sink {
-            dst: Destination::Socket(dst),
+            dst: Destination::Writer(dst),
             out,
             written: 0,
         }
@@ -865,7 +882,7 @@ impl<'a> Sink<'a> {
 
     fn write(&mut self, data: &[u8]) -> Result<(), RelayError> {
         match &mut self.dst {
-            Destination::Socket(dst) => dst.write_all(data).map_err(RelayError::Write)?,
+            Destination::Writer(dst) => dst.write_all(data).map_err(RelayError::Write)?,
             #[cfg(test)]
             Destination::Memory(kept) => kept.extend_from_slice(data),
             Destination::Discard => return Ok(()),
@@ -1255,7 +1272,8 @@ mod tests {
         drop(src_client);
         let mut src = BufferedStream::new(src_server, 8);
         let result = {
-            let mut sink = Sink::new(&dst_client, Vec::new());
+            let mut dst = &dst_client;
+            let mut sink = Sink::new(&mut dst, Vec::new());
             relay_body(&mut src, length, &mut sink, dechunk).and_then(|()| sink.flush())
         };
         drop(dst_client);

@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | 1 | [`server`], [`proxy`], [`http`] | listening, one thread per client, forwarding HTTP/1.1 |
 //! | 1 | [`proxy`] (`tunnel.rs`) | WebSocket and every `Upgrade`: a tunnel after `101 Switching Protocols` |
+//! | 1 | [`tls`], [`stream`] | HTTPS: certificates, the TLS listener's configuration, the client's stream |
 //! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
 //! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
@@ -39,4 +40,6 @@ pub mod simulate;
 pub mod startup;
 pub mod stats;
 pub mod sticky;
+pub mod stream;
+pub mod tls;
 pub mod warnings;

@@ -42,6 +42,10 @@ pub struct Snapshot {
     pub tunnels: u64,
     /// Tunnels opened since start.
     pub tunnels_total: u64,
+    /// Completed TLS handshakes by protocol version (`1.2`, `1.3`).
+    pub tls_handshakes: [(&'static str, u64); 2],
+    /// Failed TLS handshakes.
+    pub tls_handshake_failures: u64,
     /// Sticky sessions held and the table's bound, when sessions are kept in a table.
     pub sessions: Option<(usize, usize)>,
     /// How sticky sessions are kept: `"table"`, `"signed"` (cookies, no table), or none.
@@ -176,6 +180,8 @@ impl Snapshot {
             retries: stats.retries(),
             tunnels: stats.tunnels().active(),
             tunnels_total: stats.tunnels().total(),
+            tls_handshakes: stats.tls().by_version(),
+            tls_handshake_failures: stats.tls().failures(),
             sessions: lb.sessions().map(|s| (s.len(), s.max_sessions())),
             sticky: lb.sticky().map(|sticky| match sticky {
                 Sticky::Table(_) => "table",
@@ -236,6 +242,13 @@ impl Snapshot {
             "retries": self.retries,
             "tunnels": self.tunnels,
             "tunnels_total": self.tunnels_total,
+            "tls": {
+                "handshakes": self.tls_handshakes.iter().map(|(_, n)| n).sum::<u64>(),
+                "handshake_failures": self.tls_handshake_failures,
+                "versions": self.tls_handshakes.iter()
+                    .map(|(version, n)| (format!("TLSv{version}"), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
+            },
             "algorithm": self.algorithm,
             "backends": backends,
             "history": self.history_json(),
@@ -379,6 +392,7 @@ impl Snapshot {
             |b| f64::from(b.weight),
         );
         self.tunnel_metrics(&mut out);
+        self.tls_metrics(&mut out);
         self.latency_histogram(&mut out);
         out
     }
@@ -414,6 +428,28 @@ impl Snapshot {
                 );
             }
         }
+    }
+
+    /// `lb_tls_handshakes_total` by protocol version, and `lb_tls_handshake_failures_total`.
+    fn tls_metrics(&self, out: &mut String) {
+        let name = "lb_tls_handshakes_total";
+        metric_header(
+            out,
+            name,
+            "counter",
+            "Completed TLS handshakes, by protocol version.",
+        );
+        for (version, count) in self.tls_handshakes {
+            let _ = writeln!(out, "{name}{{version=\"{version}\"}} {count}");
+        }
+        let name = "lb_tls_handshake_failures_total";
+        metric_header(
+            out,
+            name,
+            "counter",
+            "TLS handshakes that failed or timed out.",
+        );
+        let _ = writeln!(out, "{name} {}", self.tls_handshake_failures);
     }
 
     fn per_backend(
@@ -854,6 +890,8 @@ mod tests {
             retries: 2,
             tunnels: 2,
             tunnels_total: 8,
+            tls_handshakes: [("1.2", 1), ("1.3", 5)],
+            tls_handshake_failures: 2,
             sessions: Some((3, 100)),
             sticky: Some("table"),
             backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],

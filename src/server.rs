@@ -12,8 +12,14 @@
 //! process runs out of descriptors anyway, accepting pauses for a moment, as nginx does, rather
 //! than accepting clients it could not serve.
 //!
-//! Shutdown (Ctrl-C or SIGTERM) stops accepting, accepts what is already in the listen queue
-//! (closing the listener would reset those connections), closes connections that are idle
+//! With `--tls-listen`, a second listener serves HTTPS beside the plain one. It has its own
+//! accepting thread, and its connections count against the same `--max-connections` and are
+//! served by the same client threads; each client thread performs its own connection's TLS
+//! handshake, bounded as a whole by `--client-timeout`, so a client that never finishes it
+//! holds a slot for that long at most and never blocks the accepting thread.
+//!
+//! Shutdown (Ctrl-C or SIGTERM) stops accepting, accepts what is already in the listen queues
+//! (closing a listener would reset those connections), closes connections that are idle
 //! between requests, and lets requests in flight finish for up to ten seconds.
 
 use std::collections::{HashMap, VecDeque};
@@ -26,11 +32,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::descriptors;
 use crate::proxy::{ClientConnection, ConnectionState, LoadBalancer};
 use crate::settings::Settings;
+use crate::stream::ClientStream;
 use crate::warnings::RepeatedWarning;
 
 /// Length of the kernel's queue of connections not yet accepted (the kernel may cap it).
@@ -56,17 +64,23 @@ const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
 static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new(module_path!());
 static NO_THREAD: RepeatedWarning = RepeatedWarning::new(module_path!());
 
-/// A bound listening socket, ready to serve.
+/// Bound listening sockets (plain HTTP, and HTTPS with `--tls-listen`), ready to serve.
 pub struct Server {
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     shared: Arc<Shared>,
+}
+
+/// One listening socket, and the TLS configuration of its connections when it serves HTTPS.
+struct Listener {
+    socket: TcpListener,
+    tls: Option<Arc<ServerConfig>>,
 }
 
 /// A handle that stops a running server from another thread (the Ctrl-C handler, a test).
 #[derive(Clone)]
 pub struct ShutdownHandle {
     shared: Arc<Shared>,
-    wake_addr: SocketAddr,
+    wake_addrs: Vec<SocketAddr>,
 }
 
 /// State shared by the accepting thread, the client threads and shutdown handles.
@@ -89,8 +103,8 @@ struct Connections {
     by_id: HashMap<u64, OpenConnection>,
     /// Whether accepting was ever paused by `--max-connections` (it is logged once).
     paused_before: bool,
-    /// Whether the accepting thread (or the drain) waits for a connection to close.
-    someone_waits: bool,
+    /// How many accepting threads (or the drain) wait for a connection to close.
+    waiting: usize,
 }
 
 /// An open client connection as shutdown sees it. The descriptor stays open while it is listed:
@@ -114,37 +128,22 @@ struct Job {
     stream: TcpStream,
     peer: SocketAddr,
     state: Arc<ConnectionState>,
+    /// For HTTPS: the TLS configuration, and when the connection was accepted (the handshake
+    /// must be done within `--client-timeout` of it).
+    tls: Option<(Arc<ServerConfig>, Instant)>,
 }
 
 impl Server {
-    /// Binds the listening socket. A port already in use is reported here, before anything runs.
+    /// Binds the listening socket (none with `--listen off`: then [`Server::add_tls_listener`]
+    /// adds the only one). A port already in use is reported here, before anything runs.
     pub fn bind(settings: &Settings) -> io::Result<Server> {
-        let addr = settings.listen;
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        // `--reuse-port`: a second balancer may listen on the same address (a new version taking
-        // over while this one drains); see `newest_takes_new_connections` for which one gets
-        // the new connections. The other listener may also take the connection `ShutdownHandle`
-        // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
-        // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
-        if settings.reuse_port {
-            socket.set_reuse_port(true)?;
-            socket.set_read_timeout(Some(ACCEPT_TICK))?;
-        }
-        // Linux copies these options from the listening socket to every accepted one, which
-        // saves two system calls per client connection (`prepare` sets them itself on other
-        // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
-        // every write to a client. The read timeout is set on each accepted socket instead:
-        // on the listener it would also make `accept` give up every `--client-timeout`.
-        socket.set_nodelay(true)?;
-        socket.set_write_timeout(Some(settings.client_timeout))?;
-        socket.bind(&addr.into())?;
-        socket.listen(LISTEN_BACKLOG)?;
-        if settings.reuse_port {
-            if let Err(err) = newest_takes_new_connections(&socket) {
-                log::warn!("--reuse-port: new connections will be spread over every instance on {addr}: {err}");
-            }
-        }
+        let listeners = match settings.listen {
+            Some(addr) => vec![Listener {
+                socket: listen_socket(addr, settings)?,
+                tls: None,
+            }],
+            None => Vec::new(),
+        };
         let shared = Shared {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
@@ -155,73 +154,83 @@ impl Server {
             work: Condvar::new(),
         };
         Ok(Server {
-            listener: socket.into(),
+            listeners,
             shared: Arc::new(shared),
         })
     }
 
-    /// The address the server listens on (with the real port when bound to port 0).
+    /// Binds a second listening socket on `addr`, whose clients speak TLS with `config` (before
+    /// any shutdown handle is taken, so that shutdown wakes it too).
+    pub fn add_tls_listener(
+        &mut self,
+        addr: SocketAddr,
+        config: Arc<ServerConfig>,
+        settings: &Settings,
+    ) -> io::Result<()> {
+        let socket = listen_socket(addr, settings)?;
+        self.listeners.push(Listener {
+            socket,
+            tls: Some(config),
+        });
+        Ok(())
+    }
+
+    /// The address the server listens on (with the real port when bound to port 0): the plain
+    /// listener's, or with `--listen off` the HTTPS listener's.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match self.listeners.first() {
+            Some(listener) => listener.socket.local_addr(),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "no listener")),
+        }
+    }
+
+    /// Whether the server has a plain-HTTP listener (not `--listen off`).
+    pub fn has_plain_listener(&self) -> bool {
+        self.listeners.iter().any(|listener| listener.tls.is_none())
+    }
+
+    /// The address of the HTTPS listener, when there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.listeners
+            .iter()
+            .find(|listener| listener.tls.is_some())
+            .and_then(|listener| listener.socket.local_addr().ok())
     }
 
     /// A handle that stops this server.
     pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
-        let wake_addr = wake_address(self.local_addr()?);
+        let wake_addrs = self
+            .listeners
+            .iter()
+            .map(|listener| listener.socket.local_addr().map(wake_address))
+            .collect::<io::Result<_>>()?;
         Ok(ShutdownHandle {
             shared: Arc::clone(&self.shared),
-            wake_addr,
+            wake_addrs,
         })
     }
 
-    /// Accepts and serves clients until shut down, then lets requests in flight finish.
+    /// Accepts and serves clients until shut down, then lets requests in flight finish. Each
+    /// listener after the first has an accepting thread of its own.
     pub fn serve(self, lb: Arc<LoadBalancer>) {
-        while !self.shared.is_shutting_down() {
-            self.shared.wait_for_a_free_slot();
-            if self.shared.is_shutting_down() {
-                break;
+        let shared = &self.shared;
+        let lb = &lb;
+        thread::scope(|scope| {
+            let mut listeners = self.listeners.into_iter();
+            let first = listeners.next();
+            for listener in listeners {
+                let spawned = thread::Builder::new()
+                    .name("accept".into())
+                    .spawn_scoped(scope, move || shared.accept_loop(listener, lb));
+                if let Err(err) = spawned {
+                    log::error!("cannot start an accepting thread: {err}");
+                }
             }
-            match self.listener.accept() {
-                // A connection accepted as shutdown begins is served all the same.
-                Ok((stream, peer)) => self.shared.start(&lb, stream, peer),
-                // `ACCEPT_TICK` passed (with `--reuse-port`).
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(err) => self.shared.accept_failed(&err, &lb),
+            if let Some(first) = first {
+                shared.accept_loop(first, lb);
             }
-        }
-        self.accept_queued(&lb);
-        drop(self.listener);
-        self.shared.drain(&lb);
-    }
-
-    /// Accepts the connections still waiting in the listen queue, before the listener closes:
-    /// the kernel completed their handshakes, their requests are on the way, and closing the
-    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
-    /// the old instance's queue is emptied, not dropped. Each is served its first request
-    /// (with `Connection: close`); `--max-connections` still holds, within the drain's limit.
-    fn accept_queued(&self, lb: &Arc<LoadBalancer>) {
-        if let Err(err) = self.listener.set_nonblocking(true) {
-            return log::warn!("cannot empty the listen queue before closing it: {err}");
-        }
-        let deadline = Instant::now() + DRAIN_LIMIT;
-        let mut taken = 0;
-        while self.shared.wait_for_a_slot_until(deadline) {
-            let Ok((stream, peer)) = self.listener.accept() else {
-                break;
-            };
-            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
-            if stream.set_nonblocking(false).is_ok() {
-                self.shared.start(lb, stream, peer);
-                taken += 1;
-            }
-        }
-        if taken > 0 {
-            log::info!("accepted {taken} connections still queued when shutdown began");
-        }
+        });
+        self.shared.drain(lb);
     }
 }
 
@@ -270,6 +279,38 @@ fn newest_takes_new_connections(_socket: &Socket) -> io::Result<()> {
     Ok(())
 }
 
+/// A listening socket on `addr`, with the options every client socket inherits.
+fn listen_socket(addr: SocketAddr, settings: &Settings) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    // `--reuse-port`: a second balancer may listen on the same address (a new version taking
+    // over while this one drains); see `newest_takes_new_connections` for which one gets
+    // the new connections. The other listener may also take the connection `ShutdownHandle`
+    // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
+    // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
+    if settings.reuse_port {
+        socket.set_reuse_port(true)?;
+        socket.set_read_timeout(Some(ACCEPT_TICK))?;
+    }
+    // Linux copies these options from the listening socket to every accepted one, which
+    // saves two system calls per client connection (`prepare` sets them itself on other
+    // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
+    // every write to a client. The read timeout is set on each accepted socket instead:
+    // on the listener it would also make `accept` give up every `--client-timeout`.
+    socket.set_nodelay(true)?;
+    socket.set_write_timeout(Some(settings.client_timeout))?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    if settings.reuse_port {
+        if let Err(err) = newest_takes_new_connections(&socket) {
+            log::warn!(
+                "--reuse-port: new connections will be spread over every instance on {addr}: {err}"
+            );
+        }
+    }
+    Ok(socket.into())
+}
+
 /// The address to connect to in order to wake a thread blocked in `accept` on `addr`: the
 /// listener's own, with a wildcard IP (0.0.0.0 or ::) replaced by loopback, since connecting to a
 /// wildcard address is not portable.
@@ -289,8 +330,10 @@ impl ShutdownHandle {
         self.shared.shutdown.store(true, Ordering::SeqCst);
         self.shared.closed.notify_all();
         self.shared.work.notify_all();
-        // `accept` blocks until a client arrives, so become that client.
-        let _ = TcpStream::connect_timeout(&self.wake_addr, Duration::from_secs(1));
+        // `accept` blocks until a client arrives, so become that client (of every listener).
+        for addr in &self.wake_addrs {
+            let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
+        }
     }
 }
 
@@ -307,11 +350,60 @@ impl Shared {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Pauses accepting while `--max-connections` clients are being served.
-    fn wait_for_a_free_slot(&self) {
+    /// Accepts on `listener` and hands each connection to a client thread until shutdown.
+    fn accept_loop(self: &Arc<Self>, listener: Listener, lb: &Arc<LoadBalancer>) {
+        while !self.is_shutting_down() {
+            drop(self.wait_for_a_free_slot());
+            if self.is_shutting_down() {
+                break;
+            }
+            match listener.socket.accept() {
+                // A connection accepted as shutdown begins is served all the same.
+                Ok((stream, peer)) => self.start(lb, stream, peer, listener.tls.as_ref()),
+                // `ACCEPT_TICK` passed (with `--reuse-port`).
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(err) => self.accept_failed(&err, lb),
+            }
+        }
+        self.accept_queued(&listener, lb);
+    }
+
+    /// Accepts the connections still waiting in `listener`'s queue, before it closes: the
+    /// kernel completed their handshakes, their requests are on the way, and closing the
+    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
+    /// the old instance's queue is emptied, not dropped. Each is served its first request
+    /// (with `Connection: close`); `--max-connections` still holds, within the drain's limit.
+    fn accept_queued(self: &Arc<Self>, listener: &Listener, lb: &Arc<LoadBalancer>) {
+        if let Err(err) = listener.socket.set_nonblocking(true) {
+            return log::warn!("cannot empty the listen queue before closing it: {err}");
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut taken = 0;
+        while self.wait_for_a_slot_until(deadline) {
+            let Ok((stream, peer)) = listener.socket.accept() else {
+                break;
+            };
+            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
+            if stream.set_nonblocking(false).is_ok() {
+                self.start(lb, stream, peer, listener.tls.as_ref());
+                taken += 1;
+            }
+        }
+        if taken > 0 {
+            log::info!("accepted {taken} connections still queued when shutdown began");
+        }
+    }
+
+    /// Pauses accepting while `--max-connections` clients are being served; returns the list of
+    /// open connections, locked, with room for one more (or at shutdown).
+    fn wait_for_a_free_slot(&self) -> MutexGuard<'_, Connections> {
         let mut open = self.open();
         if open.by_id.len() < self.max_connections || self.is_shutting_down() {
-            return;
+            return open;
         }
         // Said once at warn: under sustained load this happens for every new client.
         if open.paused_before {
@@ -323,32 +415,32 @@ impl Shared {
             );
             open.paused_before = true;
         }
+        open.waiting += 1;
         while open.by_id.len() >= self.max_connections && !self.is_shutting_down() {
-            open.someone_waits = true;
             open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
         }
-        open.someone_waits = false;
+        open.waiting -= 1;
+        open
     }
 
     /// At shutdown: waits until fewer than `--max-connections` clients are served, or
     /// `deadline`; whether a slot is free.
     fn wait_for_a_slot_until(&self, deadline: Instant) -> bool {
         let mut open = self.open();
+        open.waiting += 1;
         while open.by_id.len() >= self.max_connections {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                open.someone_waits = false;
-                return false;
+                break;
             }
-            open.someone_waits = true;
             open = self
                 .closed
                 .wait_timeout(open, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        open.someone_waits = false;
-        true
+        open.waiting -= 1;
+        open.by_id.len() < self.max_connections
     }
 
     /// Out of descriptors, while under `--max-connections`: backend connections idle in the
@@ -369,23 +461,33 @@ impl Shared {
             "accept failed: {err}; accepting paused until a connection closes (at most {EXHAUSTED_PAUSE:?})"
         ));
         let mut open = self.open();
-        open.someone_waits = true;
+        open.waiting += 1;
         open = self
             .closed
             .wait_timeout(open, EXHAUSTED_PAUSE)
             .unwrap_or_else(|e| e.into_inner())
             .0;
-        open.someone_waits = false;
+        open.waiting -= 1;
     }
 
     /// Registers an accepted connection and hands it to an idle client thread, or a new one.
-    fn start(self: &Arc<Self>, lb: &Arc<LoadBalancer>, stream: TcpStream, peer: SocketAddr) {
+    ///
+    /// With two listeners, both accepting threads may have seen the last free slot before
+    /// `accept`; the one that registers second waits here, holding its client, until a slot
+    /// frees, so that no more than `--max-connections` are ever served at once.
+    fn start(
+        self: &Arc<Self>,
+        lb: &Arc<LoadBalancer>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<&Arc<ServerConfig>>,
+    ) {
         if let Err(err) = self.prepare(&stream) {
             return log::debug!("client {peer} gone before serving: {err}");
         }
         let state = Arc::new(ConnectionState::default());
         let id = {
-            let mut open = self.open();
+            let mut open = self.wait_for_a_free_slot();
             open.next_id += 1;
             let id = open.next_id;
             open.by_id.insert(
@@ -402,6 +504,7 @@ impl Shared {
             stream,
             peer,
             state,
+            tls: tls.map(|config| (Arc::clone(config), Instant::now())),
         };
         // The job waits in the queue for an idle client thread; a new thread is started when
         // there are more jobs queued than threads waiting.
@@ -449,8 +552,16 @@ impl Shared {
     /// socket, so that shutdown never touches a descriptor number that was reused meanwhile.
     fn serve_one(&self, lb: &LoadBalancer, job: Job) {
         let _open = lb.stats().open_connection();
+        let stream = match self.client_stream(lb, job.stream, job.tls, job.peer) {
+            Ok(stream) => stream,
+            Err(stream) => {
+                self.finish(job.id);
+                drop(stream);
+                return;
+            }
+        };
         let mut connection =
-            ClientConnection::new(lb, job.stream, job.peer, &job.state, &self.shutdown);
+            ClientConnection::new(lb, stream, job.peer, &job.state, &self.shutdown);
         // A panic unwinds only what the request owned; the connection itself survives it.
         let served = panic::catch_unwind(AssertUnwindSafe(|| connection.serve()));
         if served.is_err() {
@@ -460,16 +571,53 @@ impl Shared {
                 job.peer
             );
         }
-        let socket = connection.into_socket();
+        let stream = connection.into_stream();
         self.finish(job.id);
-        drop(socket);
+        drop(stream);
+    }
+
+    /// The client's stream: the socket itself, or a TLS connection over it once the handshake
+    /// is done. A failed handshake gives the socket back (to be closed after `finish`).
+    fn client_stream(
+        &self,
+        lb: &LoadBalancer,
+        socket: TcpStream,
+        tls: Option<(Arc<ServerConfig>, Instant)>,
+        peer: SocketAddr,
+    ) -> Result<ClientStream, TcpStream> {
+        let Some((config, accepted)) = tls else {
+            return Ok(ClientStream::Plain(socket));
+        };
+        let connection = match ServerConnection::new(config) {
+            Ok(connection) => connection,
+            Err(err) => {
+                log::debug!("client {peer}: no TLS connection: {err}");
+                return Err(socket);
+            }
+        };
+        let mut stream = ClientStream::Tls(Box::new(StreamOwned::new(connection, socket)));
+        let deadline = accepted + self.client_timeout;
+        match stream.handshake(deadline, self.client_timeout) {
+            Ok(()) => {
+                lb.stats()
+                    .tls()
+                    .handshake(stream.tls().and_then(|tls| tls.protocol_version()));
+                Ok(stream)
+            }
+            Err(err) => {
+                lb.stats().tls().failed();
+                // Scanners and plain-HTTP clients fail handshakes all day: one debug line each.
+                log::debug!("client {peer}: TLS handshake failed: {err}");
+                Err(stream.into_tcp())
+            }
+        }
     }
 
     /// Forgets a closed connection and wakes whoever waits for a free slot or for the drain.
     fn finish(&self, id: u64) {
         let mut open = self.open();
         open.by_id.remove(&id);
-        let wake = open.someone_waits;
+        let wake = open.waiting > 0;
         drop(open);
         // Waking costs a system call, so only when the accepting thread or the drain waits.
         if wake {
@@ -505,7 +653,7 @@ impl Shared {
     fn drain(&self, lb: &LoadBalancer) {
         let deadline = Instant::now() + DRAIN_LIMIT;
         let mut open = self.open();
-        open.someone_waits = true;
+        open.waiting += 1;
         for connection in open.by_id.values() {
             if connection.state.idle.load(Ordering::SeqCst) {
                 // A read blocked on this socket now sees the end of the stream.

@@ -8,8 +8,8 @@ use std::time::Duration;
 /// Settings fixed at start-up and shared by the server and every client connection.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    /// Where clients connect.
-    pub listen: SocketAddr,
+    /// Where plain-HTTP clients connect; none with `--listen off` (HTTPS only).
+    pub listen: Option<SocketAddr>,
     /// Client connections served at once.
     pub max_connections: usize,
     /// Time allowed for connecting to a backend.
@@ -28,4 +28,6 @@ pub struct Settings {
     pub explain: bool,
     /// Whether the listener sets `SO_REUSEPORT`, so a new instance can take over its address.
     pub reuse_port: bool,
+    /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.
+    pub redirect_https: Option<u16>,
 }

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::admin::{self, AdminServer};
-use crate::cli::{AdminAddr, CommonArgs};
+use crate::cli::{AdminAddr, CommonArgs, TlsArgs};
 use crate::demo::{self, DemoBackend};
 use crate::descriptors::{self, Budget};
 use crate::error::StartError;
@@ -20,6 +20,7 @@ use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::server::Server;
 use crate::stats::events::EventKind;
+use crate::tls;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
@@ -30,8 +31,35 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
-    let server = Server::bind(&settings)
-        .map_err(|err| StartError(format!("--listen {}: {err}", settings.listen)))?;
+    // Certificates are read before any port is bound: a bad file is the one line the user sees.
+    let tls = match args.tls.tls_listen {
+        Some(addr) => Some((addr, tls_config(&args.tls, args.demo, addr)?)),
+        None if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() => {
+            return Err(StartError(
+                "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
+            ))
+        }
+        None if args.tls.redirect_https => {
+            return Err(StartError(
+                "--redirect-https needs --tls-listen ADDR".to_string(),
+            ))
+        }
+        None => None,
+    };
+    if settings.listen.is_none() && tls.is_none() {
+        return Err(StartError(
+            "--listen off needs --tls-listen ADDR: there would be no listener".to_string(),
+        ));
+    }
+    let mut server = Server::bind(&settings).map_err(|err| {
+        let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
+        StartError(format!("--listen {listen}: {err}"))
+    })?;
+    if let Some((addr, config)) = tls {
+        server
+            .add_tls_listener(addr, config, &settings)
+            .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
+    }
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?
     } else {
@@ -106,8 +134,13 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
             }
         })
         .collect();
+    let https = match server.tls_local_addr() {
+        Some(_) if !server.has_plain_listener() => " (HTTPS only)".to_string(),
+        Some(addr) => format!(" (HTTPS on {addr})"),
+        None => String::new(),
+    };
     let message = format!(
-        "load balancer listening on {listen}, {} over {} backend{}: {}",
+        "load balancer listening on {listen}{https}, {} over {} backend{}: {}",
         lb.balancer().name(),
         backends.len(),
         if backends.len() == 1 { "" } else { "s" },
@@ -140,6 +173,49 @@ fn tune_allocator() {
             }
         }
     }
+}
+
+/// The TLS configuration of `--tls-listen`: each `--tls-cert` with the `--tls-key` in the same
+/// position, read and checked now so that a bad file stops the start with one line naming it.
+///
+/// With `--demo` and no certificate, a self-signed one is made for `localhost` and `127.0.0.1`,
+/// and the log says how to trust it.
+fn tls_config(
+    args: &TlsArgs,
+    demo: bool,
+    addr: SocketAddr,
+) -> Result<Arc<rustls::ServerConfig>, StartError> {
+    if args.tls_cert.is_empty() && args.tls_key.is_empty() && demo {
+        let path = std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()));
+        let certificate = tls::self_signed(&path)?;
+        log::info!(
+            "--demo: a self-signed certificate for localhost and 127.0.0.1 is in {path}; \
+             trust it with `curl --cacert {path} https://localhost:{port}/`, or skip the check \
+             for the demo with `curl -k https://localhost:{port}/`",
+            path = path.display(),
+            port = addr.port()
+        );
+        return tls::server_config(vec![certificate]);
+    }
+    if args.tls_cert.is_empty() {
+        return Err(StartError(
+            "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),
+        ));
+    }
+    if args.tls_cert.len() != args.tls_key.len() {
+        return Err(StartError(format!(
+            "{} --tls-cert but {} --tls-key: give one key per certificate, in the same order",
+            args.tls_cert.len(),
+            args.tls_key.len()
+        )));
+    }
+    let certificates = args
+        .tls_cert
+        .iter()
+        .zip(&args.tls_key)
+        .map(|(cert, key)| tls::load(cert, key))
+        .collect::<Result<Vec<_>, _>>()?;
+    tls::server_config(certificates)
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`

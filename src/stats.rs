@@ -37,6 +37,7 @@ pub struct Stats {
     retries: AtomicU64,
     active_connections: AtomicU64,
     tunnels: Tunnels,
+    tls: TlsCounters,
     events: EventLog,
 }
 
@@ -54,6 +55,7 @@ impl Stats {
             total_requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             tunnels: Tunnels::default(),
+            tls: TlsCounters::default(),
             active_connections: AtomicU64::new(0),
             events: EventLog::default(),
         }
@@ -98,6 +100,11 @@ impl Stats {
     /// The balancer's tunnels, over all backends.
     pub fn tunnels(&self) -> &Tunnels {
         &self.tunnels
+    }
+
+    /// The HTTPS listener's handshakes.
+    pub fn tls(&self) -> &TlsCounters {
+        &self.tls
     }
 
     /// Client connections open now.
@@ -280,6 +287,42 @@ impl BackendStats {
     /// the fine histogram, not from the Prometheus buckets (see [`latency`]).
     pub fn latency_ms_percentile(&self, percentile: f64) -> f64 {
         self.latency.percentile_ms(percentile)
+    }
+}
+
+/// TLS handshakes on the HTTPS listener: those done, by protocol version, and those failed.
+#[derive(Debug, Default)]
+pub struct TlsCounters {
+    tls12: AtomicU64,
+    tls13: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl TlsCounters {
+    /// Counts a completed handshake that agreed on `version`.
+    pub fn handshake(&self, version: Option<rustls::ProtocolVersion>) {
+        match version {
+            Some(rustls::ProtocolVersion::TLSv1_2) => self.tls12.fetch_add(1, Relaxed),
+            _ => self.tls13.fetch_add(1, Relaxed),
+        };
+    }
+
+    /// Counts a handshake that failed or timed out.
+    pub fn failed(&self) {
+        self.failed.fetch_add(1, Relaxed);
+    }
+
+    /// Completed handshakes with TLS 1.2 and with TLS 1.3.
+    pub fn by_version(&self) -> [(&'static str, u64); 2] {
+        [
+            ("1.2", self.tls12.load(Relaxed)),
+            ("1.3", self.tls13.load(Relaxed)),
+        ]
+    }
+
+    /// Failed handshakes.
+    pub fn failures(&self) -> u64 {
+        self.failed.load(Relaxed)
     }
 }
 

@@ -42,9 +42,16 @@ wait_port() {
   exit 1
 }
 
-# One GET through PORT; fails unless the status line says 200.
+# One GET through PORT; fails unless the status line says 200. With SCHEME=https the GET goes
+# over TLS, trusting the certificate in $CACERT.
 check_http() {
   local name=$1 port=$2 line
+  if [[ ${SCHEME:-http} == https ]]; then
+    line=$(curl -sS --max-time 5 --cacert "$CACERT" -o /dev/null -w '%{http_code}' \
+      "https://localhost:$port/" --resolve "localhost:$port:127.0.0.1" 2>&1) || true
+    [[ $line == 200 ]] || { echo "$SCRIPT_NAME: $name answered '$line' over HTTPS" >&2; exit 1; }
+    return
+  fi
   exec 3<>"/dev/tcp/127.0.0.1/$port"
   printf 'GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n' >&3
   IFS= read -r -t 5 line <&3 || line="(no answer)"

@@ -143,8 +143,9 @@ fn check_every_split<T: PartialEq + std::fmt::Debug>(
 
 /// The request head the proxy sends a backend, built by the rules of `write_request_head` in
 /// `src/proxy.rs`: the request line as `METHOD TARGET HTTP/1.1`; every field but the hop-by-hop
-/// ones, `Content-Length`, `X-Forwarded-For` and `Expect: 100-continue`, in order; `Host` when
-/// missing; `X-Forwarded-For` with the client appended; the framing stated once.
+/// ones, `Content-Length`, `X-Forwarded-For`, `X-Forwarded-Proto` and `Expect: 100-continue`, in
+/// order; `Host` when missing; `X-Forwarded-For` with the client appended; `X-Forwarded-Proto`;
+/// the framing stated once.
 fn write_as_proxy(head: &RequestHead, body: BodyLength) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend_from_slice(head.method().as_bytes());
@@ -163,6 +164,7 @@ fn write_as_proxy(head: &RequestHead, body: BodyLength) -> Vec<u8> {
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(b"127.0.0.1\r\n");
+    push_header(&mut out, "X-Forwarded-Proto", b"http");
     match body {
         BodyLength::Fixed(n) => push_header(&mut out, "Content-Length", n.to_string().as_bytes()),
         BodyLength::Chunked => push_header(&mut out, "Transfer-Encoding", b"chunked"),
@@ -180,6 +182,7 @@ fn end_to_end(head: &RequestHead) -> Vec<(&[u8], &[u8])> {
         .filter(|(name, _)| {
             // As in `write_request_head`: these are rewritten, or not the message's to pass on.
             let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
+                || name.eq_ignore_ascii_case(b"x-forwarded-proto")
                 || name.eq_ignore_ascii_case(b"content-length")
                 || (name.eq_ignore_ascii_case(b"expect")
                     && head.has_token("expect", "100-continue"));

@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::balance;
 use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
+use crate::stream::ClientStream;
 
 use super::exchange::TryError;
 use super::request::{check_request, is_upgrade, OutgoingRequest};
@@ -40,10 +41,12 @@ pub(super) enum Failure {
 /// One client connection: its socket, who it is, and the state its requests share.
 pub struct ClientConnection<'a> {
     pub(super) lb: &'a LoadBalancer,
-    pub(super) client: BufferedStream,
+    pub(super) client: BufferedStream<ClientStream>,
     pub(super) client_ip: IpAddr,
     /// The client's address as text, written once per connection rather than per request.
     pub(super) client_ip_text: String,
+    /// `https` when the client came through TLS, else `http` (for `X-Forwarded-Proto`).
+    pub(super) scheme: &'static str,
     state: &'a ConnectionState,
     pub(super) shutdown: &'a AtomicBool,
     /// Whether the current request still has body bytes unread: the connection then cannot be
@@ -52,16 +55,18 @@ pub struct ClientConnection<'a> {
 }
 
 impl<'a> ClientConnection<'a> {
-    /// Prepares to serve `stream`, whose timeouts the server has set.
+    /// Prepares to serve `stream`, whose timeouts the server has set (and whose TLS handshake,
+    /// for HTTPS, is done).
     pub fn new(
         lb: &'a LoadBalancer,
-        stream: TcpStream,
+        stream: ClientStream,
         peer: SocketAddr,
         state: &'a ConnectionState,
         shutdown: &'a AtomicBool,
     ) -> Self {
         ClientConnection {
             lb,
+            scheme: if stream.is_tls() { "https" } else { "http" },
             client: BufferedStream::with_buffer(stream, lb.buffers.take()),
             client_ip: peer.ip(),
             client_ip_text: peer.ip().to_string(),
@@ -97,9 +102,9 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
-    /// Ends the connection: the read buffer goes back for reuse, and the socket to the server,
+    /// Ends the connection: the read buffer goes back for reuse, and the stream to the server,
     /// which closes it.
-    pub fn into_socket(self) -> TcpStream {
+    pub fn into_stream(self) -> ClientStream {
         let (socket, buffer) = self.client.into_parts();
         self.lb.buffers.give(buffer);
         socket
@@ -127,6 +132,14 @@ impl<'a> ClientConnection<'a> {
     fn handle(&mut self, head: RequestHead) -> Flow {
         let started = Instant::now();
         self.lb.stats.count_request();
+        if let Some(port) = self
+            .lb
+            .settings
+            .redirect_https
+            .filter(|_| self.scheme == "http")
+        {
+            return self.redirect_to_https(&head, port);
+        }
         match self.forward(&head, started) {
             Ok(flow) => flow,
             Err(Failure::Answer(err)) => {
@@ -160,13 +173,63 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
+    /// `--redirect-https`: answers `308 Permanent Redirect` to the same host and target on the
+    /// HTTPS port (308 rather than 301, so that a POST stays a POST, RFC 9110 §15.4.9).
+    fn redirect_to_https(&mut self, head: &RequestHead, port: u16) -> Flow {
+        let host = head
+            .header("host")
+            .and_then(|h| std::str::from_utf8(h).ok());
+        let Some(host) = host.and_then(host_without_port) else {
+            self.write_error(
+                &ProxyError::BadRequest("no Host to redirect to".to_string()),
+                true,
+            );
+            return Flow::Close;
+        };
+        let target = head.target();
+        // An absolute-form target (`http://host/path`) keeps only its path.
+        let path = match target.split_once("://") {
+            Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+            None if target.starts_with('/') => target,
+            None => "/",
+        };
+        let authority = if port == 443 {
+            host.to_string()
+        } else {
+            format!("{host}:{port}")
+        };
+        // A request body is not read: the connection closes after the answer instead.
+        let close = !head.wants_keep_alive()
+            || check_request(head).map_or(true, |body| body != BodyLength::Empty)
+            || self.shutdown.load(Ordering::SeqCst);
+        let response = format!(
+            "HTTP/1.1 308 Permanent Redirect\r\nLocation: https://{authority}{path}\r\n\
+             Content-Length: 0\r\n{}\r\n",
+            if close { "Connection: close\r\n" } else { "" }
+        );
+        log::debug!(
+            "{} {} {} -> 308 https://{authority}{path}",
+            self.client_ip,
+            head.method(),
+            target
+        );
+        let client = self.client.get_mut();
+        let _ = std::io::Write::write_all(client, response.as_bytes());
+        if close {
+            client.close_gracefully();
+            Flow::Close
+        } else {
+            Flow::KeepAlive
+        }
+    }
+
     /// Answers with `err`; when the connection closes afterwards, closes it without losing the
     /// answer.
     fn write_error(&mut self, err: &ProxyError, close: bool) {
-        let mut socket = self.client.socket();
-        let _ = std::io::Write::write_all(&mut socket, &err.to_response(close));
+        let client = self.client.get_mut();
+        let _ = std::io::Write::write_all(client, &err.to_response(close));
         if close {
-            http::close_gracefully(socket);
+            client.close_gracefully();
         }
     }
 
@@ -335,5 +398,33 @@ impl<'a> ClientConnection<'a> {
         }
         parts.push(format!("chose {}", name(pick.index)));
         parts.join("; ")
+    }
+}
+
+/// The host part of a Host field (`example.com:8080` -> `example.com`, `[::1]:80` -> `[::1]`),
+/// or `None` when it holds anything a host name or address cannot.
+fn host_without_port(host: &str) -> Option<&str> {
+    let host = match host.strip_prefix('[') {
+        Some(rest) => &host[..rest.find(']')? + 2],
+        None => host.split(':').next()?,
+    };
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-._[]:".contains(c);
+    (!host.is_empty() && host.chars().all(allowed)).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_without_port;
+
+    #[test]
+    fn the_host_of_a_host_field_is_found_without_its_port() {
+        assert_eq!(host_without_port("example.com"), Some("example.com"));
+        assert_eq!(host_without_port("example.com:8080"), Some("example.com"));
+        assert_eq!(host_without_port("[::1]:8080"), Some("[::1]"));
+        assert_eq!(host_without_port("[::1]"), Some("[::1]"));
+        assert_eq!(host_without_port(""), None);
+        assert_eq!(host_without_port("a b"), None);
+        assert_eq!(host_without_port("evil.com/x"), None);
+        assert_eq!(host_without_port("[::1"), None);
     }
 }

@@ -207,7 +207,13 @@ impl ClientConnection<'_> {
     /// part of the body already arrived with it.
     fn request_bytes(&self, backend: &Backend, request: &OutgoingRequest) -> Vec<u8> {
         let mut out = Vec::with_capacity(512 + request.prefix.len());
-        write_request_head(&mut out, request, &self.client_ip_text, backend.name());
+        write_request_head(
+            &mut out,
+            request,
+            &self.client_ip_text,
+            self.scheme,
+            backend.name(),
+        );
         out.extend_from_slice(request.prefix);
         out
     }
@@ -248,12 +254,11 @@ impl ClientConnection<'_> {
         if request.head.has_token("expect", "100-continue") && self.client.buffered().is_empty() {
             // The client waits for this before sending its body. The balancer answers it itself,
             // as nginx does, since the request is now on its way to a backend.
-            let _ = std::io::Write::write_all(
-                &mut self.client.socket(),
-                b"HTTP/1.1 100 Continue\r\n\r\n",
-            );
+            let _ =
+                std::io::Write::write_all(self.client.get_mut(), b"HTTP/1.1 100 Continue\r\n\r\n");
         }
-        let mut sink = Sink::new(upstream.socket(), Vec::new());
+        let mut dst = upstream.socket();
+        let mut sink = Sink::new(&mut dst, Vec::new());
         let relayed = http::relay_body(&mut self.client, request.rest, &mut sink, false)
             .and_then(|()| sink.flush());
         match relayed {
@@ -321,7 +326,7 @@ impl ClientConnection<'_> {
                         let mut interim = Vec::new();
                         write_response_head(&mut interim, &head);
                         interim.extend_from_slice(b"\r\n");
-                        let _ = std::io::Write::write_all(&mut self.client.socket(), &interim);
+                        let _ = std::io::Write::write_all(self.client.get_mut(), &interim);
                     }
                 }
                 _ => return Ok(head),
@@ -354,7 +359,7 @@ impl ClientConnection<'_> {
             && !dechunk;
 
         let head = self.client_response_head(request, &response, body, dechunk, keep_alive);
-        let mut sink = Sink::new(self.client.socket(), head);
+        let mut sink = Sink::new(self.client.get_mut(), head);
         let relayed =
             http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
         if let Err(err) = relayed {
@@ -424,7 +429,7 @@ impl ClientConnection<'_> {
         self.push_balancer_fields(&mut head, request);
         head.extend_from_slice(b"\r\n");
         head.extend_from_slice(upstream.buffered());
-        if let Err(err) = std::io::Write::write_all(&mut self.client.socket(), &head) {
+        if let Err(err) = std::io::Write::write_all(self.client.get_mut(), &head) {
             return Err(abort(&format!("writing the 101 response: {err}")));
         }
         let early = self.client.buffered().len();

@@ -79,11 +79,13 @@ pub(super) fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError
 }
 
 /// Writes the request line and headers for the backend: hop-by-hop fields removed, the client
-/// added to X-Forwarded-For, an X-Request-Id added when missing, and the framing stated once.
+/// added to X-Forwarded-For, X-Forwarded-Proto saying whether it came over HTTPS (`scheme`), an
+/// X-Request-Id added when missing, and the framing stated once.
 pub(super) fn write_request_head(
     out: &mut Vec<u8>,
     request: &OutgoingRequest,
     client_ip: &str,
+    scheme: &str,
     backend_name: &str,
 ) {
     let head = request.head;
@@ -93,7 +95,10 @@ pub(super) fn write_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let hop_by_hop = http::HopByHop::of(head);
     for (name, value) in head.headers.pairs() {
+        // The client's own X-Forwarded-Proto is replaced: only the balancer knows whether the
+        // request came over TLS, and a backend trusting the field must not be told otherwise.
         let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
+            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
             || name.eq_ignore_ascii_case(b"content-length")
             || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
         if !rewritten && !hop_by_hop.contains(name) {
@@ -111,6 +116,7 @@ pub(super) fn write_request_head(
     }
     out.extend_from_slice(client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
+    http::push_header(out, "X-Forwarded-Proto", scheme.as_bytes());
     if let Some(id) = request.request_id {
         http::push_header(out, "X-Request-Id", id.as_bytes());
     }

@@ -25,6 +25,8 @@ pub struct Balancer {
     pub addr: SocketAddr,
     /// Where the statistics listener is, when it is on.
     pub admin: Option<SocketAddr>,
+    /// Where HTTPS clients connect, with `--tls-listen`.
+    pub tls_addr: Option<SocketAddr>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -76,6 +78,10 @@ impl Balancer {
                 // The line is stored before it is announced, so a test that goes on once the
                 // balancer listens finds the line in the log.
                 lines.lock().unwrap().push(line.clone());
+                // The HTTPS address is on the same line, so it is sent first.
+                if let Some(addr) = address_after(&line, "(HTTPS on ") {
+                    let _ = found.send(("tls", addr));
+                }
                 if let Some(addr) = address_after(&line, "load balancer listening on ") {
                     let _ = found.send(("listen", addr));
                 }
@@ -86,13 +92,14 @@ impl Balancer {
         });
         let wants_admin =
             args.contains(&"--admin") && !args.windows(2).any(|w| w == ["--admin", "off"]);
-        let (mut addr, mut admin) = (None, None);
+        let (mut addr, mut admin, mut tls_addr) = (None, None, None);
         let deadline = Instant::now() + WAIT;
         while addr.is_none() || (wants_admin && admin.is_none()) {
             let left = deadline.saturating_duration_since(Instant::now());
             match addresses.recv_timeout(left) {
                 Ok(("listen", a)) if addr.is_none() => addr = Some(a),
                 Ok(("admin", a)) => admin = Some(a),
+                Ok(("tls", a)) => tls_addr = Some(a),
                 Ok(_) => {}
                 Err(_) => {
                     let _ = child.kill();
@@ -107,6 +114,7 @@ impl Balancer {
             child,
             addr: addr.unwrap(),
             admin,
+            tls_addr,
             log,
         }
     }
@@ -178,7 +186,7 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 fn address_after(line: &str, marker: &str) -> Option<SocketAddr> {
     let rest = &line[line.find(marker)? + marker.len()..];
     let end = rest
-        .find(|c: char| c == ',' || c == '/' || c.is_whitespace())
+        .find(|c: char| c == ',' || c == '/' || c == ')' || c.is_whitespace())
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
 }
@@ -320,10 +328,116 @@ impl Response {
     }
 }
 
-/// A client connection that reads responses one by one (keep-alive, pipelining).
-pub struct Client {
-    pub stream: TcpStream,
+/// A client connection that reads responses one by one (keep-alive, pipelining), over a plain
+/// socket or (with [`Client::connect_tls`]) TLS.
+pub struct Client<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
+}
+
+/// A TLS client's stream.
+pub type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+impl Client<TlsStream> {
+    /// Connects to `addr` over TLS, asking for `server_name` (SNI) and trusting only the
+    /// certificates in `trusted` (PEM), with a read timeout of [`WAIT`]. The handshake is done
+    /// when this returns.
+    pub fn connect_tls(addr: SocketAddr, server_name: &str, trusted: &[&str]) -> Client<TlsStream> {
+        Client::try_connect_tls(addr, server_name, trusted).expect("TLS handshake")
+    }
+
+    /// Like [`Client::connect_tls`], returning the handshake's failure.
+    pub fn try_connect_tls(
+        addr: SocketAddr,
+        server_name: &str,
+        trusted: &[&str],
+    ) -> Result<Client<TlsStream>, std::io::Error> {
+        let socket = TcpStream::connect_timeout(&addr, WAIT)?;
+        socket.set_read_timeout(Some(WAIT))?;
+        socket.set_nodelay(true)?;
+        let mut stream = rustls::StreamOwned::new(tls_client(server_name, trusted), socket);
+        stream.conn.complete_io(&mut stream.sock)?;
+        Ok(Client {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+}
+
+/// A rustls client connection to `server_name` that trusts `trusted` (PEM certificates) only.
+pub fn tls_client(server_name: &str, trusted: &[&str]) -> rustls::ClientConnection {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for pem in trusted {
+        let cert = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+        roots.add(cert).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+}
+
+/// A self-signed certificate for `names` and its key, both PEM, written to files in a fresh
+/// directory under the system's temporary one (removed when dropped).
+pub struct TestCertificate {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
+impl Drop for TestCertificate {
+    fn drop(&mut self) {
+        if let Some(dir) = self.cert_path.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl TestCertificate {
+    /// A new self-signed certificate (ECDSA P-256) valid for `names`.
+    pub fn new(names: &[&str]) -> TestCertificate {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let certified = rcgen::generate_simple_self_signed(names).unwrap();
+        TestCertificate::write(certified.cert.pem(), certified.key_pair.serialize_pem())
+    }
+
+    /// Writes `cert_pem` and `key_pem` to files of their own.
+    pub fn write(cert_pem: String, key_pem: String) -> TestCertificate {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "lb-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert_path = dir.join("cert.pem");
+        let key_path = dir.join("key.pem");
+        std::fs::write(&cert_path, &cert_pem).unwrap();
+        std::fs::write(&key_path, &key_pem).unwrap();
+        TestCertificate {
+            cert_pem,
+            key_pem,
+            cert_path,
+            key_path,
+        }
+    }
+
+    /// The certificate file's path, as a flag value.
+    pub fn cert(&self) -> &str {
+        self.cert_path.to_str().unwrap()
+    }
+
+    /// The key file's path, as a flag value.
+    pub fn key(&self) -> &str {
+        self.key_path.to_str().unwrap()
+    }
 }
 
 impl Client {
@@ -363,7 +477,9 @@ impl Client {
             buf: Vec::new(),
         }
     }
+}
 
+impl<S: Read + Write> Client<S> {
     /// Writes raw bytes.
     pub fn send(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).expect("request written");

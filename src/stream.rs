@@ -1,0 +1,153 @@
+//! The client's byte stream: a plain TCP socket, or a TLS connection over one.
+//!
+//! Everything above this type (reading heads, relaying bodies, answering errors) reads and writes
+//! a [`ClientStream`] and never asks which kind it is; only the server, which performs the TLS
+//! handshake, and the tunnel, which must wait on both directions of a TLS connection from one
+//! thread, look inside. The TCP socket stays reachable through [`Transport::tcp`] for timeouts,
+//! shutdown and the peer's address. Each client thread owns its `rustls` connection, so no lock
+//! and no async runtime is needed: the blocking socket's timeouts bound every wait, as for plain
+//! HTTP.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use rustls::{ServerConnection, StreamOwned};
+
+use crate::http::{self, Transport};
+
+/// A client connection's bytes, in the clear or through TLS.
+// The TLS state is large (about 1 KiB) and boxed so that a plain connection stays small.
+#[derive(Debug)]
+pub enum ClientStream {
+    /// Plain HTTP: the socket itself.
+    Plain(TcpStream),
+    /// HTTPS: the TLS connection and the socket it runs over.
+    Tls(Box<StreamOwned<ServerConnection, TcpStream>>),
+}
+
+impl ClientStream {
+    /// Whether the client came through TLS (`X-Forwarded-Proto: https`).
+    pub fn is_tls(&self) -> bool {
+        matches!(self, ClientStream::Tls(_))
+    }
+
+    /// The socket underneath, without the TLS state.
+    pub fn into_tcp(self) -> TcpStream {
+        match self {
+            ClientStream::Plain(socket) => socket,
+            ClientStream::Tls(tls) => tls.sock,
+        }
+    }
+
+    /// The TLS connection, for a TLS client.
+    pub fn tls(&self) -> Option<&ServerConnection> {
+        match self {
+            ClientStream::Plain(_) => None,
+            ClientStream::Tls(tls) => Some(&tls.conn),
+        }
+    }
+
+    /// Completes the TLS handshake (nothing to do for a plain client) before `deadline`, however
+    /// slowly the client sends its part: each read waits only for what is left of it. The socket's
+    /// read timeout is `timeout` again afterwards.
+    pub fn handshake(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
+        let ClientStream::Tls(tls) = self else {
+            return Ok(());
+        };
+        let StreamOwned { conn, sock } = &mut **tls;
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(sock)?;
+            }
+            if !conn.is_handshaking() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "handshake not finished in time",
+                ));
+            }
+            sock.set_read_timeout(Some(left))?;
+            if conn.read_tls(sock)? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the client closed during the handshake",
+                ));
+            }
+            if let Err(err) = conn.process_new_packets() {
+                // rustls queued an alert saying what went wrong; the client may as well read it.
+                let _ = conn.write_tls(sock);
+                return Err(io::Error::new(io::ErrorKind::InvalidData, err));
+            }
+        }
+        // TLS 1.3 session tickets follow the handshake.
+        while conn.wants_write() {
+            conn.write_tls(sock)?;
+        }
+        sock.set_read_timeout(Some(timeout))
+    }
+
+    /// Closes the connection after a final response without losing it: for TLS, the
+    /// `close_notify` alert goes first, then the socket is closed as [`http::close_gracefully`]
+    /// closes a plain one.
+    pub fn close_gracefully(&mut self) {
+        if let ClientStream::Tls(tls) = self {
+            tls.conn.send_close_notify();
+            while tls.conn.wants_write() {
+                if tls.conn.write_tls(&mut tls.sock).is_err() {
+                    break;
+                }
+            }
+        }
+        http::close_gracefully(self.tcp());
+    }
+}
+
+impl Read for ClientStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Plain(socket) => socket.read(buf),
+            ClientStream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for ClientStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            ClientStream::Plain(socket) => socket.write(buf),
+            ClientStream::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        match self {
+            ClientStream::Plain(socket) => socket.write_all(buf),
+            // rustls takes the bytes into its buffer and sends what it can; the flush makes sure
+            // all of it went out before the caller goes on to read.
+            ClientStream::Tls(tls) => {
+                tls.write_all(buf)?;
+                tls.flush()
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            ClientStream::Plain(_) => Ok(()),
+            ClientStream::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+impl Transport for ClientStream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            ClientStream::Plain(socket) => socket,
+            ClientStream::Tls(tls) => &tls.sock,
+        }
+    }
+}
