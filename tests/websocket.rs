@@ -378,11 +378,32 @@ fn least_connections_counts_an_open_tunnel_as_in_flight() {
     let b = DemoBackend::start("b");
     let lb = Balancer::start(
         LEAST_CONN,
-        &["--backend", &a.spec(), "--backend", &b.spec()],
+        &[
+            "--backend",
+            &a.spec(),
+            "--backend",
+            &b.spec(),
+            "--admin",
+            "127.0.0.1:0",
+        ],
     );
     let (_socket, _, holder) = open_ws(lb.addr, None);
     let other = if holder == "a" { "b" } else { "a" };
+    // A request counts as in flight until its thread has written the last byte of the answer,
+    // a moment after the client may already have read it; so each GET starts once the
+    // statistics show the previous one over, and only the tunnel is in flight.
+    let only_the_tunnel = || {
+        let stats = stats_json(&lb);
+        let active: Vec<u64> = stats["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["active_connections"].as_u64().unwrap())
+            .collect();
+        active.iter().sum::<u64>() == 1
+    };
     for _ in 0..5 {
+        assert!(eventually(Duration::from_secs(5), only_the_tunnel));
         assert_eq!(backend_of(&get(lb.addr, "/")), other);
     }
 }
