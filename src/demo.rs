@@ -27,7 +27,7 @@ use socket2::SockRef;
 use crate::http::{
     self, BodyLength, BufferedStream, HeadError, Headers, RelayError, Sink, Version,
 };
-use crate::server::wake_address;
+use crate::server::{wake_address, LISTEN_BACKLOG};
 
 /// A connection whose next request head has not fully arrived within this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -198,6 +198,11 @@ impl Shared {
         }
         // A listener left non-blocking by its creator would make `accept` spin.
         listener.set_nonblocking(false)?;
+        // `TcpListener::bind` queues only 128 connections not yet accepted. A balancer opening
+        // hundreds at once (a burst of clients, the benchmarks) would overflow it, and each
+        // dropped connection would wait a second for its retry. Listening again on a listening
+        // socket only lengthens its queue.
+        SockRef::from(listener).listen(LISTEN_BACKLOG)?;
         Ok(Arc::new(Shared {
             name,
             addr: listener.local_addr()?,

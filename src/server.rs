@@ -42,7 +42,7 @@ use crate::stream::ClientStream;
 use crate::warnings::RepeatedWarning;
 
 /// Length of the kernel's queue of connections not yet accepted (the kernel may cap it).
-const LISTEN_BACKLOG: i32 = 4096;
+pub(crate) const LISTEN_BACKLOG: i32 = 4096;
 
 /// Stack size of a client thread. Buffers live on the heap, so a small stack is plenty, and an
 /// idle client costs only the pages it touched.
