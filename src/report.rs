@@ -512,15 +512,15 @@ impl Snapshot {
         page.push_str(HTML_STYLE);
         let _ = writeln!(
             page,
-            "<p class=\"summary\">{} &middot; up {} &middot; {} requests &middot; {:.1} req/s \
-             &middot; {} open connections &middot; {} tunnels &middot; {} retries{}</p>",
+            "<p class=\"summary\">{} &middot; up {} &middot; {} &middot; {:.1} req/s \
+             &middot; {} &middot; {} &middot; {}{}</p>",
             escape_html(self.algorithm),
             human_duration(self.uptime_seconds),
-            self.total_requests,
+            count(self.total_requests, "request"),
             self.requests_per_second,
-            self.active_connections,
-            self.tunnels,
-            self.retries,
+            count(self.active_connections, "open connection"),
+            count(self.tunnels, "tunnel"),
+            count(self.retries, "retry"),
             match (self.sessions, self.sticky) {
                 (Some((held, max)), _) => format!(" &middot; {held} of {max} sticky sessions"),
                 (None, Some(_)) => " &middot; sticky sessions in signed cookies".to_string(),
@@ -783,16 +783,24 @@ const HTML_STYLE: &str = concat!(
     "</style>\n</head>\n<body>\n<h1>Load balancer statistics</h1>\n",
 );
 
-/// Writes the `# HELP` and `# TYPE` lines that precede a metric's samples.
 /// How many of a backend's requests in flight are tunnels, when any are.
 fn tunnels_note(tunnels: u64) -> String {
     match tunnels {
         0 => String::new(),
-        1 => " (1 tunnel)".to_string(),
-        n => format!(" ({n} tunnels)"),
+        n => format!(" ({})", count(n, "tunnel")),
     }
 }
 
+/// `n` and `noun`, plural unless `n` is 1: "1 tunnel", "2 tunnels", "3 retries".
+fn count(n: u64, noun: &str) -> String {
+    match (n, noun.strip_suffix('y')) {
+        (1, _) => format!("1 {noun}"),
+        (_, Some(stem)) => format!("{n} {stem}ies"),
+        (_, None) => format!("{n} {noun}s"),
+    }
+}
+
+/// Writes the `# HELP` and `# TYPE` lines that precede a metric's samples.
 fn metric_header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -981,6 +989,16 @@ mod tests {
         assert!(page.contains("&lt;b&quot;\\&gt;:2"));
         assert!(!page.contains("<b\""));
         assert!(page.contains("width:60.0%"));
+    }
+
+    #[test]
+    fn html_summary_counts_in_plural_only_when_not_one() {
+        let page = snapshot().to_html();
+        assert!(page.contains(" &middot; 2 retries"), "{page}");
+        assert_eq!(count(1, "tunnel"), "1 tunnel");
+        assert_eq!(count(0, "open connection"), "0 open connections");
+        assert_eq!(count(1, "retry"), "1 retry");
+        assert_eq!(count(3, "retry"), "3 retries");
     }
 
     #[test]
