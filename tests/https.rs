@@ -21,16 +21,8 @@ fn start_https(
 ) -> (Balancer, RawBackend, std::net::SocketAddr) {
     let backend = header_echo_with("");
     let spec = backend.spec();
-    let mut args = vec![
-        "--backend",
-        &spec,
-        "--tls-listen",
-        "127.0.0.1:0",
-        "--tls-cert",
-        cert.cert(),
-        "--tls-key",
-        cert.key(),
-    ];
+    let mut args = vec!["--backend", &spec];
+    args.extend(cert.tls_flags("127.0.0.1:0"));
     args.extend_from_slice(extra);
     let lb = Balancer::start(bin, &args);
     let tls_addr = lb
@@ -82,16 +74,7 @@ fn a_large_body_goes_both_ways_over_https() {
     let spec = backend.spec();
     let lb = Balancer::start(
         LOADBALANCER,
-        &[
-            "--backend",
-            &spec,
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert.cert(),
-            "--tls-key",
-            cert.key(),
-        ],
+        &[&["--backend", &spec][..], &cert.tls_flags("127.0.0.1:0")].concat(),
     );
     let mut client = Client::connect_tls(lb.tls_addr.unwrap(), "localhost", &[&cert.cert_pem]);
     let body: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -284,15 +267,10 @@ fn a_websocket_over_tls_echoes_both_ways_and_closes() {
     let lb = Balancer::start(
         LOADBALANCER,
         &[
-            "--backend",
-            &backend.spec(),
-            "--tls-listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert.cert(),
-            "--tls-key",
-            cert.key(),
-        ],
+            &["--backend", &backend.spec()][..],
+            &cert.tls_flags("127.0.0.1:0"),
+        ]
+        .concat(),
     );
     let client = Client::connect_tls(lb.tls_addr.unwrap(), "localhost", &[&cert.cert_pem]);
     let request = Request::builder()
@@ -343,16 +321,10 @@ fn redirect_https_answers_308_to_the_same_host_and_path() {
     let lb = Balancer::start(
         LOADBALANCER,
         &[
-            "--backend",
-            &backend.spec(),
-            "--tls-listen",
-            &tls_listen,
-            "--tls-cert",
-            cert.cert(),
-            "--tls-key",
-            cert.key(),
-            "--redirect-https",
-        ],
+            &["--backend", &backend.spec(), "--redirect-https"][..],
+            &cert.tls_flags(&tls_listen),
+        ]
+        .concat(),
     );
     let mut client = Client::connect(lb.addr);
     client.send(b"GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\n\r\n");
@@ -484,8 +456,7 @@ fn listen_off_serves_https_only() {
             "--backend",
             &backend.spec(),
         ])
-        .args(["--tls-listen", "127.0.0.1:0"])
-        .args(["--tls-cert", cert.cert(), "--tls-key", cert.key()])
+        .args(cert.tls_flags("127.0.0.1:0"))
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -408,6 +408,18 @@ impl TestCertificate {
         TestCertificate::write(certified.cert.pem(), certified.key_pair.serialize_pem())
     }
 
+    /// The flags of an HTTPS listener on `listen` serving this certificate.
+    pub fn tls_flags<'a>(&'a self, listen: &'a str) -> [&'a str; 6] {
+        [
+            "--tls-listen",
+            listen,
+            "--tls-cert",
+            self.cert(),
+            "--tls-key",
+            self.key(),
+        ]
+    }
+
     /// Writes `cert_pem` and `key_pem` to files of their own.
     pub fn write(cert_pem: String, key_pem: String) -> TestCertificate {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
