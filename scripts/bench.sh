@@ -46,15 +46,18 @@ Options:
                   balancer with --listen off --tls-listen; the 'close' cell is then
                   new TLS handshakes per second. Targets: 32 conns >= 0.8x nginx,
                   close (handshakes/s) >= 1.0x nginx
+  --cold          instead of the usual cells: before each run, stop the server and start
+                  it again, then 256 clients connect at once for 2 s with no warm-up (the
+                  readiness check connects once). Target: p99 <= nginx's
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
 connections sending 'Connection: close'. For each cell and server: median req/s,
-p50 and p99 over the rounds, CPU time per request, errors (wrk socket errors and
-non-2xx/3xx responses), and the ratio to nginx (median over rounds of the paired
-per-round ratio). Targets for the balancer: 1 conn >= 1.1x nginx, 32 >= 0.8x,
-256 >= 1.0x with p99 <= nginx's, close >= 0.7x; idle: 1000 clients answered
-within 0.5 s and RSS <= 24 MiB.
+p50 and p99 over the rounds, CPU time and context switches per request, errors
+(wrk socket errors and non-2xx/3xx responses), and the ratio to nginx (median over
+rounds of the paired per-round ratio). Targets for the balancer: 1 conn >= 1.1x
+nginx, 32 >= 0.75x, 256 >= 0.9x with p99 <= nginx's, close >= 1.0x nginx and
+>= 1.0x HAProxy; idle: 1000 clients answered within 0.5 s and RSS <= 24 MiB.
 
 Environment:
   BENCH_BALANCER_CMD  full command line of the balancer under test, overriding
@@ -70,6 +73,7 @@ Examples:
   scripts/bench.sh --rounds 1 --duration 2 --self-test
   scripts/bench.sh loadbalancer --tls
   scripts/bench.sh loadbalancer --idle 1000
+  scripts/bench.sh loadbalancer --cold
   scripts/bench.sh phase1_rr --fd-limit 1024 --clients 600
 EOF
 }
@@ -94,6 +98,7 @@ BUILD=1
 SELF_TEST=0
 WATCH_STATS=0
 TLS=0
+COLD=0
 
 die() { echo "bench.sh: $*" >&2; exit 2; }
 need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
@@ -111,6 +116,7 @@ while (($#)); do
     --no-build) BUILD=0; shift ;;
     --self-test) SELF_TEST=1; shift ;;
     --tls) TLS=1; shift ;;
+    --cold) COLD=1; shift ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
     -*) die "unknown option '$1' (see --help)" ;;
     *) BINARY=$1; shift ;;
@@ -192,6 +198,16 @@ cpu_ticks() {
     total=$((total + f[11] + f[12]))       # fields 14 and 15 of /proc/PID/stat
   done
   echo "$total"
+}
+
+# Context switches (voluntary and involuntary) of every thread alive in the process tree.
+# Threads that ended are not counted: the balancer keeps its client threads for 30 s, and
+# nginx and HAProxy keep theirs, so a run's difference counts (nearly) all its switches.
+ctx_switches() {
+  local pid
+  for pid in $(descendants "$1"); do
+    cat /proc/"$pid"/task/*/status 2>/dev/null || true
+  done | awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
 }
 
 # A /proc/PID/status field (VmHWM, VmRSS; KiB) summed over the process tree.
@@ -382,7 +398,7 @@ start_balancer() {
 # --tls: one certificate for every server, ECDSA P-256 as most sites use today.
 SCHEME=http
 if ((TLS)); then
-  ((IDLE == 0 && FD_LIMIT == 0)) || die "--tls goes with the wrk cells, not --idle or --fd-limit"
+  ((IDLE == 0 && FD_LIMIT == 0 && COLD == 0)) || die "--tls goes with the wrk cells, not --idle, --fd-limit or --cold"
   [[ -z ${BENCH_BALANCER_CMD:-} ]] || die "--tls and BENCH_BALANCER_CMD: add the TLS flags to the command and leave out --tls"
   command -v openssl >/dev/null || die "--tls needs openssl to make the certificate"
   mkdir -p "$TMP/tls"
@@ -500,12 +516,14 @@ to_ms() {
 run_wrk() {
   local server=$1 cell=$2 round=$3 conns=$4; shift 4
   local out=$TMP/wrk-$cell-$server-$round.txt threads=$(( conns < 2 ? conns : 2 ))
-  local t0 t1
+  local t0 t1 s0 s1
   t0=$(cpu_ticks "${PID[$server]}")
+  s0=$(ctx_switches "${PID[$server]}")
   run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
     "$SCHEME://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
     echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
   t1=$(cpu_ticks "${PID[$server]}")
+  s1=$(ctx_switches "${PID[$server]}")
 
   local rps p50 p99 requests socket non2xx errors detail
   rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
@@ -518,14 +536,33 @@ run_wrk() {
   errors=$(( ${socket:-0} + ${non2xx:-0} ))
   detail=$(grep -E 'Socket errors|Non-2xx' "$out" | sed 's/^ *//' | paste -sd ';' - || true)
   [[ -n $rps && -n $requests ]] || { echo "bench.sh: cannot parse wrk output:" >&2; cat "$out" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cell" "$server" "$round" "$rps" \
-    "$p50" "$p99" "$errors" "$requests" "$((t1 - t0))" "$detail" >>"$TMP/runs.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cell" "$server" "$round" "$rps" \
+    "$p50" "$p99" "$errors" "$requests" "$((t1 - t0))" "$((s1 - s0))" "$detail" >>"$TMP/runs.tsv"
   printf '  %-8s round %d  %-14s %10.0f req/s  p99 %8.3f ms%s\n' "$cell" "$round" \
     "${NAME[$server]}" "$rps" "$p99" "$( ((errors)) && echo "  ERRORS: $detail")"
 }
 
 CELL_IDS=(c1 c32 c256 close32)
-declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32)
+declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32 [cold256]=256)
+MODE=http
+((TLS)) && MODE=tls
+# --cold: 256 clients at once on servers started just before, for COLD_SECONDS, no warm-up.
+COLD_SECONDS=2
+if ((COLD)); then
+  MODE=cold CELL_IDS=(cold256) DURATION=$COLD_SECONDS WARMUP=0 BUILD=0
+fi
+
+# Stops a server and starts it again on the same port, fresh: no thread, process or backend
+# connection left from earlier runs. The readiness check only connects once.
+restart_server() {
+  stop_tree "${PID[$1]}"
+  case $1 in
+    lb) start_balancer >/dev/null ;;
+    nginx) start_nginx_lb nginx "$NGINX_PORT" ;;
+    haproxy) start_haproxy ;;
+  esac
+  PID[$1]=${PIDS[-1]}
+}
 
 if ((WARMUP > 0)); then
   echo "Warm-up: ${WARMUP}s of 32 connections per server"
@@ -541,6 +578,7 @@ for cell in "${CELL_IDS[@]}"; do
   [[ $cell == close32 ]] && extra=(-H "Connection: close")
   for ((round = 1; round <= ROUNDS; round++)); do
     for s in "${SERVERS[@]}"; do
+      [[ $cell == cold256 ]] && restart_server "$s"
       run_wrk "$s" "$cell" "$round" "${CELL_CONNS[$cell]}" "${extra[@]}"
     done
   done
@@ -551,7 +589,7 @@ for s in "${SERVERS[@]}"; do
 done >"$TMP/mem.tsv"
 
 echo
-python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)"
+python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)" "$MODE"
 if ((WATCH_STATS > 0)) && [[ -s $TMP/watch.txt ]]; then
   read -r fetched size <"$TMP/watch.txt"
   echo "/stats fetched $fetched times ($size bytes each) while measuring"

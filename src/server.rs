@@ -1,28 +1,35 @@
-//! The server: the listening socket, one thread per client connection, and graceful shutdown.
+//! The server: the listening sockets, one thread per client connection, and graceful shutdown.
 //!
-//! Each client connection is served by one OS thread with blocking I/O, as in the chapter. Two
-//! things make that design hold up under load. Finished threads are kept and handed the next
+//! Each client connection is served by one OS thread with blocking I/O, as in the chapter.
+//! The threads also accept for themselves, in the leader/followers pattern of Apache's worker
+//! MPM: idle threads block in `accept` on the listener, the kernel hands each new connection to
+//! one of them, and that thread serves it, then goes back to `accept`. Nothing is handed from
+//! an accepting thread to a serving one, so a new connection wakes one thread, not two.
+//!
+//! Three things make that design hold up under load. Finished threads are kept for the next
 //! connection instead of being ended and created again, because creating a thread costs more
-//! than a whole keep-alive request. And `--max-connections` bounds how many are served at once:
-//! beyond it, accepting pauses and new clients wait in the kernel's listen queue, which is made
-//! much longer than the chapter's 5 so that bursts of connections are not dropped.
+//! than a whole keep-alive request; the pool grows by one thread when the last idle one takes
+//! a connection, and shrinks when threads have been idle for a while. `--max-connections`
+//! bounds the threads, so it bounds the clients served at once exactly: when every thread is
+//! busy, nobody accepts, and new clients wait in the kernel's listen queue, which is made much
+//! longer than the chapter's 5 so that bursts of connections are not dropped.
 //!
 //! A client connection costs one file descriptor, its socket: the server remembers each open
 //! socket's descriptor number (not a duplicate of it) so that shutdown can reach it. When the
 //! process runs out of descriptors anyway, accepting pauses for a moment, as nginx does, rather
 //! than accepting clients it could not serve.
 //!
-//! With `--tls-listen`, a second listener serves HTTPS beside the plain one. It has its own
-//! accepting thread, and its connections count against the same `--max-connections` and are
-//! served by the same client threads; each client thread performs its own connection's TLS
-//! handshake, bounded as a whole by `--client-timeout`, so a client that never finishes it
-//! holds a slot for that long at most and never blocks the accepting thread.
+//! With `--tls-listen`, a second listener serves HTTPS beside the plain one, accepted by the
+//! same pool of threads under the same `--max-connections`: a thread going back to `accept`
+//! goes where fewest threads wait. Each thread performs its own connection's TLS handshake,
+//! bounded as a whole by `--client-timeout`, so a client that never finishes it holds a thread
+//! for that long at most.
 //!
 //! Shutdown (Ctrl-C or SIGTERM) stops accepting, accepts what is already in the listen queues
 //! (closing a listener would reset those connections), closes connections that are idle
 //! between requests, and lets requests in flight finish for up to ten seconds.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -48,7 +55,8 @@ pub(crate) const LISTEN_BACKLOG: i32 = 4096;
 /// idle client costs only the pages it touched.
 const CLIENT_STACK: usize = 256 * 1024;
 
-/// How long a finished client thread waits for a next connection before it ends.
+/// How long a client thread waits in `accept` before it ends (unless it is the last one
+/// waiting on its listener).
 const THREAD_KEEP: Duration = Duration::from_secs(30);
 
 /// How long requests in flight may take to finish once shutdown begins.
@@ -60,6 +68,9 @@ const ACCEPT_TICK: Duration = Duration::from_millis(100);
 /// How long accepting pauses when the process is out of file descriptors (or a connection
 /// closes first, giving one back).
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
+
+/// How often shutdown wakes the threads still blocked in `accept`, until none is left.
+const WAKE_AGAIN: Duration = Duration::from_millis(200);
 
 static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new(module_path!());
 static NO_THREAD: RepeatedWarning = RepeatedWarning::new(module_path!());
@@ -80,30 +91,32 @@ struct Listener {
 #[derive(Clone)]
 pub struct ShutdownHandle {
     shared: Arc<Shared>,
-    wake_addrs: Vec<SocketAddr>,
 }
 
-/// State shared by the accepting thread, the client threads and shutdown handles.
+/// State shared by the client threads, the thread running [`Server::serve`] and shutdown
+/// handles.
 struct Shared {
     shutdown: AtomicBool,
     max_connections: usize,
     client_timeout: Duration,
+    /// With `--reuse-port`, another instance may take the connections that would wake this
+    /// one's threads, so they look at the shutdown flag every `ACCEPT_TICK` instead.
+    reuse_port: bool,
     /// Open client connections, so shutdown can find the idle ones.
     open: Mutex<Connections>,
     /// Signalled whenever a connection closes (or shutdown begins).
     closed: Condvar,
-    /// Client threads waiting for a connection to serve.
-    idle: Mutex<IdleThreads>,
-    work: Condvar,
+    /// The client threads, and which of them wait in `accept`.
+    pool: Mutex<Pool>,
+    /// Signalled when shutdown begins and when a thread leaves the pool during shutdown.
+    pool_changed: Condvar,
 }
 
 #[derive(Default)]
 struct Connections {
     next_id: u64,
     by_id: HashMap<u64, OpenConnection>,
-    /// Whether accepting was ever paused by `--max-connections` (it is logged once).
-    paused_before: bool,
-    /// How many accepting threads (or the drain) wait for a connection to close.
+    /// How many threads (accepting or the drain) wait for a connection to close.
     waiting: usize,
 }
 
@@ -115,23 +128,27 @@ struct OpenConnection {
 }
 
 #[derive(Default)]
-struct IdleThreads {
-    /// Client threads blocked waiting for a job.
-    waiting: usize,
-    /// Accepted connections no thread has taken yet.
-    queue: VecDeque<Job>,
+struct Pool {
+    /// Client threads alive; never more than `--max-connections`.
+    threads: usize,
+    /// For each listener, the threads blocked in its `accept`.
+    accepting: Vec<usize>,
+    /// Where the next thread goes when listeners have equally many waiting.
+    rotation: usize,
+    /// Whether accepting was ever paused by `--max-connections` (it is logged once).
+    paused_before: bool,
 }
 
-/// An accepted connection on its way to a client thread.
-struct Job {
-    id: u64,
-    stream: TcpStream,
-    peer: SocketAddr,
-    state: Arc<ConnectionState>,
-    /// For HTTPS: the TLS configuration, and when the connection was accepted (the handshake
-    /// must be done within `--client-timeout` of it).
-    tls: Option<(Arc<ServerConfig>, Instant)>,
+/// What a client thread holds: the shared state, the listeners and the balancer.
+#[derive(Clone)]
+struct Context {
+    shared: Arc<Shared>,
+    listeners: Arc<[Listener]>,
+    lb: Arc<LoadBalancer>,
 }
+
+/// A connection accepted on the listener of that index, not yet served.
+type Accepted = (TcpStream, SocketAddr, usize);
 
 impl Server {
     /// Binds the listening socket (none with `--listen off`: then [`Server::add_tls_listener`]
@@ -148,10 +165,11 @@ impl Server {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
             client_timeout: settings.client_timeout,
+            reuse_port: settings.reuse_port,
             open: Mutex::new(Connections::default()),
             closed: Condvar::new(),
-            idle: Mutex::new(IdleThreads::default()),
-            work: Condvar::new(),
+            pool: Mutex::new(Pool::default()),
+            pool_changed: Condvar::new(),
         };
         Ok(Server {
             listeners,
@@ -159,8 +177,7 @@ impl Server {
         })
     }
 
-    /// Binds a second listening socket on `addr`, whose clients speak TLS with `config` (before
-    /// any shutdown handle is taken, so that shutdown wakes it too).
+    /// Binds a second listening socket on `addr`, whose clients speak TLS with `config`.
     pub fn add_tls_listener(
         &mut self,
         addr: SocketAddr,
@@ -199,38 +216,184 @@ impl Server {
 
     /// A handle that stops this server.
     pub fn shutdown_handle(&self) -> io::Result<ShutdownHandle> {
-        let wake_addrs = self
-            .listeners
-            .iter()
-            .map(|listener| listener.socket.local_addr().map(wake_address))
-            .collect::<io::Result<_>>()?;
         Ok(ShutdownHandle {
             shared: Arc::clone(&self.shared),
-            wake_addrs,
         })
     }
 
-    /// Accepts and serves clients until shut down, then lets requests in flight finish. Each
-    /// listener after the first has an accepting thread of its own.
+    /// Serves clients until shut down, then lets requests in flight finish. The calling thread
+    /// starts one client thread per listener (the pool grows from there) and waits for
+    /// shutdown; then it wakes the threads blocked in `accept`, accepts what is still queued
+    /// and waits for the connections to close.
     pub fn serve(self, lb: Arc<LoadBalancer>) {
-        let shared = &self.shared;
-        let lb = &lb;
-        thread::scope(|scope| {
-            let mut listeners = self.listeners.into_iter();
-            let first = listeners.next();
-            for listener in listeners {
-                let spawned = thread::Builder::new()
-                    .name("accept".into())
-                    .spawn_scoped(scope, move || shared.accept_loop(listener, lb));
-                if let Err(err) = spawned {
-                    log::error!("cannot start an accepting thread: {err}");
+        let context = Context {
+            shared: self.shared,
+            listeners: self.listeners.into(),
+            lb,
+        };
+        context.shared.pool().accepting = vec![0; context.listeners.len()];
+        for _ in 0..context.listeners.len() {
+            if context.shared.reserve_thread() {
+                context.spawn(None);
+            }
+        }
+        context.shared.wait_for_shutdown();
+        context.wake_acceptors();
+        for index in 0..context.listeners.len() {
+            context.accept_queued(index);
+        }
+        context.shared.drain(&context.lb);
+    }
+}
+
+impl Context {
+    /// Starts a client thread (its place in the pool already reserved) that serves `first`,
+    /// if given, before it goes to `accept`.
+    fn spawn(&self, first: Option<Accepted>) {
+        let context = self.clone();
+        let spawned = thread::Builder::new()
+            .name("client".into())
+            .stack_size(CLIENT_STACK)
+            .spawn(move || context.client_thread(first));
+        if let Err(err) = spawned {
+            self.shared.thread_ended();
+            NO_THREAD.warn(format_args!(
+                "cannot start a client thread: {err}; the busy ones accept when they finish"
+            ));
+        }
+    }
+
+    /// A client thread: accepts a connection, serves it, and goes back to `accept`, until
+    /// shutdown or until it has waited `THREAD_KEEP` while others wait on the same listener.
+    fn client_thread(&self, first: Option<Accepted>) {
+        if let Some((stream, peer, index)) = first {
+            self.serve_one(stream, peer, index);
+        }
+        let mut idle_since = Instant::now();
+        while let Some(index) = self.shared.begin_accept() {
+            match self.listeners[index].socket.accept() {
+                // A connection accepted as shutdown begins is served all the same.
+                Ok((stream, peer)) => {
+                    if self.shared.end_accept_and_grow(index) {
+                        self.spawn(None);
+                    }
+                    self.serve_one(stream, peer, index);
+                    idle_since = Instant::now();
+                }
+                // The listener's timeout: `THREAD_KEEP`, or `ACCEPT_TICK` with `--reuse-port`.
+                Err(err)
+                    if matches!(
+                        err.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    if self.shared.end_accept_idle(index, idle_since.elapsed()) {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    self.shared.end_accept(index);
+                    self.shared.accept_failed(&err, &self.lb);
                 }
             }
-            if let Some(first) = first {
-                shared.accept_loop(first, lb);
+        }
+    }
+
+    /// Serves one connection accepted on listener `index`, then takes it off the list of open
+    /// ones before closing its socket, so that shutdown never touches a descriptor number that
+    /// was reused meanwhile.
+    fn serve_one(&self, stream: TcpStream, peer: SocketAddr, index: usize) {
+        let accepted = Instant::now();
+        let shared = &self.shared;
+        let lb = &self.lb;
+        if let Err(err) = shared.prepare(&stream) {
+            return log::debug!("client {peer} gone before serving: {err}");
+        }
+        let state = Arc::new(ConnectionState::default());
+        let id = shared.register(&stream, &state);
+        let _open = lb.stats().open_connection();
+        let tls = self.listeners[index].tls.as_ref();
+        let stream = match shared.client_stream(lb, stream, tls, accepted, peer) {
+            Ok(stream) => stream,
+            Err(stream) => {
+                shared.finish(id);
+                drop(stream);
+                return;
             }
-        });
-        self.shared.drain(lb);
+        };
+        let mut connection = ClientConnection::new(lb, stream, peer, &state, &shared.shutdown);
+        // A panic unwinds only what the request owned; the connection itself survives it.
+        let served = panic::catch_unwind(AssertUnwindSafe(|| connection.serve()));
+        if served.is_err() {
+            // The panic message was already printed by the panic hook; the server goes on.
+            log::error!("the thread serving {peer} panicked; its connection was closed");
+        }
+        let stream = connection.into_stream();
+        shared.finish(id);
+        drop(stream);
+    }
+
+    /// At shutdown: wakes every thread blocked in `accept` by connecting to its listener once
+    /// per thread (each takes one connection, serves it, sees the flag and ends), until none
+    /// is left. With `--reuse-port` the other instance would get those connections, so the
+    /// threads' `ACCEPT_TICK` wakes them instead.
+    fn wake_acceptors(&self) {
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut pool = self.shared.pool();
+        while pool.accepting.iter().any(|&n| n > 0) && Instant::now() < deadline {
+            if !self.shared.reuse_port {
+                let wakes: Vec<(SocketAddr, usize)> = self
+                    .listeners
+                    .iter()
+                    .zip(&pool.accepting)
+                    .filter_map(|(listener, &n)| Some((listener.socket.local_addr().ok()?, n)))
+                    .collect();
+                drop(pool);
+                for (addr, n) in wakes {
+                    for _ in 0..n {
+                        let _ = TcpStream::connect_timeout(&wake_address(addr), WAKE_AGAIN);
+                    }
+                }
+                pool = self.shared.pool();
+            }
+            pool = self
+                .shared
+                .pool_changed
+                .wait_timeout(pool, WAKE_AGAIN)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Accepts the connections still waiting in listener `index`'s queue, before it closes:
+    /// the kernel completed their handshakes, their requests are on the way, and closing the
+    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
+    /// the old instance's queue is emptied, not dropped. Each gets a thread of its own and is
+    /// served its first request (with `Connection: close`); `--max-connections` still holds,
+    /// within the drain's limit.
+    fn accept_queued(&self, index: usize) {
+        let listener = &self.listeners[index].socket;
+        if let Err(err) = listener.set_nonblocking(true) {
+            return log::warn!("cannot empty the listen queue before closing it: {err}");
+        }
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        let mut taken = 0;
+        while self.shared.reserve_thread_until(deadline) {
+            let Ok((stream, peer)) = listener.accept() else {
+                self.shared.thread_ended();
+                break;
+            };
+            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
+            if stream.set_nonblocking(false).is_ok() {
+                self.spawn(Some((stream, peer, index)));
+                taken += 1;
+            } else {
+                self.shared.thread_ended();
+            }
+        }
+        if taken > 0 {
+            log::info!("accepted {taken} connections still queued when shutdown began");
+        }
     }
 }
 
@@ -285,18 +448,23 @@ fn listen_socket(addr: SocketAddr, settings: &Settings) -> io::Result<TcpListene
     socket.set_reuse_address(true)?;
     // `--reuse-port`: a second balancer may listen on the same address (a new version taking
     // over while this one drains); see `newest_takes_new_connections` for which one gets
-    // the new connections. The other listener may also take the connection `ShutdownHandle`
-    // makes to wake `accept`, so `accept` here gives up every `ACCEPT_TICK` to look at the
-    // shutdown flag. (Accepted sockets get their own read timeout in `prepare`.)
+    // the new connections. It would also get the connections that wake this one's threads
+    // at shutdown, so `accept` gives up every `ACCEPT_TICK` to look at the shutdown flag.
+    // Otherwise it gives up after `THREAD_KEEP`, so that idle threads can end.
     if settings.reuse_port {
         socket.set_reuse_port(true)?;
-        socket.set_read_timeout(Some(ACCEPT_TICK))?;
     }
+    let accept_timeout = if settings.reuse_port {
+        ACCEPT_TICK
+    } else {
+        THREAD_KEEP
+    };
+    socket.set_read_timeout(Some(accept_timeout))?;
     // Linux copies these options from the listening socket to every accepted one, which
     // saves two system calls per client connection (`prepare` sets them itself on other
     // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
-    // every write to a client. The read timeout is set on each accepted socket instead:
-    // on the listener it would also make `accept` give up every `--client-timeout`.
+    // every write to a client. (The read timeout is copied too; `prepare` replaces it with
+    // `--client-timeout`.)
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(settings.client_timeout))?;
     socket.bind(&addr.into())?;
@@ -327,13 +495,11 @@ impl ShutdownHandle {
     /// Begins a graceful shutdown: the server stops accepting and `serve` returns once requests
     /// in flight are done (ten seconds at most).
     pub fn shutdown(&self) {
+        let pool = self.shared.pool();
         self.shared.shutdown.store(true, Ordering::SeqCst);
+        drop(pool);
+        self.shared.pool_changed.notify_all();
         self.shared.closed.notify_all();
-        self.shared.work.notify_all();
-        // `accept` blocks until a client arrives, so become that client (of every listener).
-        for addr in &self.wake_addrs {
-            let _ = TcpStream::connect_timeout(addr, Duration::from_secs(1));
-        }
     }
 }
 
@@ -346,108 +512,131 @@ impl Shared {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn idle(&self) -> MutexGuard<'_, IdleThreads> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Accepts on `listener` and hands each connection to a client thread until shutdown.
-    fn accept_loop(self: &Arc<Self>, listener: Listener, lb: &Arc<LoadBalancer>) {
+    /// Blocks the thread running `serve` until shutdown begins.
+    fn wait_for_shutdown(&self) {
+        let mut pool = self.pool();
         while !self.is_shutting_down() {
-            drop(self.wait_for_a_free_slot());
-            if self.is_shutting_down() {
-                break;
-            }
-            match listener.socket.accept() {
-                // A connection accepted as shutdown begins is served all the same.
-                Ok((stream, peer)) => self.start(lb, stream, peer, listener.tls.as_ref()),
-                // `ACCEPT_TICK` passed (with `--reuse-port`).
-                Err(err)
-                    if matches!(
-                        err.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
-                Err(err) => self.accept_failed(&err, lb),
-            }
-        }
-        self.accept_queued(&listener, lb);
-    }
-
-    /// Accepts the connections still waiting in `listener`'s queue, before it closes: the
-    /// kernel completed their handshakes, their requests are on the way, and closing the
-    /// listener would reset them. This is what lets a `--reuse-port` takeover lose nothing:
-    /// the old instance's queue is emptied, not dropped. Each is served its first request
-    /// (with `Connection: close`); `--max-connections` still holds, within the drain's limit.
-    fn accept_queued(self: &Arc<Self>, listener: &Listener, lb: &Arc<LoadBalancer>) {
-        if let Err(err) = listener.socket.set_nonblocking(true) {
-            return log::warn!("cannot empty the listen queue before closing it: {err}");
-        }
-        let deadline = Instant::now() + DRAIN_LIMIT;
-        let mut taken = 0;
-        while self.wait_for_a_slot_until(deadline) {
-            let Ok((stream, peer)) = listener.socket.accept() else {
-                break;
-            };
-            // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
-            if stream.set_nonblocking(false).is_ok() {
-                self.start(lb, stream, peer, listener.tls.as_ref());
-                taken += 1;
-            }
-        }
-        if taken > 0 {
-            log::info!("accepted {taken} connections still queued when shutdown began");
+            pool = self
+                .pool_changed
+                .wait(pool)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 
-    /// Pauses accepting while `--max-connections` clients are being served; returns the list of
-    /// open connections, locked, with room for one more (or at shutdown).
-    fn wait_for_a_free_slot(&self) -> MutexGuard<'_, Connections> {
-        let mut open = self.open();
-        if open.by_id.len() < self.max_connections || self.is_shutting_down() {
-            return open;
+    /// Counts a new client thread in the pool, if `--max-connections` leaves room for it.
+    fn reserve_thread(&self) -> bool {
+        let mut pool = self.pool();
+        if pool.threads >= self.max_connections {
+            return false;
         }
-        // Said once at warn: under sustained load this happens for every new client.
-        if open.paused_before {
-            log::debug!("--max-connections reached: accepting paused");
-        } else {
-            log::warn!(
-                "{} connections open (--max-connections): accepting paused until one closes",
-                self.max_connections
-            );
-            open.paused_before = true;
-        }
-        open.waiting += 1;
-        while open.by_id.len() >= self.max_connections && !self.is_shutting_down() {
-            open = self.closed.wait(open).unwrap_or_else(|e| e.into_inner());
-        }
-        open.waiting -= 1;
-        open
+        pool.threads += 1;
+        true
     }
 
-    /// At shutdown: waits until fewer than `--max-connections` clients are served, or
-    /// `deadline`; whether a slot is free.
-    fn wait_for_a_slot_until(&self, deadline: Instant) -> bool {
-        let mut open = self.open();
-        open.waiting += 1;
-        while open.by_id.len() >= self.max_connections {
+    /// At shutdown: waits until the pool has room for one more thread, or `deadline`; counts
+    /// the thread in when there is room.
+    fn reserve_thread_until(&self, deadline: Instant) -> bool {
+        let mut pool = self.pool();
+        while pool.threads >= self.max_connections {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                break;
+                return false;
             }
-            open = self
-                .closed
-                .wait_timeout(open, left)
+            pool = self
+                .pool_changed
+                .wait_timeout(pool, left)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
-        open.waiting -= 1;
-        open.by_id.len() < self.max_connections
+        pool.threads += 1;
+        true
     }
 
-    /// Out of descriptors, while under `--max-connections`: backend connections idle in the
-    /// pools have taken the clients' share, so some are closed and accepting goes on at once.
-    /// With none idle (or out of kernel memory), accepting pauses until a connection closes or
-    /// for a moment, so clients wait in the listen queue instead of being accepted and dropped.
-    /// Other failures concern one client that gave up while queued, and accepting goes on.
+    /// A client thread leaves the pool.
+    fn thread_ended(&self) {
+        let mut pool = self.pool();
+        pool.threads -= 1;
+        drop(pool);
+        if self.is_shutting_down() {
+            self.pool_changed.notify_all();
+        }
+    }
+
+    /// A thread is about to block in `accept`: returns the listener where fewest threads wait
+    /// (taking turns among equals, so that no listener is left without). `None` once shutdown
+    /// began: the thread leaves the pool.
+    fn begin_accept(&self) -> Option<usize> {
+        let mut pool = self.pool();
+        if self.is_shutting_down() {
+            pool.threads -= 1;
+            drop(pool);
+            self.pool_changed.notify_all();
+            return None;
+        }
+        let count = pool.accepting.len();
+        pool.rotation = pool.rotation.wrapping_add(1);
+        let start = pool.rotation;
+        let index = (0..count)
+            .map(|i| (start + i) % count)
+            .min_by_key(|&i| pool.accepting[i])?;
+        pool.accepting[index] += 1;
+        Some(index)
+    }
+
+    /// A thread came back from `accept` with a failure.
+    fn end_accept(&self, index: usize) {
+        self.pool().accepting[index] -= 1;
+    }
+
+    /// A thread came back from `accept` with a connection. Returns whether to start a new
+    /// thread to take its place: when no other thread waits on that listener and
+    /// `--max-connections` leaves room (the new thread is then counted in).
+    fn end_accept_and_grow(&self, index: usize) -> bool {
+        let mut pool = self.pool();
+        pool.accepting[index] -= 1;
+        if pool.accepting[index] > 0 {
+            return false;
+        }
+        if pool.threads < self.max_connections {
+            pool.threads += 1;
+            return true;
+        }
+        if pool.accepting.iter().all(|&n| n == 0) {
+            // Said once at warn: under sustained load this happens for every new client.
+            if pool.paused_before {
+                log::debug!("--max-connections reached: accepting paused");
+            } else {
+                log::warn!(
+                    "{} connections open (--max-connections): accepting paused until one closes",
+                    self.max_connections
+                );
+                pool.paused_before = true;
+            }
+        }
+        false
+    }
+
+    /// A thread's `accept` timed out after it waited `idle` in all. It ends (returns true) once
+    /// it has waited `THREAD_KEEP`, unless it is the last one waiting on its listener.
+    fn end_accept_idle(&self, index: usize, idle: Duration) -> bool {
+        let mut pool = self.pool();
+        pool.accepting[index] -= 1;
+        if idle < THREAD_KEEP || pool.accepting[index] == 0 {
+            return false;
+        }
+        pool.threads -= 1;
+        true
+    }
+
+    /// Out of descriptors: backend connections idle in the pools have taken the clients'
+    /// share, so some are closed and accepting goes on at once. With none idle (or out of
+    /// kernel memory), this thread pauses until a connection closes or for a moment, so clients
+    /// wait in the listen queue instead of being accepted and dropped. Other failures concern
+    /// one client that gave up while queued, and accepting goes on.
     fn accept_failed(&self, err: &io::Error, lb: &LoadBalancer) {
         if descriptors::is_exhausted(err) && lb.give_back_descriptors() {
             return log::debug!("accept failed: {err}; closed idle backend connections");
@@ -470,66 +659,6 @@ impl Shared {
         open.waiting -= 1;
     }
 
-    /// Registers an accepted connection and hands it to an idle client thread, or a new one.
-    ///
-    /// With two listeners, both accepting threads may have seen the last free slot before
-    /// `accept`; the one that registers second waits here, holding its client, until a slot
-    /// frees, so that no more than `--max-connections` are ever served at once.
-    fn start(
-        self: &Arc<Self>,
-        lb: &Arc<LoadBalancer>,
-        stream: TcpStream,
-        peer: SocketAddr,
-        tls: Option<&Arc<ServerConfig>>,
-    ) {
-        if let Err(err) = self.prepare(&stream) {
-            return log::debug!("client {peer} gone before serving: {err}");
-        }
-        let state = Arc::new(ConnectionState::default());
-        let id = {
-            let mut open = self.wait_for_a_free_slot();
-            open.next_id += 1;
-            let id = open.next_id;
-            open.by_id.insert(
-                id,
-                OpenConnection {
-                    fd: stream.as_raw_fd(),
-                    state: Arc::clone(&state),
-                },
-            );
-            id
-        };
-        let job = Job {
-            id,
-            stream,
-            peer,
-            state,
-            tls: tls.map(|config| (Arc::clone(config), Instant::now())),
-        };
-        // The job waits in the queue for an idle client thread; a new thread is started when
-        // there are more jobs queued than threads waiting.
-        let mut idle = self.idle();
-        idle.queue.push_back(job);
-        let taken = idle.waiting >= idle.queue.len();
-        drop(idle);
-        if taken {
-            self.work.notify_one();
-            return;
-        }
-        let shared = Arc::clone(self);
-        let lb = Arc::clone(lb);
-        let spawned = thread::Builder::new()
-            .name("client".into())
-            .stack_size(CLIENT_STACK)
-            .spawn(move || shared.client_thread(&lb));
-        if let Err(err) = spawned {
-            // The connection stays queued until a busy thread finishes and takes it.
-            NO_THREAD.warn(format_args!(
-                "cannot start a thread for {peer}: {err}; it waits for a busy one"
-            ));
-        }
-    }
-
     /// Sets the timeouts that bound every read and write of a client. Linux copies the
     /// listener's options to the accepted socket; only the read timeout is left to set.
     fn prepare(&self, stream: &TcpStream) -> io::Result<()> {
@@ -541,54 +670,36 @@ impl Shared {
         stream.set_read_timeout(Some(self.client_timeout))
     }
 
-    /// A client thread: serves queued connections, and ends after waiting for one for a while.
-    fn client_thread(&self, lb: &LoadBalancer) {
-        while let Some(job) = self.next_job() {
-            self.serve_one(lb, job);
-        }
-    }
-
-    /// Serves one connection, then takes it off the list of open ones before closing its
-    /// socket, so that shutdown never touches a descriptor number that was reused meanwhile.
-    fn serve_one(&self, lb: &LoadBalancer, job: Job) {
-        let _open = lb.stats().open_connection();
-        let stream = match self.client_stream(lb, job.stream, job.tls, job.peer) {
-            Ok(stream) => stream,
-            Err(stream) => {
-                self.finish(job.id);
-                drop(stream);
-                return;
-            }
-        };
-        let mut connection =
-            ClientConnection::new(lb, stream, job.peer, &job.state, &self.shutdown);
-        // A panic unwinds only what the request owned; the connection itself survives it.
-        let served = panic::catch_unwind(AssertUnwindSafe(|| connection.serve()));
-        if served.is_err() {
-            // The panic message was already printed by the panic hook; the server goes on.
-            log::error!(
-                "the thread serving {} panicked; its connection was closed",
-                job.peer
-            );
-        }
-        let stream = connection.into_stream();
-        self.finish(job.id);
-        drop(stream);
+    /// Lists an accepted connection among the open ones, so shutdown can reach it.
+    fn register(&self, stream: &TcpStream, state: &Arc<ConnectionState>) -> u64 {
+        let mut open = self.open();
+        open.next_id += 1;
+        let id = open.next_id;
+        open.by_id.insert(
+            id,
+            OpenConnection {
+                fd: stream.as_raw_fd(),
+                state: Arc::clone(state),
+            },
+        );
+        id
     }
 
     /// The client's stream: the socket itself, or a TLS connection over it once the handshake
-    /// is done. A failed handshake gives the socket back (to be closed after `finish`).
+    /// is done (within `--client-timeout` of `accepted`). A failed handshake gives the socket
+    /// back (to be closed after `finish`).
     fn client_stream(
         &self,
         lb: &LoadBalancer,
         socket: TcpStream,
-        tls: Option<(Arc<ServerConfig>, Instant)>,
+        tls: Option<&Arc<ServerConfig>>,
+        accepted: Instant,
         peer: SocketAddr,
     ) -> Result<ClientStream, TcpStream> {
-        let Some((config, accepted)) = tls else {
+        let Some(config) = tls else {
             return Ok(ClientStream::Plain(socket));
         };
-        let connection = match ServerConnection::new(config) {
+        let connection = match ServerConnection::new(Arc::clone(config)) {
             Ok(connection) => connection,
             Err(err) => {
                 log::debug!("client {peer}: no TLS connection: {err}");
@@ -613,40 +724,16 @@ impl Shared {
         }
     }
 
-    /// Forgets a closed connection and wakes whoever waits for a free slot or for the drain.
+    /// Forgets a closed connection and wakes whoever waits for the drain or for a descriptor.
     fn finish(&self, id: u64) {
         let mut open = self.open();
         open.by_id.remove(&id);
         let wake = open.waiting > 0;
         drop(open);
-        // Waking costs a system call, so only when the accepting thread or the drain waits.
+        // Waking costs a system call, so only when someone waits.
         if wake {
             self.closed.notify_all();
         }
-    }
-
-    /// The next queued connection; `None` after `THREAD_KEEP` without one, or at shutdown.
-    fn next_job(&self) -> Option<Job> {
-        let mut idle = self.idle();
-        idle.waiting += 1;
-        let job = loop {
-            if let Some(job) = idle.queue.pop_front() {
-                break Some(job);
-            }
-            if self.is_shutting_down() {
-                break None;
-            }
-            let (guard, wait) = self
-                .work
-                .wait_timeout(idle, THREAD_KEEP)
-                .unwrap_or_else(|e| e.into_inner());
-            idle = guard;
-            if wait.timed_out() && idle.queue.is_empty() {
-                break None;
-            }
-        };
-        idle.waiting -= 1;
-        job
     }
 
     /// Closes connections idle between requests and waits for the busy ones to finish.

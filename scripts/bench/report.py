@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Summary tables for scripts/bench.sh (stdlib only).
 
-  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK
+  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE   (MODE: http, tls or cold)
   report.py idle IDLE.tsv LB_LABEL
 
 RUNS.tsv, one line per wrk run:
-  cell server round rps p50_ms p99_ms errors requests cpu_ticks error_detail
+  cell server round rps p50_ms p99_ms errors requests cpu_ticks context_switches error_detail
 MEM.tsv, one line per server: server peak_rss_kb(VmHWM)
 IDLE.tsv: the lines printed by idle.py (its label is the server).
 
@@ -17,12 +17,30 @@ import sys
 from statistics import median
 
 SERVERS = ["lb", "nginx", "haproxy"]
-CELLS = [  # (cell id, description, target ratio to nginx)
-    ("c1", "1 conn keep-alive", 1.1),
-    ("c32", "32 conns keep-alive", 0.8),
-    ("c256", "256 conns keep-alive", 1.0),
-    ("close32", "32 conns Connection: close", 0.7),
+CELLS = [  # (cell id, description)
+    ("c1", "1 conn keep-alive"),
+    ("c32", "32 conns keep-alive"),
+    ("c256", "256 conns keep-alive"),
+    ("close32", "32 conns Connection: close"),
+    ("cold256", "256 conns, cold start"),
 ]
+# Targets for the balancer under test, by mode and cell: the least req/s ratio to nginx, to
+# HAProxy (None: no target), and whether its p99 must be at or below nginx's.
+TARGETS = {
+    "http": {
+        "c1": (1.1, None, False),
+        "c32": (0.75, None, False),
+        "c256": (0.9, None, True),
+        "close32": (1.0, 1.0, False),
+    },
+    "tls": {
+        "c32": (0.8, None, False),
+        "close32": (1.0, None, False),
+    },
+    "cold": {
+        "cold256": (None, None, True),
+    },
+}
 # Idle targets, defined for 1000 idle clients.
 IDLE_RSS_MIB = 24
 IDLE_WALL_S = 0.5
@@ -32,15 +50,39 @@ def fmt_ms(v):
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
-def report_wrk(runs_path, mem_path, lb_label, clk_tck):
+def paired_ratio(rs, others):
+    """Median over rounds of each round's req/s against the other server's in that round."""
+    by_round = {r["round"]: r for r in others}
+    paired = [r["rps"] / by_round[r["round"]]["rps"] for r in rs
+              if r["round"] in by_round and by_round[r["round"]]["rps"] > 0]
+    return median(paired) if paired else math.nan
+
+
+def target_verdict(target, ratio, ratio_haproxy, p99, nginx_p99, errors):
+    """The target column of the balancer's row, and whether the target is met."""
+    least_nginx, least_haproxy, p99_below = target
+    ok, want = errors == 0, []
+    if least_nginx is not None:
+        ok = ok and ratio >= least_nginx
+        want.append(f">={least_nginx:.2f}x")
+    if least_haproxy is not None:
+        ok = ok and ratio_haproxy >= least_haproxy
+        want.append(f">={least_haproxy:.1f}x haproxy")
+    if p99_below:
+        ok = ok and p99 <= nginx_p99
+        want.append("p99<=nginx")
+    return f"{' & '.join(want)} {'MET' if ok else 'NOT MET'}" + (" (errors)" if errors else ""), ok
+
+
+def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
     runs = {}  # (cell, server) -> list of dicts, in round order
     for line in open(runs_path):
         f = line.rstrip("\n").split("\t")
-        if len(f) < 9:
+        if len(f) < 10:
             continue
         run = dict(round=int(f[2]), rps=float(f[3]), p50=float(f[4]), p99=float(f[5]),
-                   errors=int(f[6]), requests=int(f[7]), ticks=int(f[8]),
-                   detail=f[9] if len(f) > 9 else "")
+                   errors=int(f[6]), requests=int(f[7]), ticks=int(f[8]), switches=int(f[9]),
+                   detail=f[10] if len(f) > 10 else "")
         runs.setdefault((f[0], f[1]), []).append(run)
     peak = {}
     for line in open(mem_path):
@@ -50,14 +92,15 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck):
     name = {"lb": lb_label, "nginx": "nginx", "haproxy": "haproxy"}
     width = max(10, len(lb_label))
     header = (f"{'cell':<27} {'server':<{width}} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'CPU us/req':>10} {'x nginx':>8}  {'ERRORS':<8} target")
+              f"{'CPU us/req':>10} {'cs/req':>6} {'x nginx':>8}  {'ERRORS':<8} target")
     print(header)
     print("-" * len(header))
     verdicts, error_notes = [], []
-    for cell, desc, target in CELLS:
-        nginx_runs = {r["round"]: r for r in runs.get((cell, "nginx"), [])}
-        nginx_p99 = median(r["p99"] for r in nginx_runs.values()) if nginx_runs else math.nan
-        for i, server in enumerate(SERVERS):
+    for cell, desc in CELLS:
+        nginx_runs = runs.get((cell, "nginx"), [])
+        nginx_p99 = median(r["p99"] for r in nginx_runs) if nginx_runs else math.nan
+        shown = 0
+        for server in SERVERS:
             rs = runs.get((cell, server), [])
             if not rs:
                 continue
@@ -66,30 +109,24 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck):
             p99 = median(r["p99"] for r in rs)
             reqs = sum(r["requests"] for r in rs)
             cpu_us = sum(r["ticks"] for r in rs) * 1e6 / clk_tck / reqs if reqs else math.nan
+            switches = sum(r["switches"] for r in rs) / reqs if reqs else math.nan
             errors = sum(r["errors"] for r in rs)
-            # Paired ratio: each round's run against nginx's run of the same round.
-            paired = [r["rps"] / nginx_runs[r["round"]]["rps"] for r in rs
-                      if r["round"] in nginx_runs and nginx_runs[r["round"]]["rps"] > 0]
-            ratio = median(paired) if paired else math.nan
+            ratio = paired_ratio(rs, nginx_runs)
             ratio_s = "" if server == "nginx" else f"{ratio:.2f}x"
             err_s = f"ERR {errors}" if errors else "-"
             if errors:
                 details = "; ".join(f"round {r['round']}: {r['detail']}" for r in rs if r["errors"])
                 error_notes.append(f"  {desc}, {name[server]}: {details}")
             target_s = ""
-            if server == "lb":
-                ok = ratio >= target and errors == 0
-                want = f">={target:.1f}x"
-                if cell == "c256":
-                    ok = ok and p99 <= nginx_p99
-                    want += " & p99<=nginx"
-                target_s = f"{want} {'MET' if ok else 'NOT MET'}"
-                if errors:
-                    target_s += " (errors)"
+            target = TARGETS[mode].get(cell)
+            if server == "lb" and target:
+                ratio_haproxy = paired_ratio(rs, runs.get((cell, "haproxy"), []))
+                target_s, ok = target_verdict(target, ratio, ratio_haproxy, p99, nginx_p99, errors)
                 verdicts.append(ok)
-            print(f"{desc if i == 0 else '':<27} {name[server]:<{width}} {rps:>9.0f} "
-                  f"{fmt_ms(p50):>8} {fmt_ms(p99):>8} {cpu_us:>10.1f} {ratio_s:>8}  "
-                  f"{err_s:<8} {target_s}")
+            print(f"{desc if shown == 0 else '':<27} {name[server]:<{width}} {rps:>9.0f} "
+                  f"{fmt_ms(p50):>8} {fmt_ms(p99):>8} {cpu_us:>10.1f} {switches:>6.2f} "
+                  f"{ratio_s:>8}  {err_s:<8} {target_s}")
+            shown += 1
     print()
     if error_notes:
         print("ERRORS (wrk socket errors connect/read/write/timeout and non-2xx/3xx responses):")
@@ -108,8 +145,9 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck):
     met = sum(verdicts)
     print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
     print("(ratios: median over rounds of the per-round req/s ratio to nginx; req/s, p50, p99:"
-          " medians over rounds;\n RSS and CPU are summed over the process and its children"
-          " (nginx workers); wrk shares the same cores.)")
+          " medians over rounds;\n RSS, CPU and context switches (cs/req, voluntary and"
+          " involuntary, of threads alive at the end\n of each run) are summed over the process"
+          " and its children (nginx workers); wrk shares the same cores.)")
 
 
 def report_idle(idle_path, lb_label):
@@ -141,7 +179,7 @@ def report_idle(idle_path, lb_label):
 
 if __name__ == "__main__":
     if sys.argv[1] == "wrk":
-        report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]))
+        report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
     elif sys.argv[1] == "idle":
         report_idle(sys.argv[2], sys.argv[3])
     else:
