@@ -609,7 +609,8 @@ impl Snapshot {
             &rfc3339(self.history_last)[11..19]
         );
         for b in &self.backends {
-            let now = b.history.requests.last().copied().unwrap_or(0);
+            // The newest second is still running; the one before it is complete.
+            let now = b.history.requests.iter().rev().nth(1).copied().unwrap_or(0);
             let series = chart::Seconds {
                 requests: &b.history.requests,
                 errors: &b.history.errors,
@@ -619,7 +620,7 @@ impl Snapshot {
             let address = escape_html(&b.address);
             let _ = writeln!(
                 page,
-                "<figure><figcaption><b>{address}</b> {now} req/s this second</figcaption>{}</figure>",
+                "<figure><figcaption><b>{address}</b> {now} req/s in the last second</figcaption>{}</figure>",
                 chart::svg(&address, series, scales)
             );
         }
@@ -791,12 +792,13 @@ fn tunnels_note(tunnels: u64) -> String {
     }
 }
 
-/// `n` and `noun`, plural unless `n` is 1: "1 tunnel", "2 tunnels", "3 retries".
+/// `n` and `noun` for the page, plural unless `n` is 1: "1 tunnel", "2 tunnels", "3 retries".
+/// A no-break space keeps the number and its noun on one line on a narrow screen.
 fn count(n: u64, noun: &str) -> String {
     match (n, noun.strip_suffix('y')) {
-        (1, _) => format!("1 {noun}"),
-        (_, Some(stem)) => format!("{n} {stem}ies"),
-        (_, None) => format!("{n} {noun}s"),
+        (1, _) => format!("1&nbsp;{noun}"),
+        (_, Some(stem)) => format!("{n}&nbsp;{stem}ies"),
+        (_, None) => format!("{n}&nbsp;{noun}s"),
     }
 }
 
@@ -994,11 +996,11 @@ mod tests {
     #[test]
     fn html_summary_counts_in_plural_only_when_not_one() {
         let page = snapshot().to_html();
-        assert!(page.contains(" &middot; 2 retries"), "{page}");
-        assert_eq!(count(1, "tunnel"), "1 tunnel");
-        assert_eq!(count(0, "open connection"), "0 open connections");
-        assert_eq!(count(1, "retry"), "1 retry");
-        assert_eq!(count(3, "retry"), "3 retries");
+        assert!(page.contains(" &middot; 2&nbsp;retries"), "{page}");
+        assert_eq!(count(1, "tunnel"), "1&nbsp;tunnel");
+        assert_eq!(count(0, "open connection"), "0&nbsp;open connections");
+        assert_eq!(count(1, "retry"), "1&nbsp;retry");
+        assert_eq!(count(3, "retry"), "3&nbsp;retries");
     }
 
     #[test]
@@ -1031,6 +1033,8 @@ mod tests {
         assert_eq!(page.matches("<svg").count(), 2, "{page}");
         assert_eq!(page.matches("</svg>").count(), 2);
         assert!(page.contains("<rect class=\"out\""), "the outage is shaded");
+        // The newest second (299 % 7 = 5) is still running: the caption gives the one before.
+        assert!(page.contains("</b> 4 req/s in the last second"), "{page}");
         assert!(page.contains("<span class=\"kind down\">down</span>"));
         assert!(page.contains(">23:06:30</time>"));
         assert!(page.contains("is down: 3 checks failed"));

@@ -313,9 +313,12 @@ fn statistics_and_metrics_count_tunnels() {
     let metrics = get(lb.admin.unwrap(), "/metrics").text();
     assert!(metrics.contains("\nlb_tunnels_active 1\n"), "{metrics}");
     let page = get(lb.admin.unwrap(), "/stats").text();
-    assert!(page.contains("1 tunnel &middot;"), "the summary counts it");
     assert!(
-        page.contains("1 (1 tunnel)</td>"),
+        page.contains("1&nbsp;tunnel &middot;"),
+        "the summary counts it"
+    );
+    assert!(
+        page.contains("1 (1&nbsp;tunnel)</td>"),
         "its backend's row says so"
     );
     assert!(metrics.contains(&format!(
