@@ -49,6 +49,11 @@ Options:
   --cold          instead of the usual cells: before each run, stop the server and start
                   it again, then 256 clients connect at once for 2 s with no warm-up (the
                   readiness check connects once). Target: p99 <= nginx's
+  --explain-limit only the 32 and 256 keep-alive cells, then why the balancer's req/s
+                  differ from nginx's: the ratio split (in log terms) into CPU time per
+                  request (the balancer's own, and the rest of the machine's: wrk, the
+                  kernel's network work) and time the CPUs sat idle, with the balancer's
+                  context switches per request beside it
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
@@ -99,6 +104,7 @@ SELF_TEST=0
 WATCH_STATS=0
 TLS=0
 COLD=0
+EXPLAIN_LIMIT=0
 
 die() { echo "bench.sh: $*" >&2; exit 2; }
 need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
@@ -117,6 +123,7 @@ while (($#)); do
     --self-test) SELF_TEST=1; shift ;;
     --tls) TLS=1; shift ;;
     --cold) COLD=1; shift ;;
+    --explain-limit) EXPLAIN_LIMIT=1; shift ;;
     --) shift; EXTRA_FLAGS=("$@"); break ;;
     -*) die "unknown option '$1' (see --help)" ;;
     *) BINARY=$1; shift ;;
@@ -208,6 +215,11 @@ ctx_switches() {
   for pid in $(descendants "$1"); do
     cat /proc/"$pid"/task/*/status 2>/dev/null || true
   done | awk '/^(non)?voluntary_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
+
+# The whole machine's CPU ticks from /proc/stat: "busy total" (busy = all but idle and iowait).
+machine_ticks() {
+  awk '$1 == "cpu" { t = 0; for (i = 2; i <= NF; i++) t += $i; print t - $5 - $6, t; exit }' /proc/stat
 }
 
 # A /proc/PID/status field (VmHWM, VmRSS; KiB) summed over the process tree.
@@ -516,14 +528,16 @@ to_ms() {
 run_wrk() {
   local server=$1 cell=$2 round=$3 conns=$4; shift 4
   local out=$TMP/wrk-$cell-$server-$round.txt threads=$(( conns < 2 ? conns : 2 ))
-  local t0 t1 s0 s1
+  local t0 t1 s0 s1 m0 m1
   t0=$(cpu_ticks "${PID[$server]}")
   s0=$(ctx_switches "${PID[$server]}")
+  read -r -a m0 <<<"$(machine_ticks)"
   run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
     "$SCHEME://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
     echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
   t1=$(cpu_ticks "${PID[$server]}")
   s1=$(ctx_switches "${PID[$server]}")
+  read -r -a m1 <<<"$(machine_ticks)"
 
   local rps p50 p99 requests socket non2xx errors detail
   rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
@@ -536,8 +550,9 @@ run_wrk() {
   errors=$(( ${socket:-0} + ${non2xx:-0} ))
   detail=$(grep -E 'Socket errors|Non-2xx' "$out" | sed 's/^ *//' | paste -sd ';' - || true)
   [[ -n $rps && -n $requests ]] || { echo "bench.sh: cannot parse wrk output:" >&2; cat "$out" >&2; exit 1; }
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cell" "$server" "$round" "$rps" \
-    "$p50" "$p99" "$errors" "$requests" "$((t1 - t0))" "$((s1 - s0))" "$detail" >>"$TMP/runs.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$cell" "$server" "$round" \
+    "$rps" "$p50" "$p99" "$errors" "$requests" "$((t1 - t0))" "$((s1 - s0))" \
+    "$((m1[0] - m0[0]))" "$((m1[1] - m0[1]))" "$detail" >>"$TMP/runs.tsv"
   printf '  %-8s round %d  %-14s %10.0f req/s  p99 %8.3f ms%s\n' "$cell" "$round" \
     "${NAME[$server]}" "$rps" "$p99" "$( ((errors)) && echo "  ERRORS: $detail")"
 }
@@ -550,6 +565,8 @@ MODE=http
 COLD_SECONDS=2
 if ((COLD)); then
   MODE=cold CELL_IDS=(cold256) DURATION=$COLD_SECONDS WARMUP=0 BUILD=0
+elif ((EXPLAIN_LIMIT)); then
+  MODE=limit CELL_IDS=(c32 c256)
 fi
 
 # Stops a server and starts it again on the same port, fresh: no thread, process or backend

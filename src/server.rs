@@ -59,18 +59,21 @@ const CLIENT_STACK: usize = 256 * 1024;
 /// waiting on its listener).
 const THREAD_KEEP: Duration = Duration::from_secs(30);
 
+/// The most threads the pool grows by at once (see `Shared::end_accept_and_grow`).
+const GROWTH_STEP: usize = 16;
+
 /// How long requests in flight may take to finish once shutdown begins.
 const DRAIN_LIMIT: Duration = Duration::from_secs(10);
 
-/// With `--reuse-port`, how often a thread blocked in `accept` looks whether shutdown began.
+/// How often a thread blocked in `accept` looks whether shutdown began. Connecting to the
+/// listener would wake it at once, but not with `--reuse-port` (the connection may go to the
+/// other instance) nor with connections accepted only once they carry data (see
+/// `accept_when_data_arrives`).
 const ACCEPT_TICK: Duration = Duration::from_millis(100);
 
 /// How long accepting pauses when the process is out of file descriptors (or a connection
 /// closes first, giving one back).
 const EXHAUSTED_PAUSE: Duration = Duration::from_millis(100);
-
-/// How often shutdown wakes the threads still blocked in `accept`, until none is left.
-const WAKE_AGAIN: Duration = Duration::from_millis(200);
 
 static ACCEPT_FAILED: RepeatedWarning = RepeatedWarning::new(module_path!());
 static NO_THREAD: RepeatedWarning = RepeatedWarning::new(module_path!());
@@ -99,9 +102,6 @@ struct Shared {
     shutdown: AtomicBool,
     max_connections: usize,
     client_timeout: Duration,
-    /// With `--reuse-port`, another instance may take the connections that would wake this
-    /// one's threads, so they look at the shutdown flag every `ACCEPT_TICK` instead.
-    reuse_port: bool,
     /// Open client connections, so shutdown can find the idle ones.
     open: Mutex<Connections>,
     /// Signalled whenever a connection closes (or shutdown begins).
@@ -150,6 +150,13 @@ struct Context {
 /// A connection accepted on the listener of that index, not yet served.
 type Accepted = (TcpStream, SocketAddr, usize);
 
+/// What a new client thread does first: start more threads (already counted in the pool),
+/// then serve a connection accepted for it, if any, before it goes to `accept`.
+struct FirstTasks {
+    more_threads: usize,
+    accepted: Option<Accepted>,
+}
+
 impl Server {
     /// Binds the listening socket (none with `--listen off`: then [`Server::add_tls_listener`]
     /// adds the only one). A port already in use is reported here, before anything runs.
@@ -165,7 +172,6 @@ impl Server {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
             client_timeout: settings.client_timeout,
-            reuse_port: settings.reuse_port,
             open: Mutex::new(Connections::default()),
             closed: Condvar::new(),
             pool: Mutex::new(Pool::default()),
@@ -234,11 +240,14 @@ impl Server {
         context.shared.pool().accepting = vec![0; context.listeners.len()];
         for _ in 0..context.listeners.len() {
             if context.shared.reserve_thread() {
-                context.spawn(None);
+                context.spawn(FirstTasks {
+                    more_threads: 0,
+                    accepted: None,
+                });
             }
         }
         context.shared.wait_for_shutdown();
-        context.wake_acceptors();
+        context.wait_for_acceptors();
         for index in 0..context.listeners.len() {
             context.accept_queued(index);
         }
@@ -247,9 +256,8 @@ impl Server {
 }
 
 impl Context {
-    /// Starts a client thread (its place in the pool already reserved) that serves `first`,
-    /// if given, before it goes to `accept`.
-    fn spawn(&self, first: Option<Accepted>) {
+    /// Starts a client thread, its place in the pool already reserved.
+    fn spawn(&self, first: FirstTasks) {
         let context = self.clone();
         let spawned = thread::Builder::new()
             .name("client".into())
@@ -265,8 +273,14 @@ impl Context {
 
     /// A client thread: accepts a connection, serves it, and goes back to `accept`, until
     /// shutdown or until it has waited `THREAD_KEEP` while others wait on the same listener.
-    fn client_thread(&self, first: Option<Accepted>) {
-        if let Some((stream, peer, index)) = first {
+    fn client_thread(&self, first: FirstTasks) {
+        for _ in 0..first.more_threads {
+            self.spawn(FirstTasks {
+                more_threads: 0,
+                accepted: None,
+            });
+        }
+        if let Some((stream, peer, index)) = first.accepted {
             self.serve_one(stream, peer, index);
         }
         let mut idle_since = Instant::now();
@@ -274,8 +288,12 @@ impl Context {
             match self.listeners[index].socket.accept() {
                 // A connection accepted as shutdown begins is served all the same.
                 Ok((stream, peer)) => {
-                    if self.shared.end_accept_and_grow(index) {
-                        self.spawn(None);
+                    let grow = self.shared.end_accept_and_grow(index);
+                    if grow > 0 {
+                        self.spawn(FirstTasks {
+                            more_threads: grow - 1,
+                            accepted: None,
+                        });
                     }
                     self.serve_one(stream, peer, index);
                     idle_since = Instant::now();
@@ -333,33 +351,15 @@ impl Context {
         drop(stream);
     }
 
-    /// At shutdown: wakes every thread blocked in `accept` by connecting to its listener once
-    /// per thread (each takes one connection, serves it, sees the flag and ends), until none
-    /// is left. With `--reuse-port` the other instance would get those connections, so the
-    /// threads' `ACCEPT_TICK` wakes them instead.
-    fn wake_acceptors(&self) {
-        let deadline = Instant::now() + DRAIN_LIMIT;
+    /// At shutdown: waits until no thread is blocked in `accept` any more (each sees the flag
+    /// within `ACCEPT_TICK`), so that the queues can be emptied.
+    fn wait_for_acceptors(&self) {
         let mut pool = self.shared.pool();
-        while pool.accepting.iter().any(|&n| n > 0) && Instant::now() < deadline {
-            if !self.shared.reuse_port {
-                let wakes: Vec<(SocketAddr, usize)> = self
-                    .listeners
-                    .iter()
-                    .zip(&pool.accepting)
-                    .filter_map(|(listener, &n)| Some((listener.socket.local_addr().ok()?, n)))
-                    .collect();
-                drop(pool);
-                for (addr, n) in wakes {
-                    for _ in 0..n {
-                        let _ = TcpStream::connect_timeout(&wake_address(addr), WAKE_AGAIN);
-                    }
-                }
-                pool = self.shared.pool();
-            }
+        while pool.accepting.iter().any(|&n| n > 0) {
             pool = self
                 .shared
                 .pool_changed
-                .wait_timeout(pool, WAKE_AGAIN)
+                .wait_timeout(pool, ACCEPT_TICK)
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
@@ -385,7 +385,10 @@ impl Context {
             };
             // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
             if stream.set_nonblocking(false).is_ok() {
-                self.spawn(Some((stream, peer, index)));
+                self.spawn(FirstTasks {
+                    more_threads: 0,
+                    accepted: Some((stream, peer, index)),
+                });
                 taken += 1;
             } else {
                 self.shared.thread_ended();
@@ -442,24 +445,51 @@ fn newest_takes_new_connections(_socket: &Socket) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `accept` return a connection only once its first bytes (a request head, a TLS
+/// ClientHello) have arrived, as nginx's `listen ... deferred` and HAProxy's `defer-accept` do.
+/// The thread that accepts then reads them at once instead of going back to sleep until they
+/// come: one context switch less per new connection, which is a third of those a
+/// `Connection: close` request costs. A client that connects and sends nothing is accepted
+/// anyway a few seconds later, and `--client-timeout` runs from then.
+#[cfg(target_os = "linux")]
+fn accept_when_data_arrives(socket: &Socket) -> io::Result<()> {
+    let seconds: libc::c_int = 1;
+    // SAFETY: the option value points to a live `c_int`, and its size is given.
+    let done = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&seconds as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Elsewhere connections are accepted as soon as they are made.
+#[cfg(not(target_os = "linux"))]
+fn accept_when_data_arrives(_socket: &Socket) -> io::Result<()> {
+    Ok(())
+}
+
 /// A listening socket on `addr`, with the options every client socket inherits.
 fn listen_socket(addr: SocketAddr, settings: &Settings) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     // `--reuse-port`: a second balancer may listen on the same address (a new version taking
     // over while this one drains); see `newest_takes_new_connections` for which one gets
-    // the new connections. It would also get the connections that wake this one's threads
-    // at shutdown, so `accept` gives up every `ACCEPT_TICK` to look at the shutdown flag.
-    // Otherwise it gives up after `THREAD_KEEP`, so that idle threads can end.
+    // the new connections.
     if settings.reuse_port {
         socket.set_reuse_port(true)?;
     }
-    let accept_timeout = if settings.reuse_port {
-        ACCEPT_TICK
-    } else {
-        THREAD_KEEP
-    };
-    socket.set_read_timeout(Some(accept_timeout))?;
+    // `accept` gives up every `ACCEPT_TICK`, so that a waiting thread sees shutdown begin
+    // and, after `THREAD_KEEP` without a client, ends.
+    socket.set_read_timeout(Some(ACCEPT_TICK))?;
     // Linux copies these options from the listening socket to every accepted one, which
     // saves two system calls per client connection (`prepare` sets them itself on other
     // systems). Small messages must not wait for Nagle's algorithm, and the timeout bounds
@@ -468,6 +498,9 @@ fn listen_socket(addr: SocketAddr, settings: &Settings) -> io::Result<TcpListene
     socket.set_nodelay(true)?;
     socket.set_write_timeout(Some(settings.client_timeout))?;
     socket.bind(&addr.into())?;
+    if let Err(err) = accept_when_data_arrives(&socket) {
+        log::debug!("{addr}: connections are accepted before their first bytes: {err}");
+    }
     socket.listen(LISTEN_BACKLOG)?;
     if settings.reuse_port {
         if let Err(err) = newest_takes_new_connections(&socket) {
@@ -592,18 +625,26 @@ impl Shared {
         self.pool().accepting[index] -= 1;
     }
 
-    /// A thread came back from `accept` with a connection. Returns whether to start a new
-    /// thread to take its place: when no other thread waits on that listener and
-    /// `--max-connections` leaves room (the new thread is then counted in).
-    fn end_accept_and_grow(&self, index: usize) -> bool {
+    /// A thread came back from `accept` with a connection. Returns how many threads to start
+    /// (counted in already): none while other threads wait on that listener; else as many as
+    /// there are now, at most `GROWTH_STEP`, up to `--max-connections`. Growing by more than one
+    /// matters when hundreds of clients connect at once: each new thread waits its turn on a
+    /// busy CPU before it reaches `accept`, and a chain of one new thread per client would make
+    /// the last client wait for hundreds of those turns. The cap keeps the threads left idle
+    /// after a burst (they end after `THREAD_KEEP`) to a few.
+    fn end_accept_and_grow(&self, index: usize) -> usize {
         let mut pool = self.pool();
         pool.accepting[index] -= 1;
         if pool.accepting[index] > 0 {
-            return false;
+            return 0;
         }
-        if pool.threads < self.max_connections {
-            pool.threads += 1;
-            return true;
+        let grow = pool
+            .threads
+            .min(GROWTH_STEP)
+            .min(self.max_connections - pool.threads);
+        if grow > 0 {
+            pool.threads += grow;
+            return grow;
         }
         if pool.accepting.iter().all(|&n| n == 0) {
             // Said once at warn: under sustained load this happens for every new client.
@@ -617,7 +658,7 @@ impl Shared {
                 pool.paused_before = true;
             }
         }
-        false
+        0
     }
 
     /// A thread's `accept` timed out after it waited `idle` in all. It ends (returns true) once

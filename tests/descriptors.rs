@@ -149,8 +149,11 @@ fn a_request_that_finds_no_descriptor_gets_503_with_retry_after() {
             let addr = lb.addr;
             thread::spawn(move || {
                 let mut client = Client::connect(addr);
+                // The request line now, so that the balancer accepts every client (it accepts
+                // a connection once bytes arrive) before any request is complete.
+                client.send(b"GET / HTTP/1.1\r\n");
                 barrier.wait();
-                client.send(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+                client.send(b"Host: t\r\nConnection: close\r\n\r\n");
                 client.try_read_response("GET")
             })
         })

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Summary tables for scripts/bench.sh (stdlib only).
 
-  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE   (MODE: http, tls or cold)
+  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE   (MODE: http, tls, cold or limit)
   report.py idle IDLE.tsv LB_LABEL
 
 RUNS.tsv, one line per wrk run:
-  cell server round rps p50_ms p99_ms errors requests cpu_ticks context_switches error_detail
+  cell server round rps p50_ms p99_ms errors requests cpu_ticks context_switches
+  machine_busy_ticks machine_total_ticks error_detail
 MEM.tsv, one line per server: server peak_rss_kb(VmHWM)
 IDLE.tsv: the lines printed by idle.py (its label is the server).
 
@@ -40,6 +41,7 @@ TARGETS = {
     "cold": {
         "cold256": (None, None, True),
     },
+    "limit": {},
 }
 # Idle targets, defined for 1000 idle clients.
 IDLE_RSS_MIB = 24
@@ -78,11 +80,11 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
     runs = {}  # (cell, server) -> list of dicts, in round order
     for line in open(runs_path):
         f = line.rstrip("\n").split("\t")
-        if len(f) < 10:
+        if len(f) < 12:
             continue
         run = dict(round=int(f[2]), rps=float(f[3]), p50=float(f[4]), p99=float(f[5]),
                    errors=int(f[6]), requests=int(f[7]), ticks=int(f[8]), switches=int(f[9]),
-                   detail=f[10] if len(f) > 10 else "")
+                   busy=int(f[10]), total=int(f[11]), detail=f[12] if len(f) > 12 else "")
         runs.setdefault((f[0], f[1]), []).append(run)
     peak = {}
     for line in open(mem_path):
@@ -142,12 +144,67 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
         rss = f"{kb / 1024:.1f} MiB" if kb is not None else "?"
         print(f"{name[server]:<{width}} {rss:>17} {cpu_us:>22.1f}")
     print()
+    if mode == "limit":
+        for cell, desc in CELLS:
+            explain_limit(runs, cell, desc, name, clk_tck)
+        return
     met = sum(verdicts)
     print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
     print("(ratios: median over rounds of the per-round req/s ratio to nginx; req/s, p50, p99:"
           " medians over rounds;\n RSS, CPU and context switches (cs/req, voluntary and"
           " involuntary, of threads alive at the end\n of each run) are summed over the process"
           " and its children (nginx workers); wrk shares the same cores.)")
+
+
+def explain_limit(runs, cell, desc, name, clk_tck):
+    """Why the balancer's req/s differ from nginx's in one cell.
+
+    With the same run length, req/s = busy share x CPUs / busy CPU time per request, so the
+    ratio of two servers' req/s is exactly (busy share ratio) x (inverse ratio of busy CPU time
+    per request). In log terms the two add up to the whole ratio: that is the split printed.
+    Busy CPU time per request is the whole machine's (balancer, wrk, the kernel's network
+    work); the balancer's own part is told apart from the rest.
+    """
+    if not runs.get((cell, "lb")) or not runs.get((cell, "nginx")):
+        return
+    figures = {}
+    print(f"Why {desc}: {name['lb']} against nginx")
+    print(f"  {'server':<14} {'req/s':>9} {'CPUs busy':>10} {'busy us/req':>12} "
+          f"{'own us/req':>11} {'rest us/req':>12} {'cs/req':>7}")
+    for server in SERVERS:
+        rs = runs.get((cell, server), [])
+        if not rs:
+            continue
+        reqs = sum(r["requests"] for r in rs)
+        busy = sum(r["busy"] for r in rs)
+        total = sum(r["total"] for r in rs)
+        f = dict(rps=median(r["rps"] for r in rs),
+                 share=busy / total if total else math.nan,
+                 busy_us=busy * 1e6 / clk_tck / reqs,
+                 own_us=sum(r["ticks"] for r in rs) * 1e6 / clk_tck / reqs,
+                 switches=sum(r["switches"] for r in rs) / reqs)
+        f["rest_us"] = f["busy_us"] - f["own_us"]
+        figures[server] = f
+        print(f"  {name[server]:<14} {f['rps']:>9.0f} {f['share'] * 100:>9.0f}% "
+              f"{f['busy_us']:>12.1f} {f['own_us']:>11.1f} {f['rest_us']:>12.1f} "
+              f"{f['switches']:>7.2f}")
+    lb, ng = figures["lb"], figures["nginx"]
+    ratio = (lb["share"] / ng["share"]) * (ng["busy_us"] / lb["busy_us"])
+    log_ratio = math.log(ratio) if ratio > 0 else math.nan
+    if abs(log_ratio) < 1e-3:
+        print(f"  req/s ratio {ratio:.2f}x: no gap to explain\n")
+        return
+    idle = math.log(lb["share"] / ng["share"]) / log_ratio
+    cpu = math.log(ng["busy_us"] / lb["busy_us"]) / log_ratio
+    extra = lb["busy_us"] - ng["busy_us"]
+    own = cpu * (lb["own_us"] - ng["own_us"]) / extra if extra else 0.0
+    print(f"  req/s ratio {ratio:.2f}x (from the CPU figures; measured "
+          f"{lb['rps'] / ng['rps']:.2f}x). Of the gap, in log terms:")
+    print(f"    {idle * 100:5.0f}%  CPUs idle more (threads asleep, waiting to be woken)")
+    print(f"    {own * 100:5.0f}%  the balancer's own CPU time per request")
+    print(f"    {(cpu - own) * 100:5.0f}%  the rest's CPU time per request (wrk, kernel)")
+    print(f"  context switches per request: {name['lb']} {lb['switches']:.2f}, "
+          f"nginx {ng['switches']:.2f}\n")
 
 
 def report_idle(idle_path, lb_label):
