@@ -133,6 +133,9 @@ struct Pool {
     threads: usize,
     /// For each listener, the threads blocked in its `accept`.
     accepting: Vec<usize>,
+    /// Threads started to accept that have not reached `accept` yet; while there are any, the
+    /// pool does not grow again.
+    starting: usize,
     /// Where the next thread goes when listeners have equally many waiting.
     rotation: usize,
     /// Whether accepting was ever paused by `--max-connections` (it is logged once).
@@ -258,13 +261,15 @@ impl Server {
 impl Context {
     /// Starts a client thread, its place in the pool already reserved.
     fn spawn(&self, first: FirstTasks) {
+        let reserved = 1 + first.more_threads;
+        let starting = first.accepted.is_none();
         let context = self.clone();
         let spawned = thread::Builder::new()
             .name("client".into())
             .stack_size(CLIENT_STACK)
             .spawn(move || context.client_thread(first));
         if let Err(err) = spawned {
-            self.shared.thread_ended();
+            self.shared.threads_ended(reserved, starting);
             NO_THREAD.warn(format_args!(
                 "cannot start a client thread: {err}; the busy ones accept when they finish"
             ));
@@ -280,11 +285,12 @@ impl Context {
                 accepted: None,
             });
         }
+        let mut starting = first.accepted.is_none();
         if let Some((stream, peer, index)) = first.accepted {
             self.serve_one(stream, peer, index);
         }
         let mut idle_since = Instant::now();
-        while let Some(index) = self.shared.begin_accept() {
+        while let Some(index) = self.shared.begin_accept(std::mem::take(&mut starting)) {
             match self.listeners[index].socket.accept() {
                 // A connection accepted as shutdown begins is served all the same.
                 Ok((stream, peer)) => {
@@ -380,7 +386,7 @@ impl Context {
         let mut taken = 0;
         while self.shared.reserve_thread_until(deadline) {
             let Ok((stream, peer)) = listener.accept() else {
-                self.shared.thread_ended();
+                self.shared.threads_ended(1, false);
                 break;
             };
             // Accepted sockets do not inherit non-blocking mode on Linux; elsewhere they may.
@@ -391,7 +397,7 @@ impl Context {
                 });
                 taken += 1;
             } else {
-                self.shared.thread_ended();
+                self.shared.threads_ended(1, false);
             }
         }
         if taken > 0 {
@@ -567,6 +573,7 @@ impl Shared {
             return false;
         }
         pool.threads += 1;
+        pool.starting += 1;
         true
     }
 
@@ -589,21 +596,27 @@ impl Shared {
         true
     }
 
-    /// A client thread leaves the pool.
-    fn thread_ended(&self) {
+    /// `count` client threads leave the pool (`starting`: before they reached `accept`).
+    fn threads_ended(&self, count: usize, starting: bool) {
         let mut pool = self.pool();
-        pool.threads -= 1;
+        pool.threads -= count;
+        if starting {
+            pool.starting -= count;
+        }
         drop(pool);
         if self.is_shutting_down() {
             self.pool_changed.notify_all();
         }
     }
 
-    /// A thread is about to block in `accept`: returns the listener where fewest threads wait
-    /// (taking turns among equals, so that no listener is left without). `None` once shutdown
-    /// began: the thread leaves the pool.
-    fn begin_accept(&self) -> Option<usize> {
+    /// A thread is about to block in `accept` (for the first time: `starting`): returns the
+    /// listener where fewest threads wait (taking turns among equals, so that no listener is
+    /// left without). `None` once shutdown began: the thread leaves the pool.
+    fn begin_accept(&self, starting: bool) -> Option<usize> {
         let mut pool = self.pool();
+        if starting {
+            pool.starting -= 1;
+        }
         if self.is_shutting_down() {
             pool.threads -= 1;
             drop(pool);
@@ -635,7 +648,7 @@ impl Shared {
     fn end_accept_and_grow(&self, index: usize) -> usize {
         let mut pool = self.pool();
         pool.accepting[index] -= 1;
-        if pool.accepting[index] > 0 {
+        if pool.accepting[index] > 0 || pool.starting > 0 {
             return 0;
         }
         let grow = pool
@@ -644,6 +657,7 @@ impl Shared {
             .min(self.max_connections - pool.threads);
         if grow > 0 {
             pool.threads += grow;
+            pool.starting += grow;
             return grow;
         }
         if pool.accepting.iter().all(|&n| n == 0) {

@@ -675,3 +675,34 @@ fn a_response_with_both_framings_is_relayed_as_chunked() {
     assert_eq!(response.text(), "ok");
     assert_eq!(client.get("/again").text(), "ok");
 }
+
+#[test]
+fn a_burst_of_clients_is_served_at_once_and_the_pool_grows_only_as_needed() {
+    const CLIENTS: usize = 40;
+    let backend = DemoBackend::with_delay("slow", Duration::from_millis(500));
+    let lb = Balancer::start(PHASE1, &["--backend", &backend.spec()]);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let addr = lb.addr;
+            thread::spawn(move || get(addr, "/").status)
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().expect("client thread"), 200);
+    }
+    // One after another, 40 answers of 500 ms would take 20 s.
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "served one by one? {took:?}"
+    );
+    // A thread per client, plus at most one step of growth (16) and the balancer's own few.
+    let threads = std::fs::read_dir(format!("/proc/{}/task", lb.pid()))
+        .expect("the balancer's threads")
+        .count();
+    assert!(
+        threads <= CLIENTS + 16 + 8,
+        "{threads} threads for {CLIENTS} clients"
+    );
+}
