@@ -535,9 +535,9 @@ run_wrk() {
   run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
     "$SCHEME://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
     echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
+  read -r -a m1 <<<"$(machine_ticks)"     # first: the others take a while to read
   t1=$(cpu_ticks "${PID[$server]}")
   s1=$(ctx_switches "${PID[$server]}")
-  read -r -a m1 <<<"$(machine_ticks)"
 
   local rps p50 p99 requests socket non2xx errors detail
   rps=$(awk '/^Requests\/sec:/ { print $2 }' "$out")
