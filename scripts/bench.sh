@@ -418,7 +418,7 @@ if ((TLS)); then
     -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
     -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
   cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
-  SCHEME=https
+  SCHEME=https CACERT=$TMP/tls/cert.pem
 fi
 
 echo "Starting backends and balancers on 127.0.0.1 (temp dir $TMP)..."

@@ -543,11 +543,19 @@ fn report(err: clap::Error) -> ExitCode {
 }
 
 /// Sets up logging: `info` by default, `debug` with `-v`, and `RUST_LOG` overrides both.
+///
+/// `rustls` logs only its errors unless `RUST_LOG` names it: its warnings are about what one
+/// client sent (wrk, for one, names the IP address it connects to as the server name, which TLS
+/// does not allow), so a line per connection; the balancer's own debug line says when a
+/// handshake failed.
 pub fn init_logging(verbose: bool) {
     let default = if verbose { "debug" } else { "info" };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default))
-        .format_timestamp_millis()
-        .init();
+    let mut builder =
+        env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default));
+    if !std::env::var("RUST_LOG").is_ok_and(|filter| filter.contains("rustls")) {
+        builder.filter_module("rustls", log::LevelFilter::Error);
+    }
+    builder.format_timestamp_millis().init();
 }
 
 /// Turns the result of a binary's `run` into its exit code: a start-up error is logged and gives 2.

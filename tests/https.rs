@@ -110,6 +110,53 @@ fn a_plain_http_client_on_the_https_port_is_dropped_and_the_port_keeps_serving()
     assert!(!lb.log().contains("WARN"), "{}", lb.log());
 }
 
+/// A TLS 1.3 ClientHello naming `host` in its server name (SNI) extension, with one cipher suite
+/// and nothing else a handshake needs: enough for the server to read the name.
+fn client_hello_with_server_name(host: &str) -> Vec<u8> {
+    let name = host.as_bytes();
+    let mut sni = vec![0, 0]; // extension type: server_name
+    let list_len = name.len() + 3;
+    sni.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    sni.extend_from_slice(&(list_len as u16).to_be_bytes());
+    sni.push(0); // host_name
+    sni.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    sni.extend_from_slice(name);
+    let mut hello = vec![3, 3]; // legacy version TLS 1.2
+    hello.extend_from_slice(&[7; 32]); // random
+    hello.push(0); // no session id
+    hello.extend_from_slice(&[0, 2, 0x13, 0x01]); // TLS_AES_128_GCM_SHA256
+    hello.extend_from_slice(&[1, 0]); // no compression
+    hello.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&sni);
+    let mut handshake = vec![1]; // client_hello
+    handshake.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+#[test]
+fn a_client_naming_an_ip_address_in_sni_costs_no_warning() {
+    // wrk and some other clients send the IP address they connect to as the server name, which
+    // TLS does not allow; rustls ignores it and says so at warn level, once per connection.
+    let cert = TestCertificate::new(&["localhost"]);
+    let (lb, _backend, tls_addr) = start_https(LOADBALANCER, &cert, &[]);
+    for _ in 0..3 {
+        let mut client = TcpStream::connect(tls_addr).unwrap();
+        client.set_read_timeout(Some(WAIT)).unwrap();
+        client
+            .write_all(&client_hello_with_server_name("127.0.0.1"))
+            .unwrap();
+        let _ = client.read_to_end(&mut Vec::new());
+    }
+    let mut client = Client::connect_tls(tls_addr, "localhost", &[&cert.cert_pem]);
+    assert_eq!(client.get("/").status, 200);
+    assert!(lb.log().contains("TLS handshake failed"), "{}", lb.log());
+    assert!(!lb.log().contains("WARN"), "{}", lb.log());
+}
+
 #[test]
 fn a_stalled_handshake_is_dropped_after_the_client_timeout_and_holds_a_slot_meanwhile() {
     let cert = TestCertificate::new(&["localhost"]);
