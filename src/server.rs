@@ -428,21 +428,13 @@ fn newest_takes_new_connections(socket: &Socket) -> io::Result<()> {
         len: program.len() as u16,
         filter: program.as_ptr().cast_mut(),
     };
-    // SAFETY: `filter` points to `program`, both alive for the call; the kernel copies them.
-    let done = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&filter as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if done == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // `filter` points to `program`, both alive for the call; the kernel copies them.
+    set_option(
+        socket,
+        libc::SOL_SOCKET,
+        libc::SO_ATTACH_REUSEPORT_CBPF,
+        &filter,
+    )
 }
 
 /// Elsewhere the kernel's own spreading stays; the old instance's queue is still emptied.
@@ -460,14 +452,26 @@ fn newest_takes_new_connections(_socket: &Socket) -> io::Result<()> {
 #[cfg(target_os = "linux")]
 fn accept_when_data_arrives(socket: &Socket) -> io::Result<()> {
     let seconds: libc::c_int = 1;
-    // SAFETY: the option value points to a live `c_int`, and its size is given.
+    set_option(socket, libc::IPPROTO_TCP, libc::TCP_DEFER_ACCEPT, &seconds)
+}
+
+/// Sets a socket option that `socket2` does not offer.
+#[cfg(target_os = "linux")]
+fn set_option<T>(
+    socket: &Socket,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` for the whole call and its size is given; the kernel copies
+    // what it needs.
     let done = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&seconds as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if done == 0 {

@@ -413,6 +413,26 @@ fn a_slow_loris_client_is_dropped_without_delaying_others() {
 }
 
 #[test]
+fn a_client_that_connects_and_sends_nothing_is_closed_too() {
+    // Connections are handed over once their first bytes arrive; one that never sends any is
+    // handed over anyway after about a second, and then `--client-timeout` closes it.
+    let (_backends, lb) = three_backends(&["--client-timeout", "1s"]);
+    let mut silent = TcpStream::connect(lb.addr).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut silent, &mut rest);
+    let took = started.elapsed();
+    assert!(took < WAIT, "a silent client kept for {took:?}");
+    assert!(
+        rest.is_empty() || rest.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert_eq!(get(lb.addr, "/").status, 200);
+}
+
+#[test]
 fn a_closed_pooled_connection_is_retried_on_a_fresh_one() {
     // This backend serves one request per connection and then closes it without saying so,
     // so the balancer's pooled connection is always already closed when it is reused.
