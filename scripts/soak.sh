@@ -56,10 +56,9 @@ Verdict (exit code 0 PASS, 1 FAIL, 2 usage error):
      --backend-timeout; each kind counted and explained, every other error fails
   2. flat after the first minute (30 s with --minutes 1, 14 s with --quick): the
      last sample under load at most 5 % above the reference sample in RSS, and within
-     5 % (or 2) of it in threads and in descriptors other than those of client
-     connections (which follow the requests in flight; rule 3 checks they are gone);
-     with --quick, other than those of backend connections too, as 20 s is shorter
-     than the 30 s idle limit of the balancer's pooled backend connections
+     5 % (or 2) of it in threads and in descriptors other than those of client and
+     backend connections (which follow the requests in flight and the chaos; rule 3
+     checks they are back to the baseline)
   3. back to the baseline once the load stops (polled for up to 45 s, as client
      threads wait 30 s for a next connection before they end): threads, client
      connections and descriptors other than pooled backend connections
@@ -317,7 +316,6 @@ REPORT_ARGS=(--tmp "$TMP" --load-end "$((DURATION + LOAD_TAIL))" --reference-at 
              --drain-limit "$DRAIN_LIMIT" --exit-code "$EXIT_CODE"
              --killed "${BACKEND_NAMES[0]}" --stopped "${BACKEND_NAMES[1]}"
              --resetting "${BACKEND_NAMES[2]}")
-((QUICK)) && REPORT_ARGS+=(--quick)
 if python3 "$HELPERS/report.py" "${REPORT_ARGS[@]}"; then
   VERDICT=PASS
 else
