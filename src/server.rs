@@ -232,8 +232,8 @@ impl Server {
 
     /// Serves clients until shut down, then lets requests in flight finish. The calling thread
     /// starts one client thread per listener (the pool grows from there) and waits for
-    /// shutdown; then it wakes the threads blocked in `accept`, accepts what is still queued
-    /// and waits for the connections to close.
+    /// shutdown; then it waits for the threads in `accept` to leave it, accepts what is still
+    /// queued and waits for the connections to close.
     pub fn serve(self, lb: Arc<LoadBalancer>) {
         let context = Context {
             shared: self.shared,
@@ -304,7 +304,8 @@ impl Context {
                     self.serve_one(stream, peer, index);
                     idle_since = Instant::now();
                 }
-                // The listener's timeout: `THREAD_KEEP`, or `ACCEPT_TICK` with `--reuse-port`.
+                // The listener's timeout, `ACCEPT_TICK`: a look at the shutdown flag and the
+                // time this thread has waited.
                 Err(err)
                     if matches!(
                         err.kind(),

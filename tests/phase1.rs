@@ -725,4 +725,13 @@ fn a_burst_of_clients_is_served_at_once_and_the_pool_grows_only_as_needed() {
         threads <= CLIENTS + 16 + 8,
         "{threads} threads for {CLIENTS} clients"
     );
+    // Left idle, the pool shrinks after 30 s to the one thread waiting in `accept` (the
+    // balancer's own few besides).
+    let shrunk = eventually(Duration::from_secs(45), || {
+        std::fs::read_dir(format!("/proc/{}/task", lb.pid()))
+            .map(|tasks| tasks.count() <= 8)
+            .unwrap_or(false)
+    });
+    assert!(shrunk, "idle threads did not end");
+    assert_eq!(get(lb.addr, "/").status, 200, "and it still serves");
 }
