@@ -440,8 +440,9 @@ fn millis(duration: Duration) -> u64 {
 }
 
 /// Acts on a backend's health flipping: a backend that went down loses its pooled connections
-/// (they likely lead nowhere), and the change is logged once at warn, with how many backends
-/// are left, as the chapter prints it. The same words go to the statistics page's events.
+/// (they likely lead nowhere), and the change is logged once, with how many backends are left,
+/// as the chapter prints it: at warn when a backend goes (something is wrong), at info when it
+/// comes back (nothing is). The same words go to the statistics page's events.
 pub fn report(backends: &[Arc<Backend>], backend: &Backend, change: &Transition) {
     if !change.healthy {
         backend.close_idle();
@@ -458,7 +459,11 @@ pub fn report(backends: &[Arc<Backend>], backend: &Backend, change: &Transition)
         change.reason,
         backends.len()
     );
-    log::warn!("{mark} {message}");
+    if change.healthy {
+        log::info!("{mark} {message}");
+    } else {
+        log::warn!("{mark} {message}");
+    }
     backend
         .stats()
         .push_event(backend.name(), change.kind, message);
