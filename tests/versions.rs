@@ -26,14 +26,7 @@ const UNSUPPORTED: [(&str, &[u8]); 6] = [
 
 /// Sends `request` on a new connection and reads everything until the server closes it.
 fn exchange_until_close(addr: SocketAddr, request: &[u8]) -> String {
-    let mut client = Client::connect(addr);
-    client.send(request);
-    let mut answer = Vec::new();
-    client
-        .stream
-        .read_to_end(&mut answer)
-        .expect("the server closes the connection");
-    String::from_utf8_lossy(&answer).into_owned()
+    exchange_until_close_on(&mut Client::connect(addr), request)
 }
 
 /// Checks a 505 answer: status line, one-line body, `Connection: close`.

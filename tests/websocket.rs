@@ -149,20 +149,28 @@ fn fifty_websocket_clients_echo_through_sticky_sessions_and_a_cookie_keeps_the_b
     }
 }
 
+/// Reads a request head from `stream` and answers it with a 101 followed, in the same write, by
+/// `early` bytes of the new protocol; returns the reader for what comes next.
+fn switch_protocols(stream: &TcpStream, early: &[u8]) -> BufReader<TcpStream> {
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut line = String::new();
+    while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
+        line.clear();
+    }
+    let mut answer =
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: demo\r\nConnection: Upgrade\r\n\r\n"
+            .to_vec();
+    answer.extend_from_slice(early);
+    let _ = (&*stream).write_all(&answer);
+    reader
+}
+
 /// A backend that answers an upgrade request with a 101 and, in the same write, bytes of the
 /// new protocol; then reports what it receives until the client closes.
 fn raw_upgrading_backend(received: mpsc::Sender<Vec<u8>>) -> RawBackend {
     let received = std::sync::Mutex::new(received);
     RawBackend::start(move |stream| {
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-            line.clear();
-        }
-        let mut out = &stream;
-        let _ = out.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: demo\r\nConnection: Upgrade\r\n\r\nEARLY",
-        );
+        let mut reader = switch_protocols(&stream, b"EARLY");
         let sender = received.lock().unwrap().clone();
         let mut buf = [0u8; 1024];
         loop {
@@ -231,15 +239,7 @@ fn bytes_right_after_the_101_and_right_after_the_request_are_not_lost() {
 #[test]
 fn a_backend_that_closes_ends_the_clients_side() {
     let backend = RawBackend::start(|stream| {
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut line = String::new();
-        while reader.read_line(&mut line).map(|n| n > 2).unwrap_or(false) {
-            line.clear();
-        }
-        let mut out = &stream;
-        let _ = out.write_all(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: demo\r\nConnection: Upgrade\r\n\r\nbye",
-        );
+        switch_protocols(&stream, b"bye");
         // Dropping the stream closes the backend's side.
     });
     let lb = Balancer::start(PHASE1, &["--backend", &backend.spec()]);
