@@ -106,7 +106,6 @@ TLS=0
 COLD=0
 EXPLAIN_LIMIT=0
 
-die() { echo "bench.sh: $*" >&2; exit 2; }
 need_number() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 needs a whole number, got '$2'"; }
 
 while (($#)); do

@@ -89,7 +89,6 @@ QUICK=0
 BUILD=1
 KEEP=0
 
-die() { echo "soak.sh: $*" >&2; exit 2; }
 
 while (($#)); do
   case $1 in

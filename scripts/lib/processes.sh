@@ -1,6 +1,9 @@
 # shellcheck shell=bash
 # Helpers shared by scripts/bench.sh and scripts/soak.sh, sourced by both: processes, free
-# ports, readiness. Messages start with $SCRIPT_NAME (set by the sourcing script).
+# ports, readiness, usage errors. Messages start with $SCRIPT_NAME (set by the sourcing script).
+
+# A usage error: the message, then exit code 2.
+die() { echo "$SCRIPT_NAME: $*" >&2; exit 2; }
 
 # Alive and not a zombie waiting to be reaped.
 alive() {
