@@ -142,15 +142,21 @@ fn a_request_that_finds_no_descriptor_gets_503_with_retry_after() {
     );
 
     const CLIENTS: usize = 156;
-    let connected = Arc::new(Barrier::new(CLIENTS));
+    let open_descriptors = || {
+        std::fs::read_dir(format!("/proc/{}/fd", lb.pid()))
+            .map(|fds| fds.count())
+            .unwrap_or(0)
+    };
+    let before = open_descriptors();
+    // The clients and this thread, which lets them go on once the balancer holds them all.
+    let connected = Arc::new(Barrier::new(CLIENTS + 1));
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| {
             let barrier = Arc::clone(&connected);
             let addr = lb.addr;
             thread::spawn(move || {
                 let mut client = Client::connect(addr);
-                // The request line now, so that the balancer accepts every client (it accepts
-                // a connection once bytes arrive) before any request is complete.
+                // The request line now: the balancer accepts a connection once bytes arrive.
                 client.send(b"GET / HTTP/1.1\r\n");
                 barrier.wait();
                 client.send(b"Host: t\r\nConnection: close\r\n\r\n");
@@ -158,6 +164,13 @@ fn a_request_that_finds_no_descriptor_gets_503_with_retry_after() {
             })
         })
         .collect();
+    // Every client accepted (a descriptor each) before any request is complete.
+    assert!(
+        eventually(WAIT, || open_descriptors() >= before + CLIENTS),
+        "{} descriptors open, {before} before the clients",
+        open_descriptors()
+    );
+    connected.wait();
     let responses: Vec<Option<Response>> = clients
         .into_iter()
         .map(|c| c.join().expect("client thread"))
