@@ -67,7 +67,8 @@ impl<'a> ClientConnection<'a> {
         ClientConnection {
             lb,
             scheme: if stream.is_tls() { "https" } else { "http" },
-            client: BufferedStream::with_buffer(stream, lb.buffers.take()),
+            // The buffer is taken when the first bytes arrive (see `serve`).
+            client: BufferedStream::with_buffer(stream, Vec::new()),
             client_ip: peer.ip(),
             client_ip_text: peer.ip().to_string(),
             state,
@@ -87,6 +88,15 @@ impl<'a> ClientConnection<'a> {
                 self.state.idle.store(true, Ordering::SeqCst);
                 if self.shutdown.load(Ordering::SeqCst) {
                     break;
+                }
+            }
+            // Between requests the connection holds no read buffer: it waits for the client's
+            // next bytes (up to the client timeout, the socket's), and only they take a buffer.
+            if self.client.buffered().is_empty() {
+                match self.client.fill_when_idle(&self.lb.buffers) {
+                    Ok(n) if n > 0 => {}
+                    // Closed, quiet for the whole timeout, or reset: nobody to answer.
+                    _ => break,
                 }
             }
             let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
