@@ -49,13 +49,20 @@ impl ClientStream {
     }
 
     /// Completes the TLS handshake (nothing to do for a plain client) before `deadline`, however
-    /// slowly the client sends its part: each read waits only for what is left of it. The socket's
-    /// read timeout is `timeout` again afterwards.
+    /// slowly the client sends its part. The socket's read timeout is `timeout` when this begins
+    /// and when it ends; each read waits at most for what is left until `deadline`, give or take
+    /// a tenth of `timeout`: shortening the timeout costs a system call before a read and another
+    /// to restore it after, and a handshake at the usual pace is over in milliseconds, so the
+    /// timeout is shortened only once the time left is a tenth below it.
+    ///
+    /// TLS 1.3 session tickets, which follow the handshake, are left queued: they go out with the
+    /// first response, in the same write.
     pub fn handshake(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
         let ClientStream::Tls(tls) = self else {
             return Ok(());
         };
         let StreamOwned { conn, sock } = &mut **tls;
+        let mut read_timeout = timeout;
         while conn.is_handshaking() {
             while conn.wants_write() {
                 conn.write_tls(sock)?;
@@ -70,7 +77,10 @@ impl ClientStream {
                     "handshake not finished in time",
                 ));
             }
-            sock.set_read_timeout(Some(left))?;
+            if left + timeout / 10 < read_timeout {
+                sock.set_read_timeout(Some(left))?;
+                read_timeout = left;
+            }
             if conn.read_tls(sock)? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -83,11 +93,10 @@ impl ClientStream {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, err));
             }
         }
-        // TLS 1.3 session tickets follow the handshake.
-        while conn.wants_write() {
-            conn.write_tls(sock)?;
+        if read_timeout != timeout {
+            sock.set_read_timeout(Some(timeout))?;
         }
-        sock.set_read_timeout(Some(timeout))
+        Ok(())
     }
 
     /// Closes the connection after a final response without losing it: for TLS, the
@@ -110,8 +119,29 @@ impl Read for ClientStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             ClientStream::Plain(socket) => socket.read(buf),
-            ClientStream::Tls(tls) => tls.read(buf),
+            ClientStream::Tls(tls) => read_plaintext(tls, buf),
         }
+    }
+}
+
+/// Reads decrypted bytes, reading and decrypting records from the socket until some arrive.
+/// Unlike `StreamOwned::read`, this writes nothing first: what rustls has queued to send (session
+/// tickets, a key update) waits for the next response and goes out in the same write.
+fn read_plaintext(
+    tls: &mut StreamOwned<ServerConnection, TcpStream>,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let StreamOwned { conn, sock } = tls;
+    loop {
+        match conn.reader().read(buf) {
+            // No whole record yet: read more from the socket. At its end, the reader says how
+            // the stream ended (`Ok(0)` after close_notify, else an unexpected end).
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            result => return result,
+        }
+        conn.read_tls(sock)?;
+        conn.process_new_packets()
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidData, err))?;
     }
 }
 
@@ -126,11 +156,22 @@ impl Write for ClientStream {
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         match self {
             ClientStream::Plain(socket) => socket.write_all(buf),
-            // rustls takes the bytes into its buffer and sends what it can; the flush makes sure
-            // all of it went out before the caller goes on to read.
+            // rustls encrypts the bytes into its buffer (up to its limit at a time), after
+            // whatever it still had queued (session tickets), and all of it goes out before the
+            // caller goes on to read: one write to the socket for a small response.
             ClientStream::Tls(tls) => {
-                tls.write_all(buf)?;
-                tls.flush()
+                let mut rest = buf;
+                while !rest.is_empty() {
+                    let taken = tls.conn.writer().write(rest)?;
+                    if taken == 0 {
+                        return Err(io::ErrorKind::WriteZero.into());
+                    }
+                    rest = &rest[taken..];
+                    while tls.conn.wants_write() {
+                        tls.conn.write_tls(&mut tls.sock)?;
+                    }
+                }
+                Ok(())
             }
         }
     }

@@ -6,7 +6,10 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use rustls::HandshakeKind;
 
 use common::*;
 
@@ -55,6 +58,33 @@ fn a_request_over_https_reaches_the_backend_as_plain_http_marked_https() {
     let seen = plain.text();
     assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
     assert!(!seen.contains("https"), "{seen}");
+}
+
+#[test]
+fn a_returning_client_resumes_its_session_with_a_ticket_from_its_first_connection() {
+    let cert = TestCertificate::new(&["localhost"]);
+    let (_lb, _backend, tls_addr) = start_https(LOADBALANCER, &cert, &[]);
+    let config = tls_client_config(&[&cert.cert_pem]);
+    let connect = || {
+        let connection = tls_client_with(Arc::clone(&config), "localhost");
+        Client::try_connect_tls_with(tls_addr, connection).expect("TLS handshake")
+    };
+    let mut first = connect();
+    assert_eq!(
+        first.stream.conn.handshake_kind(),
+        Some(HandshakeKind::Full)
+    );
+    // The session tickets travel with the first response.
+    assert_eq!(first.get("/first").status, 200);
+    drop(first);
+    let mut second = connect();
+    assert_eq!(
+        second.stream.conn.handshake_kind(),
+        Some(HandshakeKind::Resumed)
+    );
+    let response = second.get("/second");
+    assert_eq!(response.status, 200);
+    assert!(response.text().contains("x-forwarded-proto: https\n"));
 }
 
 #[test]

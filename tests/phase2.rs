@@ -153,7 +153,13 @@ fn least_conn_steers_new_requests_away_from_a_slow_backend() {
 
     // While a and b hold their requests too, least connections spreads 15 requests evenly.
     let held: Vec<Client> = (0..15).map(|_| send_get(lb.addr)).collect();
-    assert!(eventually(WAIT, || a.received() == 5 && b.received() == 5));
+    assert!(
+        eventually(WAIT, || a.received() == 5 && b.received() == 5),
+        "a {} b {}: {}",
+        a.received(),
+        b.received(),
+        lb.log()
+    );
     a.open.store(true, Ordering::SeqCst);
     b.open.store(true, Ordering::SeqCst);
     let mut answered = 0;

@@ -352,10 +352,19 @@ impl Client<TlsStream> {
         server_name: &str,
         trusted: &[&str],
     ) -> Result<Client<TlsStream>, std::io::Error> {
+        Client::try_connect_tls_with(addr, tls_client(server_name, trusted))
+    }
+
+    /// Like [`Client::try_connect_tls`], with a client connection made by the caller (whose
+    /// configuration may hold a session to resume).
+    pub fn try_connect_tls_with(
+        addr: SocketAddr,
+        connection: rustls::ClientConnection,
+    ) -> Result<Client<TlsStream>, std::io::Error> {
         let socket = TcpStream::connect_timeout(&addr, WAIT)?;
         socket.set_read_timeout(Some(WAIT))?;
         socket.set_nodelay(true)?;
-        let mut stream = rustls::StreamOwned::new(tls_client(server_name, trusted), socket);
+        let mut stream = rustls::StreamOwned::new(connection, socket);
         stream.conn.complete_io(&mut stream.sock)?;
         Ok(Client {
             stream,
@@ -366,6 +375,21 @@ impl Client<TlsStream> {
 
 /// A rustls client connection to `server_name` that trusts `trusted` (PEM certificates) only.
 pub fn tls_client(server_name: &str, trusted: &[&str]) -> rustls::ClientConnection {
+    tls_client_with(tls_client_config(trusted), server_name)
+}
+
+/// A rustls client connection to `server_name` with `config`.
+pub fn tls_client_with(
+    config: Arc<rustls::ClientConfig>,
+    server_name: &str,
+) -> rustls::ClientConnection {
+    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
+    rustls::ClientConnection::new(config, name).unwrap()
+}
+
+/// A rustls client configuration (ALPN `http/1.1`) that trusts `trusted` (PEM certificates)
+/// only. Connections made with the same one resume each other's sessions.
+pub fn tls_client_config(trusted: &[&str]) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for pem in trusted {
@@ -379,8 +403,7 @@ pub fn tls_client(server_name: &str, trusted: &[&str]) -> rustls::ClientConnecti
         .with_root_certificates(roots)
         .with_no_client_auth();
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let name = rustls::pki_types::ServerName::try_from(server_name.to_string()).unwrap();
-    rustls::ClientConnection::new(Arc::new(config), name).unwrap()
+    Arc::new(config)
 }
 
 /// A self-signed certificate for `names` and its key, both PEM, written to files in a fresh
