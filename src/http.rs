@@ -428,7 +428,16 @@ pub fn read_request_head<S: Transport>(
     stream: &mut BufferedStream<S>,
     timeout: Duration,
 ) -> Result<Option<RequestHead>, HeadError> {
-    let deadline = Instant::now() + timeout;
+    read_request_head_until(stream, Instant::now() + timeout, timeout)
+}
+
+/// Like [`read_request_head`], for a head whose time began earlier: it must be complete by
+/// `deadline` (the client connection began waiting for it with [`BufferedStream::fill_when_idle`]).
+pub fn read_request_head_until<S: Transport>(
+    stream: &mut BufferedStream<S>,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<Option<RequestHead>, HeadError> {
     let mut shortened = false;
     let result = read_head(
         stream,

@@ -90,6 +90,9 @@ impl<'a> ClientConnection<'a> {
                     break;
                 }
             }
+            // The whole head must arrive within the client timeout of this moment.
+            let timeout = self.lb.settings.client_timeout;
+            let deadline = Instant::now() + timeout;
             // Between requests the connection holds no read buffer: it waits for the client's
             // next bytes (up to the client timeout, the socket's), and only they take a buffer.
             if self.client.buffered().is_empty() {
@@ -99,7 +102,7 @@ impl<'a> ClientConnection<'a> {
                     _ => break,
                 }
             }
-            let head = http::read_request_head(&mut self.client, self.lb.settings.client_timeout);
+            let head = http::read_request_head_until(&mut self.client, deadline, timeout);
             self.state.idle.store(false, Ordering::SeqCst);
             let flow = match head {
                 Ok(Some(head)) => self.handle(head),
