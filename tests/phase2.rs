@@ -149,10 +149,29 @@ fn least_conn_steers_new_requests_away_from_a_slow_backend() {
     let mut slow = DemoBackend::with_delay("slow", Duration::from_secs(8));
     let (a, b) = (GatedBackend::start("a"), GatedBackend::start("b"));
     let specs = [slow.spec(), a.raw.spec(), b.raw.spec()];
-    let lb = balancer(LEAST_CONN, &specs, &["--explain"]);
+    let lb = balancer(LEAST_CONN, &specs, &["--explain", "--admin", "127.0.0.1:0"]);
 
-    // While a and b hold their requests too, least connections spreads 15 requests evenly.
-    let held: Vec<Client> = (0..15).map(|_| send_get(lb.addr)).collect();
+    // While a and b hold their requests too, least connections spreads 15 requests evenly. Each
+    // is sent once the one before is in flight: two picks at the same moment may see the same
+    // counts (the count rises just after the pick) and choose the same backend.
+    let in_flight = || -> u64 {
+        let stats = stats_json(&lb);
+        let backends = stats["backends"].as_array().unwrap();
+        backends
+            .iter()
+            .map(|b| b["active_connections"].as_u64().unwrap())
+            .sum()
+    };
+    let held: Vec<Client> = (0..15)
+        .map(|sent| {
+            let client = send_get(lb.addr);
+            assert!(
+                eventually(WAIT, || in_flight() == sent + 1),
+                "request {sent} in flight"
+            );
+            client
+        })
+        .collect();
     assert!(
         eventually(WAIT, || a.received() == 5 && b.received() == 5),
         "a {} b {}: {}",
