@@ -161,17 +161,21 @@ impl Write for ClientStream {
             // caller goes on to read: one write to the socket for a small response.
             ClientStream::Tls(tls) => {
                 let mut rest = buf;
-                while !rest.is_empty() {
-                    let taken = tls.conn.writer().write(rest)?;
-                    if taken == 0 {
-                        return Err(io::ErrorKind::WriteZero.into());
+                loop {
+                    if !rest.is_empty() {
+                        let taken = tls.conn.writer().write(rest)?;
+                        if taken == 0 {
+                            return Err(io::ErrorKind::WriteZero.into());
+                        }
+                        rest = &rest[taken..];
                     }
-                    rest = &rest[taken..];
                     while tls.conn.wants_write() {
                         tls.conn.write_tls(&mut tls.sock)?;
                     }
+                    if rest.is_empty() {
+                        return Ok(());
+                    }
                 }
-                Ok(())
             }
         }
     }
