@@ -42,9 +42,10 @@ Options:
   --self-test     use a second nginx as the "balancer under test" (checks the script
                   itself; its ratios to nginx should come out near 1.0)
   --tls           the same cells over HTTPS: each server terminates TLS with one
-                  self-signed ECDSA P-256 certificate (made with openssl), the
-                  balancer with --listen off --tls-listen; the 'close' cell is then
-                  new TLS handshakes per second. Targets: 32 conns >= 0.8x nginx,
+                  self-signed ECDSA P-256 certificate (made with openssl) and offers
+                  TLS 1.2 and 1.3, the balancer with --listen off --tls-listen; the
+                  version each one negotiates is printed first; the 'close' cell is
+                  then new TLS handshakes per second. Targets: 32 conns >= 0.8x nginx,
                   close (handshakes/s) >= 1.0x nginx
   --cold          instead of the usual cells: before each run, stop the server and start
                   it again, then 256 clients connect at once for 2 s with no warm-up (the
@@ -71,6 +72,10 @@ Environment:
                       bare port, e.g.
                       BENCH_BALANCER_CMD='target/release/loadbalancer --listen @LISTEN@ @BACKENDS@ --admin off'
   BENCH_LABEL         name shown for the balancer under test in the tables
+  BENCH_NGINX_TLS_PROTOCOLS
+                      with --tls, nginx's ssl_protocols (default 'TLSv1.2 TLSv1.3', what
+                      the balancer and HAProxy offer; 'TLSv1 TLSv1.1 TLSv1.2' is nginx's
+                      own default before 1.23.4)
 
 Examples:
   scripts/bench.sh                                   # phase1_rr, 3 rounds x 5 s
@@ -314,7 +319,7 @@ $upstream    keepalive 64;
     keepalive_requests 1000000;
   }
   server {
-    listen 127.0.0.1:$port$( ((TLS)) && printf ' ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s' "$TMP/tls/cert.pem" "$TMP/tls/key.pem");
+    listen 127.0.0.1:$port$( ((TLS)) && printf ' ssl;\n    ssl_certificate %s;\n    ssl_certificate_key %s;\n    ssl_protocols %s' "$TMP/tls/cert.pem" "$TMP/tls/key.pem" "$NGINX_TLS_PROTOCOLS");
     location / {
       proxy_pass http://backends;
       proxy_http_version 1.1;
@@ -419,6 +424,10 @@ if ((TLS)); then
   cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
   SCHEME=https CACERT=$TMP/tls/cert.pem
 fi
+# The TLS versions nginx offers: TLS 1.2 and 1.3, as the balancer and HAProxy do and as nginx does
+# by default since 1.23.4 (before, its default left 1.3 out, and a wrk client then resumed its
+# sessions over TLS 1.2, with no key exchange at all: another protocol, not the same cell).
+NGINX_TLS_PROTOCOLS=${BENCH_NGINX_TLS_PROTOCOLS:-TLSv1.2 TLSv1.3}
 
 echo "Starting backends and balancers on 127.0.0.1 (temp dir $TMP)..."
 start_backends
@@ -460,6 +469,14 @@ for s in "${SERVERS[@]}"; do check_http "${NAME[$s]}" "${PORT[$s]}"; done
 
 echo "backends ${BACKENDS[*]}; ${NAME[lb]} :$LB_PORT, nginx :$NGINX_PORT, haproxy :$HAPROXY_PORT"
 echo "machine: $(nproc) CPUs, $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -n1 | cut -d' ' -f1-3), $(wrk -v 2>&1 | head -n1 | cut -d' ' -f1-2)"
+if ((TLS)); then
+  # What an OpenSSL client (wrk's library) gets from each server: the cells compare like with like
+  # only when these agree.
+  for s in "${SERVERS[@]}"; do
+    echo "  ${NAME[$s]}: $(openssl s_client -connect "127.0.0.1:${PORT[$s]}" -servername localhost \
+      </dev/null 2>/dev/null | grep -m1 -E '^(New|Reused),' || echo 'no TLS session')"
+  done
+fi
 echo
 
 # Run a foreground job in the background and wait for it, so that Ctrl-C and
