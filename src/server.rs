@@ -151,8 +151,6 @@ struct Pool {
     threads: usize,
     /// For each listener, the threads blocked in its `accept`.
     accepting: Vec<usize>,
-    /// For each listener, whether no thread waits in its `accept`.
-    uncovered: Vec<bool>,
     /// For each listener, the connections accepted since the pool last looked.
     accepted: Vec<usize>,
     /// Idle threads waiting on standby.
@@ -293,7 +291,6 @@ impl Server {
         {
             let mut pool = context.shared.pool();
             pool.accepting = vec![0; context.listeners.len()];
-            pool.uncovered = vec![false; context.listeners.len()];
             pool.accepted = vec![0; context.listeners.len()];
         }
         for _ in 0..context.listeners.len() {
@@ -446,7 +443,7 @@ impl Context {
             let mut watching = false;
             for index in 0..self.listeners.len() {
                 let accepted = std::mem::take(&mut pool.accepted[index]);
-                if !pool.uncovered[index] {
+                if pool.accepting[index] > 0 {
                     continue;
                 }
                 watching = true;
@@ -820,7 +817,6 @@ impl Shared {
             return Step::Standby;
         }
         pool.accepting[index] += 1;
-        pool.uncovered[index] = false;
         Step::Accept(index)
     }
 
@@ -879,7 +875,6 @@ impl Shared {
         if pool.accepting[index] > 0 {
             return;
         }
-        pool.uncovered[index] = true;
         if !pool.watching {
             pool.watching = true;
             drop(pool);
