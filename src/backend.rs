@@ -24,6 +24,19 @@ const MAX_IDLE_CONNECTIONS: usize = 256;
 /// a retry.
 const MAX_IDLE_TIME: Duration = Duration::from_secs(30);
 
+/// New connections to one backend that may be in their first exchange at once before a request
+/// that finds no idle connection waits for one to come back (see [`Backend::connection`]).
+/// Such a connection is *opening*: until it has answered, nothing says the backend even
+/// accepted it.
+const MAX_OPENING: usize = 4;
+
+/// How long such a request waits before it opens a connection all the same.
+const OPENING_WAIT: Duration = Duration::from_millis(100);
+
+/// How long a new connection counts as opening at most: a first exchange longer than this is a
+/// slow request (a long poll, a download), not a backend that has yet to accept the connection.
+const OPENING_TIME: Duration = Duration::from_secs(1);
+
 /// One server behind the balancer.
 #[derive(Debug)]
 pub struct Backend {
@@ -33,15 +46,22 @@ pub struct Backend {
     stats: BackendStats,
     health: Health,
     pool: Mutex<Pool>,
-    /// Signalled when a connection comes back to the pool while a request waits for one.
+    /// Signalled when a connection comes back to the pool, or an opening one ends its first
+    /// exchange, while a request waits.
     returned: Condvar,
+    /// How long a request waits for its turn to open a connection: `OPENING_WAIT` (a test
+    /// lengthens it, so that what it checks does not depend on the machine's speed).
+    opening_wait: Duration,
 }
 
-/// Idle keep-alive connections, and how many requests wait for one.
+/// Idle keep-alive connections, how many requests wait for one, and the new connections still
+/// in their first exchange.
 #[derive(Debug, Default)]
 struct Pool {
     idle: Vec<IdleConnection>,
     waiting: usize,
+    /// When each opening connection was opened, oldest first; forgotten after `OPENING_TIME`.
+    opening: Vec<Instant>,
 }
 
 #[derive(Debug)]
@@ -58,6 +78,28 @@ pub struct Connection {
     pub stream: TcpStream,
     /// True when taken from the idle pool, false when freshly connected.
     pub reused: bool,
+    /// True when counted among the backend's opening connections, until the
+    /// [`FirstExchange`] made of it is dropped.
+    pub opening: bool,
+}
+
+/// A new connection counted among its backend's opening ones until this is dropped, when its
+/// first exchange ends: its answer relayed and the connection back in the pool, or failed.
+pub struct FirstExchange<'a>(Option<&'a Backend>);
+
+impl<'a> FirstExchange<'a> {
+    /// For a connection of `backend`: counts nothing unless the connection is `opening`.
+    pub fn new(backend: &'a Backend, connection: &Connection) -> Self {
+        FirstExchange(connection.opening.then_some(backend))
+    }
+}
+
+impl Drop for FirstExchange<'_> {
+    fn drop(&mut self) {
+        if let Some(backend) = self.0 {
+            backend.first_exchange_ended();
+        }
+    }
 }
 
 impl Backend {
@@ -71,6 +113,7 @@ impl Backend {
             health: Health::default(),
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
+            opening_wait: OPENING_WAIT,
         }
     }
 
@@ -105,22 +148,95 @@ impl Backend {
     }
 
     /// An idle pooled connection if there is one, else a new connection.
+    ///
+    /// A thread per client means a burst of new clients asks for as many new backend
+    /// connections at the same moment, where an event loop opens them one after another. A
+    /// backend that accepts one connection per turn of its own event loop (nginx does, without
+    /// `multi_accept`) then leaves requests waiting in its accept queue for hundreds of
+    /// milliseconds, while connections come back to this pool every fraction of one. So once
+    /// `MAX_OPENING` new connections to this backend are in their first exchange, a request
+    /// waits for a pooled connection to come back or for one of them to end it, for
+    /// `OPENING_WAIT` at most, and then opens its own.
     pub fn connection(
         &self,
         connect_timeout: Duration,
         io_timeout: Duration,
     ) -> io::Result<Connection> {
-        if let Some(stream) = self.take_idle() {
-            return Ok(Connection {
-                stream,
-                reused: true,
-            });
-        }
-        self.connect(connect_timeout, io_timeout)
-            .map(|stream| Connection {
+        let opening = match self.idle_or_turn() {
+            Ok(stream) => {
+                return Ok(Connection {
+                    stream,
+                    reused: true,
+                    opening: false,
+                })
+            }
+            Err(counted) => counted,
+        };
+        match self.connect(connect_timeout, io_timeout) {
+            Ok(stream) => Ok(Connection {
                 stream,
                 reused: false,
-            })
+                opening,
+            }),
+            Err(err) => {
+                if opening {
+                    self.first_exchange_ended();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// An idle connection (`Ok`), or this request's turn to open one (`Err`: true when it counts
+    /// among the opening ones, false when it waited `OPENING_WAIT` in vain).
+    fn idle_or_turn(&self) -> Result<TcpStream, bool> {
+        let deadline = Instant::now() + self.opening_wait;
+        loop {
+            if let Some(stream) = self.take_idle() {
+                return Ok(stream);
+            }
+            let mut pool = self.pool();
+            if !pool.idle.is_empty() {
+                continue; // put back since
+            }
+            let now = Instant::now();
+            let forgotten = pool
+                .opening
+                .iter()
+                .take_while(|&&opened| now.duration_since(opened) >= OPENING_TIME)
+                .count();
+            pool.opening.drain(..forgotten);
+            if pool.opening.len() < MAX_OPENING {
+                pool.opening.push(now);
+                return Err(true);
+            }
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return Err(false);
+            }
+            pool.waiting += 1;
+            pool = self
+                .returned
+                .wait_timeout(pool, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+            pool.waiting -= 1;
+        }
+    }
+
+    /// An opening connection's first exchange ended (or its connect failed): it no longer
+    /// counts, and a request waiting for its turn may open one.
+    fn first_exchange_ended(&self) {
+        let mut pool = self.pool();
+        // Ages are approximate: the oldest entry goes, whichever connection it was.
+        if !pool.opening.is_empty() {
+            pool.opening.remove(0);
+        }
+        let someone_waits = pool.waiting > 0;
+        drop(pool);
+        if someone_waits {
+            self.returned.notify_one();
+        }
     }
 
     /// Opens a new connection, with `io_timeout` on every read and write.
@@ -148,7 +264,8 @@ impl Backend {
         }
         let someone_waits = pool.waiting > 0;
         drop(pool);
-        // Waking costs a system call, so only when a request waits (out of descriptors).
+        // Waking costs a system call, so only when a request waits (for its turn to open a
+        // connection, or out of descriptors).
         if someone_waits {
             self.returned.notify_one();
         }
@@ -228,6 +345,7 @@ impl Backend {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+    use std::sync::Arc;
 
     /// A pooled connection to a listener of the test's, put back `age` ago.
     fn idle_for(backend: &Backend, listener: &TcpListener, age: Duration) {
@@ -236,6 +354,89 @@ mod tests {
             stream,
             since: Instant::now() - age,
         });
+    }
+
+    const TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// `MAX_OPENING` new connections to `listener`, each still awaiting its first answer.
+    fn open_all_turns(backend: &Backend) -> Vec<Connection> {
+        (0..MAX_OPENING)
+            .map(|_| {
+                let connection = backend.connection(TIMEOUT, TIMEOUT).unwrap();
+                assert!(!connection.reused && connection.opening);
+                connection
+            })
+            .collect()
+    }
+
+    #[test]
+    fn once_enough_new_connections_await_an_answer_the_next_request_waits_then_opens_its_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        let _opening = open_all_turns(&backend);
+        let asked = Instant::now();
+        let connection = backend.connection(TIMEOUT, TIMEOUT).unwrap();
+        assert!(asked.elapsed() >= OPENING_WAIT, "it waited for its turn");
+        assert!(!connection.reused && !connection.opening);
+    }
+
+    #[test]
+    fn a_request_waiting_for_its_turn_takes_a_connection_put_back_meanwhile() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        backend.opening_wait = Duration::from_secs(60);
+        let backend = Arc::new(backend);
+        let opening = open_all_turns(&backend);
+        let waiter = {
+            let backend = Arc::clone(&backend);
+            std::thread::spawn(move || backend.connection(TIMEOUT, TIMEOUT).unwrap())
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while backend.pool().waiting == 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        let first = opening.into_iter().next().unwrap();
+        // Its first exchange ends, and it goes back to the pool before it stops counting (as
+        // the proxy does): the waiting request gets it.
+        let awaiting = FirstExchange::new(&backend, &first);
+        backend.put_idle(first.stream);
+        drop(awaiting);
+        let connection = waiter.join().unwrap();
+        assert!(connection.reused, "the connection put back, not a new one");
+    }
+
+    #[test]
+    fn an_answer_gives_a_waiting_request_its_turn() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        backend.opening_wait = Duration::from_secs(60);
+        let backend = Arc::new(backend);
+        let opening = open_all_turns(&backend);
+        let waiter = {
+            let backend = Arc::clone(&backend);
+            std::thread::spawn(move || backend.connection(TIMEOUT, TIMEOUT).unwrap())
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while backend.pool().waiting == 0 && Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        // The first connection's exchange ends (answered, or failed) without coming back.
+        drop(FirstExchange::new(&backend, &opening[0]));
+        let connection = waiter.join().unwrap();
+        assert!(!connection.reused && connection.opening, "its own turn");
+    }
+
+    #[test]
+    fn a_connection_unanswered_for_long_no_longer_counts_as_opening() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        let long_ago = Instant::now() - OPENING_TIME - Duration::from_millis(1);
+        backend.pool().opening = vec![long_ago; MAX_OPENING];
+        let asked = Instant::now();
+        let connection = backend.connection(TIMEOUT, TIMEOUT).unwrap();
+        assert!(connection.opening, "a turn of its own at once");
+        assert!(asked.elapsed() < OPENING_WAIT);
+        assert_eq!(backend.pool().opening.len(), 1);
     }
 
     #[test]

@@ -453,6 +453,50 @@ fn a_closed_pooled_connection_is_retried_on_a_fresh_one() {
 }
 
 #[test]
+fn a_burst_of_requests_opens_a_few_backend_connections_at_once_not_one_each() {
+    // The backend holds every answer until the test lets them go, so the first connections
+    // stay in their first exchange and later requests must wait their turn (100 ms) before
+    // opening more. Without that rule all six connections arrive together.
+    const CLIENTS: usize = 6;
+    const AT_ONCE: usize = 4;
+    let accepted: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let (release, released) = mpsc::channel::<()>();
+    let released = Arc::new(Mutex::new(released));
+    let seen = Arc::clone(&accepted);
+    let backend = RawBackend::start(move |stream| {
+        seen.lock().unwrap().push(Instant::now());
+        let mut conn = ServerConn::new(stream);
+        while conn.read_request().is_some() {
+            let _ = released.lock().unwrap().recv_timeout(WAIT);
+            conn.respond(200, "", b"released");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let addr = lb.addr;
+            thread::spawn(move || get(addr, "/").text())
+        })
+        .collect();
+    let all_connected = eventually(WAIT, || accepted.lock().unwrap().len() == CLIENTS);
+    let times = accepted.lock().unwrap().clone();
+    for _ in 0..CLIENTS {
+        release.send(()).unwrap();
+    }
+    for client in clients {
+        assert_eq!(client.join().expect("client thread"), "released");
+    }
+    assert!(all_connected, "{} connections of {CLIENTS}", times.len());
+    let first_wave = times[AT_ONCE - 1] - times[0];
+    let before_the_next = times[AT_ONCE] - times[0];
+    assert!(
+        before_the_next >= Duration::from_millis(90),
+        "connection {} came {before_the_next:?} after the first (the first {AT_ONCE} within {first_wave:?})",
+        AT_ONCE + 1
+    );
+}
+
+#[test]
 fn sigint_lets_the_request_in_flight_finish_and_exits_zero() {
     let (arrived, wait_for_arrival) = mpsc::channel();
     let arrived = Mutex::new(arrived);

@@ -6,7 +6,7 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Connection};
+use crate::backend::{Backend, Connection, FirstExchange};
 use crate::descriptors;
 use crate::error::ProxyError;
 use crate::health;
@@ -104,6 +104,7 @@ impl ClientConnection<'_> {
             .map(|stream| Connection {
                 stream,
                 reused: false,
+                opening: false,
             })
     }
 
@@ -155,6 +156,7 @@ impl ClientConnection<'_> {
                 return Ok(Connection {
                     stream,
                     reused: true,
+                    opening: false,
                 });
             }
         }
@@ -228,6 +230,7 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
     ) -> Result<(Flow, u16), ExchangeError> {
         let reused = connection.reused;
+        let awaiting = FirstExchange::new(backend, &connection);
         let mut upstream = BufferedStream::with_buffer(connection.stream, self.lb.buffers.take());
         if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {
             // Everything sent is still in `out`, and the client's bytes are still buffered.
@@ -239,7 +242,11 @@ impl ClientConnection<'_> {
         }
         self.send_rest_of_body(&mut upstream, request)?;
         let response = self.read_response(&mut upstream, request, reused)?;
-        self.relay_response(backend, upstream, request, response)
+        let relayed = self.relay_response(backend, upstream, request, response);
+        // After the connection went back to the pool, so that a request waiting for its turn
+        // takes it rather than opening another.
+        drop(awaiting);
+        relayed
     }
 
     /// Streams the part of the request body that did not come with the head.
