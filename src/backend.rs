@@ -31,7 +31,7 @@ const MAX_IDLE_TIME: Duration = Duration::from_secs(30);
 const MAX_OPENING: usize = 4;
 
 /// How long such a request waits before it opens a connection all the same.
-const OPENING_WAIT: Duration = Duration::from_millis(100);
+const OPENING_WAIT: Duration = Duration::from_millis(250);
 
 /// How long a new connection counts as opening at most: a first exchange longer than this is a
 /// slow request (a long poll, a download), not a backend that has yet to accept the connection.
