@@ -346,6 +346,7 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
     use std::sync::Arc;
+    use std::thread::JoinHandle;
 
     /// A pooled connection to a listener of the test's, put back `age` ago.
     fn idle_for(backend: &Backend, listener: &TcpListener, age: Duration) {
@@ -358,7 +359,7 @@ mod tests {
 
     const TIMEOUT: Duration = Duration::from_secs(5);
 
-    /// `MAX_OPENING` new connections to `listener`, each still awaiting its first answer.
+    /// `MAX_OPENING` new connections of `backend`, each still in its first exchange.
     fn open_all_turns(backend: &Backend) -> Vec<Connection> {
         (0..MAX_OPENING)
             .map(|_| {
@@ -370,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn once_enough_new_connections_await_an_answer_the_next_request_waits_then_opens_its_own() {
+    fn once_enough_new_connections_are_opening_the_next_request_waits_then_opens_its_own() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
         let _opening = open_all_turns(&backend);
@@ -380,9 +381,12 @@ mod tests {
         assert!(!connection.reused && !connection.opening);
     }
 
-    #[test]
-    fn a_request_waiting_for_its_turn_takes_a_connection_put_back_meanwhile() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    /// A backend of `listener` whose turns are all taken (the connections that took them), and a
+    /// request already waiting for its turn, on a thread of its own. It would wait a minute
+    /// before opening a connection all the same.
+    fn a_request_waiting_for_its_turn(
+        listener: &TcpListener,
+    ) -> (Arc<Backend>, Vec<Connection>, JoinHandle<Connection>) {
         let mut backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
         backend.opening_wait = Duration::from_secs(60);
         let backend = Arc::new(backend);
@@ -395,6 +399,13 @@ mod tests {
         while backend.pool().waiting == 0 && Instant::now() < deadline {
             std::thread::yield_now();
         }
+        (backend, opening, waiter)
+    }
+
+    #[test]
+    fn a_request_waiting_for_its_turn_takes_a_connection_put_back_meanwhile() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (backend, opening, waiter) = a_request_waiting_for_its_turn(&listener);
         let first = opening.into_iter().next().unwrap();
         // Its first exchange ends, and it goes back to the pool before it stops counting (as
         // the proxy does): the waiting request gets it.
@@ -406,20 +417,9 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_gives_a_waiting_request_its_turn() {
+    fn a_first_exchange_ending_gives_a_waiting_request_its_turn() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
-        backend.opening_wait = Duration::from_secs(60);
-        let backend = Arc::new(backend);
-        let opening = open_all_turns(&backend);
-        let waiter = {
-            let backend = Arc::clone(&backend);
-            std::thread::spawn(move || backend.connection(TIMEOUT, TIMEOUT).unwrap())
-        };
-        let deadline = Instant::now() + TIMEOUT;
-        while backend.pool().waiting == 0 && Instant::now() < deadline {
-            std::thread::yield_now();
-        }
+        let (backend, opening, waiter) = a_request_waiting_for_its_turn(&listener);
         // The first connection's exchange ends (answered, or failed) without coming back.
         drop(FirstExchange::new(&backend, &opening[0]));
         let connection = waiter.join().unwrap();
