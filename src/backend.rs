@@ -83,6 +83,15 @@ pub struct Connection {
     pub opening: bool,
 }
 
+/// What a request that needs a connection to a backend gets from its pool.
+enum Turn {
+    /// An idle connection to reuse.
+    Idle(TcpStream),
+    /// Its turn to open a new one: counted among the opening ones, or not when it waited
+    /// `OPENING_WAIT` in vain.
+    Open { counted: bool },
+}
+
 /// A new connection counted among its backend's opening ones until this is dropped, when its
 /// first exchange ends: its answer relayed and the connection back in the pool, or failed.
 pub struct FirstExchange<'a>(Option<&'a Backend>);
@@ -163,14 +172,14 @@ impl Backend {
         io_timeout: Duration,
     ) -> io::Result<Connection> {
         let opening = match self.idle_or_turn() {
-            Ok(stream) => {
+            Turn::Idle(stream) => {
                 return Ok(Connection {
                     stream,
                     reused: true,
                     opening: false,
                 })
             }
-            Err(counted) => counted,
+            Turn::Open { counted } => counted,
         };
         match self.connect(connect_timeout, io_timeout) {
             Ok(stream) => Ok(Connection {
@@ -187,13 +196,12 @@ impl Backend {
         }
     }
 
-    /// An idle connection (`Ok`), or this request's turn to open one (`Err`: true when it counts
-    /// among the opening ones, false when it waited `OPENING_WAIT` in vain).
-    fn idle_or_turn(&self) -> Result<TcpStream, bool> {
+    /// An idle connection, or this request's turn to open one.
+    fn idle_or_turn(&self) -> Turn {
         let deadline = Instant::now() + self.opening_wait;
         loop {
             if let Some(stream) = self.take_idle() {
-                return Ok(stream);
+                return Turn::Idle(stream);
             }
             let mut pool = self.pool();
             if !pool.idle.is_empty() {
@@ -208,11 +216,11 @@ impl Backend {
             pool.opening.drain(..forgotten);
             if pool.opening.len() < MAX_OPENING {
                 pool.opening.push(now);
-                return Err(true);
+                return Turn::Open { counted: true };
             }
             let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
-                return Err(false);
+                return Turn::Open { counted: false };
             }
             pool.waiting += 1;
             pool = self
