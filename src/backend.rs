@@ -198,7 +198,8 @@ impl Backend {
 
     /// An idle connection, or this request's turn to open one.
     fn idle_or_turn(&self) -> Turn {
-        let deadline = Instant::now() + self.opening_wait;
+        // Set only once the request has to wait: most find an idle connection at once.
+        let mut deadline = None;
         loop {
             if let Some(stream) = self.take_idle() {
                 return Turn::Idle(stream);
@@ -218,18 +219,30 @@ impl Backend {
                 pool.opening.push(now);
                 return Turn::Open { counted: true };
             }
+            let deadline = *deadline.get_or_insert(now + self.opening_wait);
             let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return Turn::Open { counted: false };
             }
-            pool.waiting += 1;
-            pool = self
-                .returned
-                .wait_timeout(pool, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            pool.waiting -= 1;
+            drop(self.wait_for_return(pool, left));
         }
+    }
+
+    /// Waits up to `timeout` until `returned` is signalled, counted among the waiting requests
+    /// so that whoever gives a connection back (or ends a first exchange) knows to signal.
+    fn wait_for_return<'a>(
+        &self,
+        mut pool: MutexGuard<'a, Pool>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, Pool> {
+        pool.waiting += 1;
+        pool = self
+            .returned
+            .wait_timeout(pool, timeout)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+        pool.waiting -= 1;
+        pool
     }
 
     /// An opening connection's first exchange ended (or its connect failed): it no longer
@@ -315,17 +328,12 @@ impl Backend {
     /// An idle connection, waiting up to `timeout` for one to come back to the pool. For a
     /// process out of descriptors, a connection another request gives back is the way on.
     pub fn wait_idle(&self, timeout: Duration) -> Option<TcpStream> {
-        let mut pool = self.pool();
+        let pool = self.pool();
         if pool.idle.is_empty() {
-            pool.waiting += 1;
-            pool = self
-                .returned
-                .wait_timeout(pool, timeout)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-            pool.waiting -= 1;
+            drop(self.wait_for_return(pool, timeout));
+        } else {
+            drop(pool);
         }
-        drop(pool);
         self.take_idle()
     }
 
@@ -417,9 +425,9 @@ mod tests {
         let first = opening.into_iter().next().unwrap();
         // Its first exchange ends, and it goes back to the pool before it stops counting (as
         // the proxy does): the waiting request gets it.
-        let awaiting = FirstExchange::new(&backend, &first);
+        let first_exchange = FirstExchange::new(&backend, &first);
         backend.put_idle(first.stream);
-        drop(awaiting);
+        drop(first_exchange);
         let connection = waiter.join().unwrap();
         assert!(connection.reused, "the connection put back, not a new one");
     }

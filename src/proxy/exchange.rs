@@ -230,7 +230,7 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
     ) -> Result<(Flow, u16), ExchangeError> {
         let reused = connection.reused;
-        let awaiting = FirstExchange::new(backend, &connection);
+        let first_exchange = FirstExchange::new(backend, &connection);
         let mut upstream = BufferedStream::with_buffer(connection.stream, self.lb.buffers.take());
         if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {
             // Everything sent is still in `out`, and the client's bytes are still buffered.
@@ -245,7 +245,7 @@ impl ClientConnection<'_> {
         let relayed = self.relay_response(backend, upstream, request, response);
         // After the connection went back to the pool, so that a request waiting for its turn
         // takes it rather than opening another.
-        drop(awaiting);
+        drop(first_exchange);
         relayed
     }
 
