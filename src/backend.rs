@@ -8,9 +8,10 @@
 //! connection per request, as the chapter does, costs a TCP handshake each time and halves
 //! throughput or worse.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::health::Health;
@@ -46,22 +47,49 @@ pub struct Backend {
     stats: BackendStats,
     health: Health,
     pool: Mutex<Pool>,
-    /// Signalled when a connection comes back to the pool, or an opening one ends its first
-    /// exchange, while a request waits.
-    returned: Condvar,
     /// How long a request waits for its turn to open a connection: `OPENING_WAIT` (a test
     /// lengthens it, so that what it checks does not depend on the machine's speed).
     opening_wait: Duration,
 }
 
-/// Idle keep-alive connections, how many requests wait for one, and the new connections still
-/// in their first exchange.
+/// Idle keep-alive connections, the requests waiting for one, and the new connections still in
+/// their first exchange.
 #[derive(Debug, Default)]
 struct Pool {
     idle: Vec<IdleConnection>,
-    waiting: usize,
+    /// First come, first served: a connection given back while requests wait goes to the one
+    /// waiting longest, never to a request that has just arrived (as HAProxy's server queue).
+    /// Otherwise the thread that gives a connection back, whose client's next request follows
+    /// within microseconds, takes it again before the woken request runs, and a waiting
+    /// request can be passed over until it gives up.
+    queue: VecDeque<Waiter>,
+    next_ticket: u64,
     /// When each opening connection was opened, oldest first; forgotten after `OPENING_TIME`.
     opening: Vec<Instant>,
+}
+
+/// A request in the queue, and what it was given while it slept.
+#[derive(Debug)]
+struct Waiter {
+    ticket: u64,
+    /// Whether a turn to open a connection is of use to it (not to one out of descriptors).
+    takes_turn: bool,
+    wake: Arc<Condvar>,
+    given: Option<Given>,
+}
+
+#[derive(Debug)]
+enum Given {
+    Connection(TcpStream),
+    /// A turn to open a connection, already counted among the opening ones.
+    Turn,
+}
+
+/// A request's place in its backend's queue; leaving it (dropping it) passes on whatever it
+/// was given too late.
+pub struct Place<'a> {
+    backend: &'a Backend,
+    ticket: u64,
 }
 
 #[derive(Debug)]
@@ -121,7 +149,6 @@ impl Backend {
             stats: BackendStats::default(),
             health: Health::default(),
             pool: Mutex::new(Pool::default()),
-            returned: Condvar::new(),
             opening_wait: OPENING_WAIT,
         }
     }
@@ -198,66 +225,73 @@ impl Backend {
 
     /// An idle connection, or this request's turn to open one.
     fn idle_or_turn(&self) -> Turn {
-        // Set only once the request has to wait: most find an idle connection at once.
-        let mut deadline = None;
-        loop {
-            if let Some(stream) = self.take_idle() {
-                return Turn::Idle(stream);
-            }
-            let mut pool = self.pool();
-            if !pool.idle.is_empty() {
-                continue; // put back since
-            }
-            let now = Instant::now();
-            let forgotten = pool
-                .opening
-                .iter()
-                .take_while(|&&opened| now.duration_since(opened) >= OPENING_TIME)
-                .count();
-            pool.opening.drain(..forgotten);
-            if pool.opening.len() < MAX_OPENING {
-                pool.opening.push(now);
-                return Turn::Open { counted: true };
-            }
-            let deadline = *deadline.get_or_insert(now + self.opening_wait);
-            let left = deadline.saturating_duration_since(now);
-            if left.is_zero() {
-                return Turn::Open { counted: false };
-            }
-            drop(self.wait_for_return(pool, left));
+        let mut pool = self.pool();
+        if let Some(stream) = pool.take_idle() {
+            return Turn::Idle(stream);
+        }
+        let now = Instant::now();
+        let forgotten = pool
+            .opening
+            .iter()
+            .take_while(|&&opened| now.duration_since(opened) >= OPENING_TIME)
+            .count();
+        pool.opening.drain(..forgotten);
+        if pool.opening.len() < MAX_OPENING {
+            pool.opening.push(now);
+            return Turn::Open { counted: true };
+        }
+        let mut place = self.join_queue(&mut pool, true);
+        drop(pool);
+        match place.wait(self.opening_wait) {
+            Some(Given::Connection(stream)) => Turn::Idle(stream),
+            Some(Given::Turn) => Turn::Open { counted: true },
+            None => Turn::Open { counted: false },
         }
     }
 
-    /// Waits up to `timeout` until `returned` is signalled, counted among the waiting requests
-    /// so that whoever gives a connection back (or ends a first exchange) knows to signal.
-    fn wait_for_return<'a>(
-        &self,
-        mut pool: MutexGuard<'a, Pool>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, Pool> {
-        pool.waiting += 1;
-        pool = self
-            .returned
-            .wait_timeout(pool, timeout)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-        pool.waiting -= 1;
-        pool
+    /// A place at the back of the queue, for a request that waits for a connection to come back
+    /// (and for a turn to open one, if it `takes_turn`).
+    fn join_queue(&self, pool: &mut Pool, takes_turn: bool) -> Place<'_> {
+        let ticket = pool.next_ticket;
+        pool.next_ticket += 1;
+        pool.queue.push_back(Waiter {
+            ticket,
+            takes_turn,
+            wake: Arc::new(Condvar::new()),
+            given: None,
+        });
+        Place {
+            backend: self,
+            ticket,
+        }
+    }
+
+    /// A place in the queue for a request out of descriptors: only a connection given back
+    /// helps it.
+    pub fn queue_for_connection(&self) -> Place<'_> {
+        self.join_queue(&mut self.pool(), false)
     }
 
     /// An opening connection's first exchange ended (or its connect failed): it no longer
-    /// counts, and a request waiting for its turn may open one.
+    /// counts, and the first request waiting for a turn gets it.
     fn first_exchange_ended(&self) {
         let mut pool = self.pool();
         // Ages are approximate: the oldest entry goes, whichever connection it was.
         if !pool.opening.is_empty() {
             pool.opening.remove(0);
         }
-        let someone_waits = pool.waiting > 0;
+        let Some(waiter) = pool
+            .queue
+            .iter_mut()
+            .find(|w| w.takes_turn && w.given.is_none())
+        else {
+            return;
+        };
+        waiter.given = Some(Given::Turn);
+        let wake = Arc::clone(&waiter.wake);
+        pool.opening.push(Instant::now());
         drop(pool);
-        if someone_waits {
-            self.returned.notify_one();
-        }
+        wake.notify_one();
     }
 
     /// Opens a new connection, with `io_timeout` on every read and write.
@@ -274,21 +308,22 @@ impl Backend {
         Ok(stream)
     }
 
-    /// Returns a connection whose last response was complete, for the next request to reuse.
+    /// Returns a connection whose last response was complete, for the next request to reuse:
+    /// the request waiting longest, if any.
     pub fn put_idle(&self, stream: TcpStream) {
         let mut pool = self.pool();
+        if let Some(waiter) = pool.queue.iter_mut().find(|w| w.given.is_none()) {
+            waiter.given = Some(Given::Connection(stream));
+            let wake = Arc::clone(&waiter.wake);
+            drop(pool);
+            wake.notify_one();
+            return;
+        }
         if pool.idle.len() < MAX_IDLE_CONNECTIONS {
             pool.idle.push(IdleConnection {
                 stream,
                 since: Instant::now(),
             });
-        }
-        let someone_waits = pool.waiting > 0;
-        drop(pool);
-        // Waking costs a system call, so only when a request waits (for its turn to open a
-        // connection, or out of descriptors).
-        if someone_waits {
-            self.returned.notify_one();
         }
     }
 
@@ -325,35 +360,80 @@ impl Backend {
         true
     }
 
-    /// An idle connection, waiting up to `timeout` for one to come back to the pool. For a
-    /// process out of descriptors, a connection another request gives back is the way on.
-    pub fn wait_idle(&self, timeout: Duration) -> Option<TcpStream> {
-        let pool = self.pool();
-        if pool.idle.is_empty() {
-            drop(self.wait_for_return(pool, timeout));
-        } else {
-            drop(pool);
-        }
-        self.take_idle()
+    fn pool(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
 
+impl Pool {
     /// The most recently used idle connection that is not too old: the freshest one is the
     /// least likely to have been closed by the backend.
-    fn take_idle(&self) -> Option<TcpStream> {
-        let mut pool = self.pool();
-        let conn = pool.idle.pop()?;
+    fn take_idle(&mut self) -> Option<TcpStream> {
+        let conn = self.idle.pop()?;
         if conn.since.elapsed() < MAX_IDLE_TIME {
             return Some(conn.stream);
         }
-        // The newest is already too old, so all of them are: close them (outside the lock).
-        let stale = std::mem::take(&mut pool.idle);
-        drop(pool);
-        drop(stale);
+        // The newest is already too old, so all of them are (rare: the sweep closes them first).
+        self.idle.clear();
         None
     }
 
-    fn pool(&self) -> MutexGuard<'_, Pool> {
-        self.pool.lock().unwrap_or_else(|e| e.into_inner())
+    /// Takes this place's waiter out of the queue, with what it was given.
+    fn leave(&mut self, ticket: u64) -> Option<Given> {
+        let index = self.queue.iter().position(|w| w.ticket == ticket)?;
+        self.queue.remove(index)?.given
+    }
+}
+
+impl Place<'_> {
+    /// Waits up to `timeout` for what this request was given, or for an idle connection put
+    /// back before it joined the queue. Leaves the queue when something came.
+    fn wait(&mut self, timeout: Duration) -> Option<Given> {
+        let deadline = Instant::now() + timeout;
+        let mut pool = self.backend.pool();
+        loop {
+            let waiter = pool.queue.iter().find(|w| w.ticket == self.ticket)?;
+            if waiter.given.is_some() {
+                return pool.leave(self.ticket);
+            }
+            let wake = Arc::clone(&waiter.wake);
+            if let Some(stream) = pool.take_idle() {
+                pool.leave(self.ticket);
+                return Some(Given::Connection(stream));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            pool = wake
+                .wait_timeout(pool, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A connection given back to this backend within `timeout`, for a request out of
+    /// descriptors; it keeps its place when none came.
+    pub fn connection(&mut self, timeout: Duration) -> Option<TcpStream> {
+        match self.wait(timeout)? {
+            Given::Connection(stream) => Some(stream),
+            Given::Turn => {
+                self.backend.first_exchange_ended();
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Place<'_> {
+    /// Passes on what came after the request stopped waiting: it goes to the next in line.
+    fn drop(&mut self) {
+        let given = self.backend.pool().leave(self.ticket);
+        match given {
+            Some(Given::Connection(stream)) => self.backend.put_idle(stream),
+            Some(Given::Turn) => self.backend.first_exchange_ended(),
+            None => {}
+        }
     }
 }
 
@@ -412,7 +492,7 @@ mod tests {
             std::thread::spawn(move || backend.connection(TIMEOUT, TIMEOUT).unwrap())
         };
         let deadline = Instant::now() + TIMEOUT;
-        while backend.pool().waiting == 0 && Instant::now() < deadline {
+        while backend.pool().queue.is_empty() && Instant::now() < deadline {
             std::thread::yield_now();
         }
         (backend, opening, waiter)
@@ -430,6 +510,42 @@ mod tests {
         drop(first_exchange);
         let connection = waiter.join().unwrap();
         assert!(connection.reused, "the connection put back, not a new one");
+    }
+
+    #[test]
+    fn a_connection_put_back_goes_to_the_waiting_request_not_to_the_next_to_ask() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let (backend, opening, waiter) = a_request_waiting_for_its_turn(&listener);
+        let first = opening.into_iter().next().unwrap();
+        backend.put_idle(first.stream);
+        // A request that asks now, before the waiting one has even woken, finds none idle.
+        assert!(backend.pool().take_idle().is_none(), "handed to the waiter");
+        assert!(waiter.join().unwrap().reused);
+    }
+
+    #[test]
+    fn requests_out_of_descriptors_get_connections_first_come_first_served() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
+        let mut first = backend.queue_for_connection();
+        let mut second = backend.queue_for_connection();
+        let stream = backend.connect(TIMEOUT, TIMEOUT).unwrap();
+        let local = stream.local_addr().unwrap();
+        backend.put_idle(stream);
+        assert!(second.connection(Duration::ZERO).is_none(), "not its turn");
+        assert_eq!(
+            first.connection(TIMEOUT).unwrap().local_addr().unwrap(),
+            local
+        );
+        // A connection given to a request that has stopped waiting goes to the next in line.
+        let third = backend.queue_for_connection();
+        backend.put_idle(backend.connect(TIMEOUT, TIMEOUT).unwrap());
+        drop(second);
+        drop(third);
+        assert!(
+            backend.pool().take_idle().is_some(),
+            "back in the pool, not lost"
+        );
     }
 
     #[test]
@@ -464,6 +580,9 @@ mod tests {
         idle_for(&backend, &listener, Duration::from_secs(1));
         backend.close_expired_idle();
         assert_eq!(backend.pool().idle.len(), 1);
-        assert!(backend.take_idle().is_some(), "the fresh one is kept");
+        assert!(
+            backend.pool().take_idle().is_some(),
+            "the fresh one is kept"
+        );
     }
 }

@@ -124,6 +124,8 @@ impl ClientConnection<'_> {
             backend.name()
         );
         let deadline = Instant::now() + self.lb.settings.connect_timeout;
+        // Its place in the queue for a connection to this backend, kept from one try to the next.
+        let mut place = may_reuse.then(|| backend.queue_for_connection());
         loop {
             // A descriptor comes back when an idle connection this request cannot use is
             // closed, or when a client closes.
@@ -150,9 +152,11 @@ impl ClientConnection<'_> {
             }
             // Or a connection to this backend comes back to its pool.
             let step = left.min(DESCRIPTOR_WAIT);
-            if !may_reuse {
+            let Some(place) = &mut place else {
                 std::thread::sleep(step);
-            } else if let Some(stream) = backend.wait_idle(step) {
+                continue;
+            };
+            if let Some(stream) = place.connection(step) {
                 return Ok(Connection {
                     stream,
                     reused: true,
