@@ -240,7 +240,7 @@ impl Backend {
             pool.opening.push(now);
             return Turn::Open { counted: true };
         }
-        let mut place = self.join_queue(&mut pool, true);
+        let place = self.join_queue(&mut pool, true);
         drop(pool);
         match place.wait(self.opening_wait) {
             Some(Given::Connection(stream)) => Turn::Idle(stream),
@@ -388,7 +388,7 @@ impl Pool {
 impl Place<'_> {
     /// Waits up to `timeout` for what this request was given, or for an idle connection put
     /// back before it joined the queue. Leaves the queue when something came.
-    fn wait(&mut self, timeout: Duration) -> Option<Given> {
+    fn wait(&self, timeout: Duration) -> Option<Given> {
         let deadline = Instant::now() + timeout;
         let mut pool = self.backend.pool();
         loop {
@@ -414,7 +414,7 @@ impl Place<'_> {
 
     /// A connection given back to this backend within `timeout`, for a request out of
     /// descriptors; it keeps its place when none came.
-    pub fn connection(&mut self, timeout: Duration) -> Option<TcpStream> {
+    pub fn connection(&self, timeout: Duration) -> Option<TcpStream> {
         match self.wait(timeout)? {
             Given::Connection(stream) => Some(stream),
             Given::Turn => {
@@ -527,8 +527,8 @@ mod tests {
     fn requests_out_of_descriptors_get_connections_first_come_first_served() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let backend = Backend::new("b".into(), listener.local_addr().unwrap(), 1);
-        let mut first = backend.queue_for_connection();
-        let mut second = backend.queue_for_connection();
+        let first = backend.queue_for_connection();
+        let second = backend.queue_for_connection();
         let stream = backend.connect(TIMEOUT, TIMEOUT).unwrap();
         let local = stream.local_addr().unwrap();
         backend.put_idle(stream);

@@ -125,7 +125,7 @@ impl ClientConnection<'_> {
         );
         let deadline = Instant::now() + self.lb.settings.connect_timeout;
         // Its place in the queue for a connection to this backend, kept from one try to the next.
-        let mut place = may_reuse.then(|| backend.queue_for_connection());
+        let place = may_reuse.then(|| backend.queue_for_connection());
         loop {
             // A descriptor comes back when an idle connection this request cannot use is
             // closed, or when a client closes.
@@ -152,7 +152,7 @@ impl ClientConnection<'_> {
             }
             // Or a connection to this backend comes back to its pool.
             let step = left.min(DESCRIPTOR_WAIT);
-            let Some(place) = &mut place else {
+            let Some(place) = &place else {
                 std::thread::sleep(step);
                 continue;
             };
