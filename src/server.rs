@@ -160,8 +160,8 @@ struct Pool {
     /// Whether the thread running `serve` watches for a listener left without an acceptor (it
     /// sleeps until told otherwise).
     watching: bool,
-    /// Threads started to accept that have not reached `accept` yet; while there are any, the
-    /// pool does not grow again.
+    /// Threads started to accept that have not reached `accept` yet: when the pool grows, they
+    /// count as on their way to the connections queued.
     starting: usize,
     /// Where the next thread goes when listeners have equally many waiting.
     rotation: usize,
@@ -447,9 +447,6 @@ impl Context {
                     continue;
                 }
                 watching = true;
-                if pool.starting > 0 || pool.called > 0 {
-                    continue;
-                }
                 let new = self.grow(&mut pool, index, accepted);
                 if new > 0 {
                     // Started without the lock: a thread that cannot start gives its place
@@ -490,7 +487,9 @@ impl Context {
         // What the threads accepted during the tick, they take off the queue within
         // `QUEUE_WAIT`; a thread for each connection beyond that.
         let drained = accepted * QUEUE_WAIT.as_micros() as usize / WATCH_TICK.as_micros() as usize;
-        let wanted = queued.saturating_sub(drained);
+        // Threads still starting, or called back from standby, are on their way to `accept`.
+        let on_the_way = pool.starting + pool.called;
+        let wanted = queued.saturating_sub(drained + on_the_way);
         if wanted == 0 {
             return 0;
         }
