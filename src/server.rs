@@ -33,9 +33,10 @@
 //! between requests, and lets requests in flight finish for up to ten seconds.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -68,6 +69,11 @@ const GROWTH_STEP: usize = 16;
 
 /// How often the pool looks at a listener that has no thread in `accept`.
 const WATCH_TICK: Duration = Duration::from_millis(2);
+
+/// Looks in a row at empty listen queues after which the pool stops looking and waits in `poll`
+/// for a connection to arrive: keep-alive clients holding every thread would otherwise wake it
+/// 500 times a second for nothing.
+const QUIET_TICKS: u32 = 8;
 
 /// How long connections may wait in the listen queue, by the pool's estimate, before it grows.
 const QUEUE_WAIT: Duration = Duration::from_millis(1);
@@ -128,6 +134,15 @@ struct Shared {
     pool_changed: Condvar,
     /// Signalled to call standby threads back to `accept` (and at shutdown).
     standby: Condvar,
+    /// Wakes the thread running `serve` from `poll` (see `Context::wait_for_a_connection`).
+    bell: Bell,
+}
+
+/// A socket pair whose one end the thread running `serve` polls beside the listeners, so that
+/// writing a byte to the other wakes it.
+struct Bell {
+    ringer: UnixStream,
+    ear: UnixStream,
 }
 
 #[derive(Default)]
@@ -160,6 +175,8 @@ struct Pool {
     /// Whether the thread running `serve` watches for a listener left without an acceptor (it
     /// sleeps until told otherwise).
     watching: bool,
+    /// Whether it waits in `poll` for a connection (the bell wakes it).
+    polling: bool,
     /// Threads started to accept that have not reached `accept` yet: when the pool grows, they
     /// count as on their way to the connections queued.
     starting: usize,
@@ -227,6 +244,7 @@ impl Server {
             pool: Mutex::new(Pool::default()),
             pool_changed: Condvar::new(),
             standby: Condvar::new(),
+            bell: Bell::new()?,
         };
         Ok(Server {
             listeners,
@@ -437,17 +455,23 @@ impl Context {
     /// instead (2.1 context switches per `Connection: close` request then, 1.2 now). Nothing on
     /// a connection's path wakes this thread: it is told once when a listener loses its last
     /// acceptor while it was not watching, and then ticks until every listener has one again.
+    /// When keep-alive clients hold every thread, that could be for hours with nothing queued:
+    /// after `QUIET_TICKS` empty looks it waits in `poll` for the next connection instead.
     fn watch_until_shutdown(&self) {
         let mut pool = self.shared.pool();
+        let mut quiet_ticks = 0;
         while !self.shared.is_shutting_down() {
             let mut watching = false;
+            let mut quiet = true;
             for index in 0..self.listeners.len() {
                 let accepted = std::mem::take(&mut pool.accepted[index]);
                 if pool.accepting[index] > 0 {
                     continue;
                 }
                 watching = true;
-                let new = self.grow(&mut pool, index, accepted);
+                let queued = queued_connections(&self.listeners[index].socket);
+                quiet &= queued == Some(0);
+                let new = self.grow(&mut pool, queued, accepted);
                 if new > 0 {
                     // Started without the lock: a thread that cannot start gives its place
                     // back, which takes the lock.
@@ -460,7 +484,14 @@ impl Context {
                 }
             }
             pool.watching = watching;
-            pool = if watching {
+            quiet_ticks = if watching && quiet {
+                quiet_ticks + 1
+            } else {
+                0
+            };
+            pool = if quiet_ticks >= QUIET_TICKS {
+                self.wait_for_a_connection(pool)
+            } else if watching {
                 self.shared
                     .pool_changed
                     .wait_timeout(pool, WATCH_TICK)
@@ -475,15 +506,51 @@ impl Context {
         }
     }
 
-    /// Sends threads to `accept` on listener `index`, which has none, for the connections waiting
-    /// in its queue that the threads would not take within `QUEUE_WAIT` at the rate they took
+    /// Waits in `poll` until a connection arrives on a listener that no thread accepts on, for
+    /// `ACCEPT_TICK` at most. The bell cuts it short when another listener loses its last
+    /// acceptor meanwhile, and at shutdown.
+    fn wait_for_a_connection<'a>(&'a self, mut pool: MutexGuard<'a, Pool>) -> MutexGuard<'a, Pool> {
+        let mut fds: Vec<libc::pollfd> = (0..self.listeners.len())
+            .filter(|&index| pool.accepting[index] == 0)
+            .map(|index| self.listeners[index].socket.as_raw_fd())
+            .chain([self.shared.bell.ear.as_raw_fd()])
+            .map(|fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        pool.polling = true;
+        drop(pool);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures, alive for the call,
+        // and the descriptors in it stay open meanwhile (listeners and bell live as long as
+        // `self`).
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                ACCEPT_TICK.as_millis() as libc::c_int,
+            );
+        }
+        self.shared.bell.silence();
+        let mut pool = self.shared.pool();
+        pool.polling = false;
+        pool
+    }
+
+    /// Sends threads to `accept` on a listener that has none, for the connections waiting in its
+    /// queue (`queued`, when the kernel says) that the threads would not take within `QUEUE_WAIT` at the rate they took
     /// them during the last tick (`accepted`): all of them when every thread is busy with slow
     /// requests or keep-alive clients (none accepted), none while the threads keep up. Standby
     /// threads go first, then new ones, up to `--max-connections`. Returns how many new threads
     /// to start (counted in already).
-    fn grow(&self, pool: &mut MutexGuard<'_, Pool>, index: usize, accepted: usize) -> usize {
-        let queued = queued_connections(&self.listeners[index].socket)
-            .unwrap_or_else(|| pool.threads.min(GROWTH_STEP));
+    fn grow(
+        &self,
+        pool: &mut MutexGuard<'_, Pool>,
+        queued: Option<usize>,
+        accepted: usize,
+    ) -> usize {
+        let queued = queued.unwrap_or_else(|| pool.threads.min(GROWTH_STEP));
         // What the threads accepted during the tick, they take off the queue within
         // `QUEUE_WAIT`; a thread for each connection beyond that.
         let drained = accepted * QUEUE_WAIT.as_micros() as usize / WATCH_TICK.as_micros() as usize;
@@ -729,6 +796,28 @@ impl ShutdownHandle {
         self.shared.pool_changed.notify_all();
         self.shared.standby.notify_all();
         self.shared.closed.notify_all();
+        self.shared.bell.ring();
+    }
+}
+
+impl Bell {
+    fn new() -> io::Result<Bell> {
+        let (ringer, ear) = UnixStream::pair()?;
+        ringer.set_nonblocking(true)?;
+        ear.set_nonblocking(true)?;
+        Ok(Bell { ringer, ear })
+    }
+
+    /// Wakes the thread polling the ear (or makes its next `poll` return at once). A full
+    /// buffer means it is already ringing.
+    fn ring(&self) {
+        let _ = (&self.ringer).write(&[1]);
+    }
+
+    /// Reads whatever rang, so that the next `poll` sleeps.
+    fn silence(&self) {
+        let mut rung = [0; 64];
+        while matches!((&self.ear).read(&mut rung), Ok(n) if n > 0) {}
     }
 }
 
@@ -878,6 +967,11 @@ impl Shared {
             pool.watching = true;
             drop(pool);
             self.pool_changed.notify_all();
+        } else if pool.polling {
+            // It polls only the listeners that had no acceptor then.
+            pool.polling = false;
+            drop(pool);
+            self.bell.ring();
         }
     }
 

@@ -314,8 +314,44 @@ fn bad_requests_get_their_status_and_the_next_connection_works() {
             Some("text/plain; charset=utf-8"),
             "{what}"
         );
+        assert_eq!(response.header("connection"), Some("close"), "{what}");
+        assert!(client.is_closed(), "{what}: the connection is closed");
         assert_eq!(get(lb.addr, "/").status, 200, "after {what}");
     }
+}
+
+#[test]
+fn a_request_refused_for_its_framing_closes_the_connection_so_its_body_is_never_a_request() {
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = Arc::clone(&seen);
+    let backend = RawBackend::start(move |stream| {
+        let mut conn = ServerConn::new(stream);
+        while let Some(request) = conn.read_request() {
+            log.lock().unwrap().push(request.path.clone());
+            conn.respond(200, "", b"ok");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    let framings = [
+        format!(
+            "Content-Length: {}\r\nTransfer-Encoding: chunked",
+            smuggled.len()
+        ),
+        format!("Content-Length: 0\r\nContent-Length: {}", smuggled.len()),
+        "Transfer-Encoding: gzip".to_string(),
+    ];
+    for framing in framings {
+        let mut client = Client::connect(lb.addr);
+        client
+            .send(format!("POST / HTTP/1.1\r\nHost: t\r\n{framing}\r\n\r\n{smuggled}").as_bytes());
+        let response = client.read_response("POST");
+        assert_eq!(response.status, 400, "{framing}");
+        assert!(client.is_closed(), "{framing}: the connection is closed");
+    }
+    // A request on a connection of its own still gets through, and nothing else did.
+    assert_eq!(get(lb.addr, "/after").status, 200);
+    assert_eq!(*seen.lock().unwrap(), ["/after"]);
 }
 
 #[test]
@@ -494,6 +530,41 @@ fn a_burst_of_requests_opens_a_few_backend_connections_at_once_not_one_each() {
         "connection {} came {before_the_next:?} after the first (the first {AT_ONCE} within {first_wave:?})",
         AT_ONCE + 1
     );
+}
+
+/// The context switches of the balancer's main thread (the one that watches the listen queue).
+#[cfg(target_os = "linux")]
+fn main_thread_switches(lb: &Balancer) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{0}/task/{0}/status", lb.pid()))
+        .expect("the balancer's main thread");
+    status
+        .lines()
+        .filter(|line| line.contains("ctxt_switches"))
+        .filter_map(|line| line.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn with_every_thread_held_by_a_keep_alive_client_the_pool_waits_for_connections_without_ticking() {
+    let (_backends, lb) = three_backends(&[]);
+    // The pool starts with one thread, and this client keeps it: nobody waits in `accept`.
+    let mut holder = Client::connect(lb.addr);
+    assert_eq!(holder.get("/").status, 200);
+    let wchan = format!("/proc/{0}/task/{0}/wchan", lb.pid());
+    let polls = eventually(WAIT, || {
+        std::fs::read_to_string(&wchan).is_ok_and(|function| function.contains("poll"))
+    });
+    assert!(polls, "the main thread waits in poll");
+    // Looking at the queue every 2 ms would be ~500 switches a second; polling, ten.
+    let before = main_thread_switches(&lb);
+    thread::sleep(Duration::from_secs(1));
+    let switches = main_thread_switches(&lb) - before;
+    assert!(switches < 60, "{switches} context switches in a second");
+    // A new client wakes it, gets a thread of its own, and the first keeps its connection.
+    let mut newcomer = Client::connect(lb.addr);
+    assert_eq!(newcomer.get("/").status, 200);
+    assert_eq!(holder.get("/").status, 200);
 }
 
 #[test]

@@ -248,6 +248,10 @@ impl<'a> ClientConnection<'a> {
 
     /// Checks the request, then tries backends until one answers or none is left.
     fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
+        // Until the body's framing is known, nothing tells a body from the next request: a
+        // request refused here closes the connection, or its body would be read as a request
+        // of its own (request smuggling).
+        self.body_pending = true;
         let body = check_request(head).map_err(Failure::Answer)?;
         self.body_pending = body != BodyLength::Empty;
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
