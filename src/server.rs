@@ -629,6 +629,10 @@ impl Context {
         if taken > 0 {
             log::info!("accepted {taken} connections still queued when shutdown began");
         }
+        // Stops listening now rather than at exit (on Linux `shutdown` does that to a listening
+        // socket): a client connecting while requests in flight finish is refused at once, as
+        // by nginx, instead of waiting in a queue nobody takes and being reset at exit.
+        let _ = SockRef::from(listener).shutdown(Shutdown::Both);
     }
 }
 

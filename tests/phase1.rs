@@ -568,14 +568,16 @@ fn with_every_thread_held_by_a_keep_alive_client_the_pool_waits_for_connections_
 }
 
 #[test]
-fn sigint_lets_the_request_in_flight_finish_and_exits_zero() {
+fn sigint_lets_the_request_in_flight_finish_refuses_new_clients_and_exits_zero() {
     let (arrived, wait_for_arrival) = mpsc::channel();
     let arrived = Mutex::new(arrived);
+    let (release, released) = mpsc::channel::<()>();
+    let released = Mutex::new(released);
     let backend = RawBackend::start(move |stream| {
         let mut conn = ServerConn::new(stream);
         if conn.read_request().is_some() {
             let _ = arrived.lock().unwrap().send(());
-            thread::sleep(Duration::from_millis(500));
+            let _ = released.lock().unwrap().recv_timeout(WAIT);
             conn.respond(200, "", b"finished");
         }
     });
@@ -587,7 +589,11 @@ fn sigint_lets_the_request_in_flight_finish_and_exits_zero() {
         .recv_timeout(WAIT)
         .expect("request reached the backend");
     lb.interrupt();
+    // While the request in flight finishes, a new client is refused, not left in the queue.
+    let refused = eventually(WAIT, || TcpStream::connect(lb.addr).is_err());
+    release.send(()).unwrap();
     assert_eq!(client.read_response("GET").text(), "finished");
+    assert!(refused, "a new connection was still accepted by the kernel");
     assert_eq!(
         lb.wait_exit(Duration::from_secs(5)),
         Some(0),
