@@ -831,12 +831,13 @@ impl<'a> HopByHop<'a> {
         }
     }
 
-    /// Whether the field `name` must not be forwarded.
+    /// Whether the field `name` must not be forwarded. `Host` is forwarded whatever
+    /// `Connection` says: the backend needs it to know which site is asked for.
     pub fn contains(&self, name: &[u8]) -> bool {
         HOP_BY_HOP
             .iter()
             .any(|h| name.eq_ignore_ascii_case(h.as_bytes()))
-            || (self.names_fields && self.names(name))
+            || (self.names_fields && !name.eq_ignore_ascii_case(b"host") && self.names(name))
     }
 
     /// Whether a `Connection` field lists `name`.

@@ -289,6 +289,20 @@ fn hop_by_hop_headers_are_removed_both_ways() {
 }
 
 #[test]
+fn connection_cannot_take_host_away_and_a_request_id_named_there_is_replaced() {
+    let backend = header_echo();
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    client.send(
+        b"GET / HTTP/1.1\r\nHost: site.example\r\nConnection: Host, X-Request-Id\r\nX-Request-Id: mine\r\n\r\n",
+    );
+    let received = client.read_response("GET").text();
+    assert!(received.contains("host: site.example\n"), "{received}");
+    assert!(!received.contains("x-request-id: mine"), "{received}");
+    assert!(received.contains("x-request-id: "), "a new id: {received}");
+}
+
+#[test]
 fn bad_requests_get_their_status_and_the_next_connection_works() {
     let (_backends, lb) = three_backends(&[]);
     let too_large = format!(

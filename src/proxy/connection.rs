@@ -255,9 +255,11 @@ impl<'a> ClientConnection<'a> {
         let body = check_request(head).map_err(Failure::Answer)?;
         self.body_pending = body != BodyLength::Empty;
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        // The client's own id is kept, unless its `Connection` field names it (then it is not
+        // forwarded, and the backend gets a new one).
         let request_id = match head.header("x-request-id") {
-            Some(_) => None,
-            None => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text)),
+            Some(_) if !http::HopByHop::of(head).contains(b"x-request-id") => None,
+            _ => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text)),
         };
         let (prefix, rest) = self.take_body_prefix(body);
         let session = self
