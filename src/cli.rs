@@ -26,7 +26,12 @@ pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "12
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
     /// Where clients connect; `off` for HTTPS only (with --tls-listen).
-    #[arg(long, value_name = "ADDR|off", default_value = "0.0.0.0:8080", value_parser = parse_listen)]
+    #[arg(
+        long,
+        value_name = "ADDR|off",
+        default_value = "0.0.0.0:8080",
+        value_parser = parse_listen,
+    )]
     pub listen: ListenAddr,
 
     /// A backend as HOST:PORT[=WEIGHT]; repeat the flag for each one
@@ -46,28 +51,64 @@ pub struct CommonArgs {
     pub admin: Option<AdminAddr>,
 
     /// How often statistics are logged; 0 turns the periodic log off.
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30s",
+        value_parser = parse_duration,
+    )]
     pub stats_interval: Duration,
 
     /// Client connections served at once; beyond it, accepting pauses.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = parse_positive)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 1024,
+        value_parser = parse_positive,
+    )]
     pub max_connections: usize,
 
     /// Time allowed for connecting to a backend.
-    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "2s",
+        value_parser = parse_nonzero_duration,
+    )]
     pub connect_timeout: Duration,
 
     /// Time allowed for a backend to answer (and between its bytes).
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30s",
+        value_parser = parse_nonzero_duration,
+    )]
     pub backend_timeout: Duration,
 
     /// A whole request head must arrive within it; also the idle keep-alive limit.
-    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30s",
+        value_parser = parse_nonzero_duration,
+    )]
     pub client_timeout: Duration,
 
     /// A tunnel (after 101 Switching Protocols, e.g. a WebSocket) with no bytes in either
     /// direction for this long is closed.
-    #[arg(long, value_name = "DUR", default_value = "1h", value_parser = parse_nonzero_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "1h",
+        value_parser = parse_nonzero_duration,
+    )]
     pub tunnel_timeout: Duration,
 
     /// Other backends a request may go on to when one fails it before any byte of the answer
@@ -177,27 +218,63 @@ pub struct HealthArgs {
     pub health_path: String,
 
     /// Time between active checks of each backend.
-    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = parse_nonzero_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "5s",
+        value_parser = parse_nonzero_duration,
+    )]
     pub health_interval: Duration,
 
     /// Time one active check may take.
-    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = parse_nonzero_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "2s",
+        value_parser = parse_nonzero_duration,
+    )]
     pub health_timeout: Duration,
 
     /// Passed checks in a row that bring a backend back.
-    #[arg(long, value_name = "N", default_value_t = 2, value_parser = parse_count)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 2,
+        value_parser = parse_count,
+    )]
     pub rise: u32,
 
     /// Failed checks in a row that take a backend down.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 3,
+        value_parser = parse_count,
+    )]
     pub fall: u32,
 
     /// Passive: failed requests in a row that take a backend out.
-    #[arg(long, value_name = "N", default_value_t = 3, value_parser = parse_count)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 3,
+        value_parser = parse_count,
+    )]
     pub max_fails: u32,
 
     /// Passive: how long a backend stays out before one trial request.
-    #[arg(long, value_name = "DUR", default_value = "10s", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "10s",
+        value_parser = parse_duration,
+    )]
     pub fail_timeout: Duration,
 }
 
@@ -251,15 +328,32 @@ impl StickyArgs {
 #[derive(Args, Debug, Clone)]
 pub struct SessionArgs {
     /// Name of the session cookie.
-    #[arg(long, value_name = "NAME", default_value = crate::sticky::DEFAULT_COOKIE, value_parser = parse_cookie_name)]
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = crate::sticky::DEFAULT_COOKIE,
+        value_parser = parse_cookie_name,
+    )]
     pub cookie_name: String,
 
     /// Forget a session after this long without a request.
-    #[arg(long, value_name = "DUR", default_value = "30m", value_parser = parse_duration)]
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30m",
+        value_parser = parse_duration,
+    )]
     pub session_ttl: Duration,
 
     /// The most sessions remembered; the least recently used is forgotten first.
-    #[arg(long, value_name = "N", default_value_t = 100_000, value_parser = parse_positive)]
+    #[arg(
+        long,
+        value_name = "N",
+        allow_negative_numbers = true,
+        default_value_t = 100_000,
+        value_parser = parse_positive,
+    )]
     pub max_sessions: usize,
 
     /// Keep sessions in signed cookies instead of a table (HMAC-SHA256, at least 16 bytes):

@@ -620,11 +620,16 @@ fn sigint_lets_the_request_in_flight_finish_refuses_new_clients_and_exits_zero()
 
 #[test]
 fn bad_flags_give_a_one_line_error_and_exit_code_2() {
-    let cases: [&[&str]; 5] = [
+    let cases: [&[&str]; 9] = [
         &["--backend", "127.0.0.1:1=0"],
         &["--backend", "not-an-address"],
         &["--listen", "nowhere"],
         &["--connect-timeout", "soon"],
+        // A zero timeout would fail every request (or drop every client) once running.
+        &["--connect-timeout", "0"],
+        &["--backend-timeout", "0s"],
+        &["--client-timeout", "0ms"],
+        &["--client-timeout", "-1"],
         &["--no-such-flag"],
     ];
     for args in cases {
@@ -635,6 +640,9 @@ fn bad_flags_give_a_one_line_error_and_exit_code_2() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
+        if args[0] != "--no-such-flag" {
+            assert!(stderr.contains(args[0]), "{args:?} names the flag: {stderr}");
+        }
     }
 }
 
