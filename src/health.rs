@@ -236,16 +236,22 @@ impl Health {
         claimed
     }
 
-    /// How long until the backend could be chosen again (zero if it can be now): its next
-    /// active check, or the end of its fail-timeout, whichever is later.
+    /// How long until the backend could be chosen again (zero if it can be now): the active
+    /// checks it still has to pass, or the end of its fail-timeout, whichever is later.
     pub fn available_in(&self) -> Duration {
         let now = self.now_ms();
         let mut wait = 0;
         if !self.active_up.load(Ordering::Acquire) {
-            wait = self
+            let next_check = self
                 .next_check_at
                 .load(Ordering::Acquire)
                 .saturating_sub(now);
+            // `--rise` checks must pass in a row: the next one, then the others an interval apart.
+            let after_it = self.active_policy().map_or(0, |policy| {
+                let more = policy.rise.saturating_sub(self.consecutive_successes() + 1);
+                u64::from(more) * policy.interval.as_millis() as u64
+            });
+            wait = next_check + after_it;
         }
         if self.passive_out.load(Ordering::Acquire) {
             wait = wait.max(self.trial_at.load(Ordering::Acquire).saturating_sub(now));
@@ -649,5 +655,20 @@ mod tests {
         health.expect_check_in(Duration::from_secs(5));
         let wait = health.available_in();
         assert!(wait > Duration::from_secs(4) && wait <= Duration::from_secs(5));
+    }
+
+    #[test]
+    fn retry_after_counts_every_check_rise_still_needs() {
+        // Down, with three passes needed: the next check in 5 s, then two more 5 s apart.
+        let health = health(active(3, 1));
+        health.observe_check(false, "500");
+        health.expect_check_in(Duration::from_secs(5));
+        let wait = health.available_in();
+        assert!(wait > Duration::from_secs(14) && wait <= Duration::from_secs(15));
+        // One passed: two to go.
+        health.observe_check(true, "200");
+        health.expect_check_in(Duration::from_secs(5));
+        let wait = health.available_in();
+        assert!(wait > Duration::from_secs(9) && wait <= Duration::from_secs(10));
     }
 }

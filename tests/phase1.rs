@@ -641,7 +641,10 @@ fn bad_flags_give_a_one_line_error_and_exit_code_2() {
         assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: {stderr}");
         if args[0] != "--no-such-flag" {
-            assert!(stderr.contains(args[0]), "{args:?} names the flag: {stderr}");
+            assert!(
+                stderr.contains(args[0]),
+                "{args:?} names the flag: {stderr}"
+            );
         }
     }
 }

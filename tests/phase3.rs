@@ -281,6 +281,17 @@ fn with_every_backend_down_the_answer_is_503_with_retry_after() {
         Some("1"),
         "the next check is near"
     );
+    // With three passes needed two seconds apart, the earliest is two intervals after the next.
+    let slow_rise = balancer(
+        ACTIVE,
+        &[active_backend.spec()],
+        &["--health-interval", "2s", "--rise", "3", "--fall", "1"],
+    );
+    assert!(eventually(WAIT, || log_count(&slow_rise, "is down") == 1));
+    let response = get(slow_rise.addr, "/");
+    assert_eq!(response.status, 503);
+    let seconds: u64 = response.header("retry-after").unwrap().parse().unwrap();
+    assert!((5..=6).contains(&seconds), "retry after {seconds}s");
 }
 
 #[test]
