@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,29 @@ pub struct Connection {
     /// True when counted among the backend's opening connections, until the
     /// [`FirstExchange`] made of it is dropped.
     pub opening: bool,
+}
+
+impl Connection {
+    /// For a pooled connection: whether the backend closed it (or sent bytes nobody asked for)
+    /// while it sat idle, as a peek that does not wait sees it. A request that cannot be sent
+    /// twice (a POST with its body) looks before it goes out on a pooled connection: one the
+    /// backend closed when its keep-alive timeout ran out would lose the request, where a
+    /// fresh connection delivers it. A backend closing at the very moment is still possible.
+    pub fn closed_while_idle(&self) -> bool {
+        let mut byte = [0u8; 1];
+        // SAFETY: `byte` is valid for one byte of writing, and the descriptor is open for the
+        // whole call (`self` owns it).
+        let peeked = unsafe {
+            libc::recv(
+                self.stream.as_raw_fd(),
+                byte.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        // Nothing to read yet is the only sign of a connection still open and quiet.
+        !(peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+    }
 }
 
 /// What a request that needs a connection to a backend gets from its pool.

@@ -303,15 +303,44 @@ fn connection_cannot_take_host_away_and_a_request_id_named_there_is_replaced() {
 }
 
 #[test]
+fn an_absolute_form_target_reaches_the_backend_as_a_path_with_its_host() {
+    let backend = responder(|request| {
+        let host = request.header("host").unwrap_or("none").to_string();
+        (
+            200,
+            String::new(),
+            format!("{} {host}", request.path).into_bytes(),
+        )
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    for (target, seen) in [
+        ("http://example.com/abs?q=1", "/abs?q=1 example.com"),
+        ("HTTP://example.com:8080", "/ example.com:8080"),
+        ("http://example.com?q", "/?q example.com"),
+    ] {
+        client.send(format!("GET {target} HTTP/1.1\r\nHost: other\r\n\r\n").as_bytes());
+        assert_eq!(client.read_response("GET").text(), seen, "{target}");
+    }
+    client.send(b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(client.read_response("OPTIONS").text(), "* t");
+}
+
+#[test]
 fn bad_requests_get_their_status_and_the_next_connection_works() {
     let (_backends, lb) = three_backends(&[]);
     let too_large = format!(
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let cases: [(&str, &[u8], u16); 5] = [
+    let cases: [(&str, &[u8], u16); 10] = [
         ("garbage", b"NOT HTTP AT ALL\r\n\r\n", 400),
         ("too large", too_large.as_bytes(), 431),
+        ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("a host with a space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
+        ("an empty host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 400),
+        ("a target that is not a path", b"GET x HTTP/1.1\r\nHost: t\r\n\r\n", 400),
+        ("a user in an absolute target", b"GET http://u@t/ HTTP/1.1\r\nHost: t\r\n\r\n", 400),
         ("length and chunked", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nabc", 400),
         ("conflicting lengths", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", 400),
         ("no host", b"GET / HTTP/1.1\r\n\r\n", 400),
@@ -500,6 +529,39 @@ fn a_closed_pooled_connection_is_retried_on_a_fresh_one() {
         assert_eq!(get(lb.addr, "/").text(), "once");
     }
     assert!(connections.load(Ordering::SeqCst) >= 5);
+}
+
+#[test]
+fn a_post_does_not_go_out_on_a_pooled_connection_the_backend_has_closed() {
+    // One request per connection again: the POST, which is never sent twice, must see that
+    // its pooled connection was closed before it sends, and take a fresh one.
+    let closed = Arc::new(AtomicUsize::new(0));
+    let bodies: Arc<Mutex<Vec<Vec<u8>>>> = Arc::default();
+    let (counter, log) = (Arc::clone(&closed), Arc::clone(&bodies));
+    let backend = RawBackend::start(move |stream| {
+        let mut conn = ServerConn::new(stream);
+        if let Some(request) = conn.read_request() {
+            log.lock().unwrap().push(request.body);
+            conn.respond(200, "", b"once");
+        }
+        drop(conn);
+        counter.fetch_add(1, Ordering::SeqCst);
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = Client::connect(lb.addr);
+    for i in 0..3 {
+        let body = format!("body {i}");
+        client.send(
+            format!(
+                "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(client.read_response("POST").text(), "once", "POST {i}");
+        assert!(eventually(WAIT, || closed.load(Ordering::SeqCst) == i + 1));
+    }
+    assert_eq!(*bodies.lock().unwrap(), [b"body 0", b"body 1", b"body 2"]);
 }
 
 #[test]

@@ -234,6 +234,10 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
     ) -> Result<(Flow, u16), ExchangeError> {
         let reused = connection.reused;
+        if reused && !request.can_resend() && connection.closed_while_idle() {
+            // Nothing was sent: a fresh connection takes the request instead.
+            return Err(ExchangeError::Stale);
+        }
         let first_exchange = FirstExchange::new(backend, &connection);
         let mut upstream = BufferedStream::with_buffer(connection.stream, self.lb.buffers.take());
         if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {

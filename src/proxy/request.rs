@@ -71,11 +71,51 @@ pub(super) fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError
     if head.method() == "CONNECT" {
         return Err(ProxyError::NotImplemented(head.method().to_string()));
     }
-    // RFC 9112 §3.2: an HTTP/1.1 request without Host gets 400.
-    if head.version == Version::Http11 && head.header("host").is_none() {
-        return Err(ProxyError::BadRequest("missing Host header".into()));
-    }
+    check_target_and_host(head).map_err(|why| ProxyError::BadRequest(why.into()))?;
     http::request_body_length(head).map_err(ProxyError::BadRequest)
+}
+
+/// RFC 9112 §3.2 and §3.2.2: the target is a path, an absolute URI (as sent to a proxy) or `*`
+/// for `OPTIONS`; an HTTP/1.1 request has exactly one `Host` field, and a valid one. A second
+/// `Host`, or one the backend would read differently from the balancer, is how requests are
+/// sent to a site they were not meant for; nginx answers 400 to both.
+fn check_target_and_host(head: &RequestHead) -> Result<(), &'static str> {
+    let target = head.target();
+    let origin_or_asterisk =
+        target.starts_with('/') || (target == "*" && head.method() == "OPTIONS");
+    if !origin_or_asterisk {
+        let (authority, _) =
+            split_absolute(target).ok_or("the request target is not a path or an absolute URI")?;
+        if !is_valid_host(authority.as_bytes()) {
+            return Err("invalid host in the request target");
+        }
+    }
+    let mut hosts = head.headers.values("host");
+    match (hosts.next(), hosts.next()) {
+        (_, Some(_)) => Err("more than one Host header"),
+        (None, _) if head.version == Version::Http11 => Err("missing Host header"),
+        (Some(host), _) if !is_valid_host(host) => Err("invalid Host header"),
+        _ => Ok(()),
+    }
+}
+
+/// Whether `host` is a host name or address with an optional port (RFC 3986 `host [":" port]`):
+/// no spaces, slashes, `@` or other bytes that would make it mean something else.
+fn is_valid_host(host: &[u8]) -> bool {
+    !host.is_empty()
+        && host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
+}
+
+/// The authority and the path of an absolute-form target (`http://host:port/path?query`); the
+/// path may be empty or start with `?`. `None` for any other target.
+fn split_absolute(target: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = target.split_once("://")?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return None;
+    }
+    Some(rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len())))
 }
 
 /// Writes the request line and headers for the backend: hop-by-hop fields removed, the client
@@ -91,7 +131,18 @@ pub(super) fn write_request_head(
     let head = request.head;
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(head.target().as_bytes());
+    // An absolute-form target (sent to a proxy) goes to the backend as a path, and its host
+    // replaces the Host field, as RFC 9112 §3.2.2 has an origin server do and as nginx does.
+    let absolute = split_absolute(head.target());
+    match absolute {
+        Some((_, path)) => {
+            if !path.starts_with('/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(path.as_bytes());
+        }
+        None => out.extend_from_slice(head.target().as_bytes()),
+    }
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let hop_by_hop = http::HopByHop::of(head);
     for (name, value) in head.headers.pairs() {
@@ -100,12 +151,15 @@ pub(super) fn write_request_head(
         let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
             || name.eq_ignore_ascii_case(b"x-forwarded-proto")
             || name.eq_ignore_ascii_case(b"content-length")
+            || (name.eq_ignore_ascii_case(b"host") && absolute.is_some())
             || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
         if !rewritten && !hop_by_hop.contains(name) {
             http::push_field(out, name, value);
         }
     }
-    if head.header("host").is_none() {
+    if let Some((authority, _)) = absolute {
+        http::push_header(out, "Host", authority.as_bytes());
+    } else if head.header("host").is_none() {
         http::push_header(out, "Host", backend_name.as_bytes());
     }
     // X-Forwarded-For lists every hop so far: the values the client sent, then the client.
