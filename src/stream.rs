@@ -113,6 +113,13 @@ impl ClientStream {
         }
         http::close_gracefully(self.tcp());
     }
+
+    /// Makes the coming close a reset rather than an orderly end. After a response the backend
+    /// cut short, an orderly end would let a client that reads a body to the end of the
+    /// connection (HTTP/1.0, a response without a length) take the part it got for the whole.
+    pub fn reset_on_close(&self) {
+        let _ = socket2::SockRef::from(self.tcp()).set_linger(Some(Duration::ZERO));
+    }
 }
 
 impl Read for ClientStream {

@@ -456,6 +456,28 @@ fn a_response_cut_short_before_its_head_gives_502() {
 }
 
 #[test]
+fn a_response_cut_short_after_its_head_ends_the_client_connection_with_a_reset() {
+    // A chunked response without its last chunk: an HTTP/1.0 client gets it de-chunked and
+    // delimited by the end of the connection, so only a reset tells it the body is not whole.
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_some() {
+            conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n");
+        }
+    });
+    let lb = in_front_of(&backend, &[]);
+    let mut client = TcpStream::connect(lb.addr).unwrap();
+    client.set_read_timeout(Some(WAIT)).unwrap();
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut received = Vec::new();
+    let end = std::io::Read::read_to_end(&mut client, &mut received);
+    let text = String::from_utf8_lossy(&received);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let err = end.expect_err("an error, not an orderly end");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+#[test]
 fn a_slow_loris_client_is_dropped_without_delaying_others() {
     let (_backends, lb) = three_backends(&["--client-timeout", "1s"]);
     let mut slow = TcpStream::connect(lb.addr).unwrap();

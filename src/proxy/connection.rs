@@ -174,13 +174,16 @@ impl<'a> ClientConnection<'a> {
                     Flow::KeepAlive
                 }
             }
-            Err(Failure::Abort { why, .. }) => {
+            Err(Failure::Abort { why, by_backend }) => {
                 log::debug!(
                     "{} {} {}: connection dropped: {why}",
                     self.client_ip,
                     head.method(),
                     head.target()
                 );
+                if by_backend {
+                    self.client.get_mut().reset_on_close();
+                }
                 Flow::Close
             }
         }
