@@ -389,6 +389,7 @@ impl From<HeadError> for Abort {
     fn from(err: HeadError) -> Abort {
         match err {
             HeadError::TooLarge => Reject::HeadTooLarge.into(),
+            HeadError::LineTooLong => Reject::UriTooLong.into(),
             HeadError::Malformed(_) => Reject::BadRequest.into(),
             HeadError::UnsupportedVersion(_) => Reject::VersionNotSupported.into(),
             HeadError::TimedOut | HeadError::Truncated => Abort::ClientClosed,
@@ -414,6 +415,8 @@ enum Reject {
     BadRequest,
     /// Request head over 64 KiB or 100 fields: `431`.
     HeadTooLarge,
+    /// Request line alone over 64 KiB: `414`.
+    UriTooLong,
     /// A major version of HTTP other than 1, or an HTTP/0.9 line: `505`.
     VersionNotSupported,
 }
@@ -423,6 +426,7 @@ impl Reject {
         match self {
             Reject::BadRequest => "400 Bad Request",
             Reject::HeadTooLarge => "431 Request Header Fields Too Large",
+            Reject::UriTooLong => "414 URI Too Long",
             Reject::VersionNotSupported => "505 HTTP Version Not Supported",
         }
     }
@@ -431,6 +435,7 @@ impl Reject {
         match self {
             Reject::BadRequest => "bad request\n",
             Reject::HeadTooLarge => "request header fields too large\n",
+            Reject::UriTooLong => "uri too long\n",
             Reject::VersionNotSupported => {
                 "http version not supported; this server speaks HTTP/1.1\n"
             }

@@ -16,6 +16,8 @@ pub enum ProxyError {
     RequestTimeout,
     /// The request head is over 64 KiB or has too many fields: `431`.
     HeadTooLarge,
+    /// The request line alone is over 64 KiB (its target is): `414`.
+    UriTooLong,
     /// The method is one a load balancer does not relay (CONNECT): `501`.
     NotImplemented(String),
     /// The request is for a major version of HTTP other than 1 (`HTTP/2.0`, the HTTP/2
@@ -42,6 +44,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => (400, "Bad Request"),
             ProxyError::RequestTimeout => (408, "Request Timeout"),
             ProxyError::HeadTooLarge => (431, "Request Header Fields Too Large"),
+            ProxyError::UriTooLong => (414, "URI Too Long"),
             ProxyError::NotImplemented(_) => (501, "Not Implemented"),
             ProxyError::BadGateway(_) => (502, "Bad Gateway"),
             ProxyError::NoBackend { .. } | ProxyError::OutOfDescriptors => {
@@ -90,6 +93,7 @@ impl fmt::Display for ProxyError {
             ProxyError::BadRequest(why) => write!(f, "malformed request: {why}"),
             ProxyError::RequestTimeout => write!(f, "the request head did not arrive in time"),
             ProxyError::HeadTooLarge => write!(f, "the request head is too large"),
+            ProxyError::UriTooLong => write!(f, "the request target is too long"),
             ProxyError::NotImplemented(method) => write!(f, "method {method} is not supported"),
             ProxyError::BadGateway(why) => write!(f, "the backend failed: {why}"),
             ProxyError::NoBackend { .. } => write!(f, "no backend is available"),

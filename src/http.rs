@@ -387,6 +387,9 @@ pub enum HeadError {
     Truncated,
     /// The head is larger than [`MAX_HEAD`] or has more than [`MAX_HEADERS`] fields.
     TooLarge,
+    /// The first line alone (a request line with a very long target) is larger than
+    /// [`MAX_HEAD`]: `414` for a request, as from nginx.
+    LineTooLong,
     /// The bytes are not an HTTP/1.x head.
     Malformed(String),
     /// The head is for a version of HTTP other than HTTP/1 (`HTTP/2.0`, the HTTP/2 connection
@@ -520,7 +523,11 @@ fn read_head<S: Read, T>(
         }
         scanned = buffered.len();
         if scanned >= MAX_HEAD {
-            return Err(HeadError::TooLarge);
+            return Err(if line_checked {
+                HeadError::TooLarge
+            } else {
+                HeadError::LineTooLong
+            });
         }
         before_read(stream, scanned > 0)?;
         let got = stream.fill(MAX_HEAD + 4)?;

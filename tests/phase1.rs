@@ -333,9 +333,11 @@ fn bad_requests_get_their_status_and_the_next_connection_works() {
         "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
         "a".repeat(70 * 1024)
     );
-    let cases: [(&str, &[u8], u16); 10] = [
+    let too_long = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(70 * 1024));
+    let cases: [(&str, &[u8], u16); 11] = [
         ("garbage", b"NOT HTTP AT ALL\r\n\r\n", 400),
         ("too large", too_large.as_bytes(), 431),
+        ("a target too long", too_long.as_bytes(), 414),
         ("two hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
         ("a host with a space", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),
         ("an empty host", b"GET / HTTP/1.1\r\nHost:\r\n\r\n", 400),

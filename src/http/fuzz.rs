@@ -97,6 +97,7 @@ fn status_of(err: &HeadError) -> Option<u16> {
     match err {
         HeadError::Malformed(_) => Some(400),
         HeadError::TooLarge => Some(431),
+        HeadError::LineTooLong => Some(414),
         HeadError::UnsupportedVersion(_) => Some(505),
         HeadError::TimedOut | HeadError::Truncated | HeadError::Io(_) => None,
     }

@@ -127,6 +127,7 @@ impl<'a> ClientConnection<'a> {
     fn reject_head(&mut self, err: HeadError) -> Flow {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
+            HeadError::LineTooLong => ProxyError::UriTooLong,
             HeadError::Malformed(why) => ProxyError::BadRequest(why),
             HeadError::UnsupportedVersion(version) => ProxyError::VersionNotSupported(version),
             // A keep-alive client that stays quiet is closed without a word; one that started a

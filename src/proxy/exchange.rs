@@ -318,7 +318,7 @@ impl ClientConnection<'_> {
                 Err(HeadError::Io(err)) => {
                     return Err(bad_gateway(&format!("reading the response: {err}")))
                 }
-                Err(HeadError::TooLarge) => {
+                Err(HeadError::TooLarge | HeadError::LineTooLong) => {
                     return Err(bad_gateway("the response head is too large"))
                 }
                 Err(HeadError::Malformed(why) | HeadError::UnsupportedVersion(why)) => {
