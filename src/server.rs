@@ -539,9 +539,10 @@ impl Context {
     }
 
     /// Sends threads to `accept` on a listener that has none, for the connections waiting in its
-    /// queue (`queued`, when the kernel says) that the threads would not take within `QUEUE_WAIT` at the rate they took
-    /// them during the last tick (`accepted`): all of them when every thread is busy with slow
-    /// requests or keep-alive clients (none accepted), none while the threads keep up. Standby
+    /// queue (`queued`, when the kernel says) that the threads would not take within
+    /// `QUEUE_WAIT` at the rate they took them during the last tick (`accepted`): all of them
+    /// when every thread is busy with slow requests or keep-alive clients (none accepted), none
+    /// while the threads keep up. Threads already on their way to `accept` count. Standby
     /// threads go first, then new ones, up to `--max-connections`. Returns how many new threads
     /// to start (counted in already).
     fn grow(

@@ -109,8 +109,12 @@ fn is_valid_host(host: &[u8]) -> bool {
 }
 
 /// The authority and the path of an absolute-form target (`http://host:port/path?query`); the
-/// path may be empty or start with `?`. `None` for any other target.
+/// path may be empty or start with `?`. `None` for any other target: for the usual path, at
+/// once, since every request is written through here.
 fn split_absolute(target: &str) -> Option<(&str, &str)> {
+    if target.starts_with('/') {
+        return None;
+    }
     let (scheme, rest) = target.split_once("://")?;
     if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
         return None;
