@@ -15,7 +15,7 @@ use clap::{ArgMatches, Args, Parser};
 use crate::backend::Backend;
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
-use crate::settings::Settings;
+use crate::settings::{CpuScheduling, Settings};
 use crate::sticky::signed::{Secret, SignedCookies, MIN_SECRET_LEN};
 use crate::sticky::SessionTable;
 
@@ -125,6 +125,17 @@ pub struct CommonArgs {
     #[arg(long)]
     pub explain: bool,
 
+    /// How the kernel schedules the threads that serve clients: `batch` (Linux SCHED_BATCH; a
+    /// woken thread does not preempt the running program: more throughput) or `normal` (less
+    /// latency when other programs keep the CPUs busy).
+    #[arg(
+        long,
+        value_name = "batch|normal",
+        default_value = "batch",
+        hide_possible_values = true
+    )]
+    pub cpu_scheduling: CpuScheduling,
+
     /// HTTPS: where TLS clients connect, and the certificates they are shown.
     #[command(flatten)]
     pub tls: TlsArgs,
@@ -184,6 +195,7 @@ impl CommonArgs {
                 .tls_listen
                 .filter(|_| self.tls.redirect_https)
                 .map(|addr| addr.port()),
+            cpu_scheduling: self.cpu_scheduling,
         }
     }
 }

@@ -48,7 +48,7 @@ use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
 use crate::descriptors;
 use crate::proxy::{ClientConnection, ConnectionState, LoadBalancer};
-use crate::settings::Settings;
+use crate::settings::{CpuScheduling, Settings};
 use crate::stream::ClientStream;
 use crate::warnings::RepeatedWarning;
 
@@ -123,6 +123,7 @@ struct Shared {
     shutdown: AtomicBool,
     max_connections: usize,
     client_timeout: Duration,
+    cpu_scheduling: CpuScheduling,
     /// Open client connections, so shutdown can find the idle ones.
     open: Mutex<Connections>,
     /// Signalled whenever a connection closes (or shutdown begins).
@@ -239,6 +240,7 @@ impl Server {
             shutdown: AtomicBool::new(false),
             max_connections: settings.max_connections.max(1),
             client_timeout: settings.client_timeout,
+            cpu_scheduling: settings.cpu_scheduling,
             open: Mutex::new(Connections::default()),
             closed: Condvar::new(),
             pool: Mutex::new(Pool::default()),
@@ -349,6 +351,9 @@ impl Context {
     /// A client thread: accepts a connection, serves it, and goes back to `accept`, until
     /// shutdown or until it has waited `THREAD_KEEP` while others wait on the same listener.
     fn client_thread(&self, first: FirstTasks) {
+        if self.shared.cpu_scheduling == CpuScheduling::Batch {
+            schedule_as_batch();
+        }
         // Each thread started here starts half of those left in turn, so that hundreds start
         // in a few rounds rather than one after another.
         let mut left = first.more_threads;
@@ -699,6 +704,30 @@ fn queued_connections(listener: &TcpListener) -> Option<usize> {
 fn queued_connections(_listener: &TcpListener) -> Option<usize> {
     None
 }
+
+/// Tells the kernel's scheduler that the calling thread is batch work (`SCHED_BATCH`): woken by
+/// a packet, it no longer preempts the program running on that CPU but waits until that one
+/// sleeps or its time slice ends. Every keep-alive request wakes a client thread twice; with
+/// as many runnable threads as connections, preempting on each wake-up interrupts wrk, the
+/// backends and the other client threads before they have handled what they have ready, so the
+/// machine switches more and batches less. Not preempting lets them finish their batch first,
+/// as an event loop does on its own. The price is latency when the CPUs are busy with other
+/// programs (see `--cpu-scheduling` in the README).
+#[cfg(target_os = "linux")]
+fn schedule_as_batch() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is alive for the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) } != 0 {
+        log::debug!(
+            "client thread stays in the normal scheduling class: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
+/// Elsewhere threads keep the system's usual scheduling.
+#[cfg(not(target_os = "linux"))]
+fn schedule_as_batch() {}
 
 /// Makes `accept` return a connection only once its first bytes (a request head, a TLS
 /// ClientHello) have arrived, as nginx's `listen ... deferred` and HAProxy's `defer-accept` do.

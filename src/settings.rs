@@ -30,4 +30,17 @@ pub struct Settings {
     pub reuse_port: bool,
     /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.
     pub redirect_https: Option<u16>,
+    /// How the kernel schedules the client threads.
+    pub cpu_scheduling: CpuScheduling,
+}
+
+/// How the kernel schedules the client threads (`--cpu-scheduling`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuScheduling {
+    /// Linux's `SCHED_BATCH`: a thread woken by a packet waits for the running program to sleep
+    /// or use up its time slice instead of preempting it. More throughput under load; on CPUs
+    /// busy with other programs, a little more latency.
+    Batch,
+    /// The system's usual class, where a woken thread may preempt the running one at once.
+    Normal,
 }

@@ -667,6 +667,62 @@ fn with_every_thread_held_by_a_keep_alive_client_the_pool_waits_for_connections_
     assert_eq!(holder.get("/").status, 200);
 }
 
+/// The name and scheduling policy (0 normal, 3 batch) of each of the balancer's threads, from
+/// field 41 of `/proc/PID/task/TID/stat`.
+#[cfg(target_os = "linux")]
+fn thread_policies(lb: &Balancer) -> Vec<(String, u32)> {
+    let tasks =
+        std::fs::read_dir(format!("/proc/{}/task", lb.pid())).expect("the balancer's threads");
+    tasks
+        .filter_map(|task| {
+            let path = task.ok()?.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+            // Fields after the name in parentheses start at field 3.
+            let after_name = &stat[stat.rfind(')')? + 2..];
+            let policy = after_name.split_whitespace().nth(41 - 3)?.parse().ok()?;
+            Some((name.trim().to_string(), policy))
+        })
+        .collect()
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn client_threads_are_batch_work_for_the_scheduler_unless_told_otherwise() {
+    const NORMAL: u32 = 0;
+    const BATCH: u32 = 3;
+    for (flags, client_policy) in [
+        (&[][..], BATCH),
+        (&["--cpu-scheduling", "normal"][..], NORMAL),
+    ] {
+        let (_backends, lb) = three_backends(flags);
+        let mut client = Client::connect(lb.addr);
+        assert_eq!(client.get("/").status, 200);
+        let threads = thread_policies(&lb);
+        let clients: Vec<u32> = threads
+            .iter()
+            .filter(|(name, _)| name == "client")
+            .map(|&(_, policy)| policy)
+            .collect();
+        assert!(
+            !clients.is_empty(),
+            "{flags:?}: no client thread in {threads:?}"
+        );
+        assert!(
+            clients.iter().all(|&policy| policy == client_policy),
+            "{flags:?}: {threads:?}"
+        );
+        // The other threads (the pool's, health checks, statistics) keep the usual class.
+        assert!(
+            threads
+                .iter()
+                .filter(|(name, _)| name != "client")
+                .all(|&(_, policy)| policy == NORMAL),
+            "{flags:?}: {threads:?}"
+        );
+    }
+}
+
 #[test]
 fn sigint_lets_the_request_in_flight_finish_refuses_new_clients_and_exits_zero() {
     let (arrived, wait_for_arrival) = mpsc::channel();
@@ -706,7 +762,7 @@ fn sigint_lets_the_request_in_flight_finish_refuses_new_clients_and_exits_zero()
 
 #[test]
 fn bad_flags_give_a_one_line_error_and_exit_code_2() {
-    let cases: [&[&str]; 9] = [
+    let cases: [&[&str]; 10] = [
         &["--backend", "127.0.0.1:1=0"],
         &["--backend", "not-an-address"],
         &["--listen", "nowhere"],
@@ -716,6 +772,7 @@ fn bad_flags_give_a_one_line_error_and_exit_code_2() {
         &["--backend-timeout", "0s"],
         &["--client-timeout", "0ms"],
         &["--client-timeout", "-1"],
+        &["--cpu-scheduling", "fast"],
         &["--no-such-flag"],
     ];
     for args in cases {
