@@ -10,10 +10,12 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use socket2::SockRef;
 
 use crate::health::Health;
 use crate::stats::BackendStats;
@@ -119,19 +121,11 @@ impl Connection {
     /// backend closed when its keep-alive timeout ran out would lose the request, where a
     /// fresh connection delivers it. A backend closing at the very moment is still possible.
     pub fn closed_while_idle(&self) -> bool {
-        let mut byte = [0u8; 1];
-        // SAFETY: `byte` is valid for one byte of writing, and the descriptor is open for the
-        // whole call (`self` owns it).
-        let peeked = unsafe {
-            libc::recv(
-                self.stream.as_raw_fd(),
-                byte.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
+        let mut byte = [MaybeUninit::uninit()];
+        let peeked = SockRef::from(&self.stream)
+            .recv_with_flags(&mut byte, libc::MSG_PEEK | libc::MSG_DONTWAIT);
         // Nothing to read yet is the only sign of a connection still open and quiet.
-        !(peeked < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock)
+        !matches!(peeked, Err(err) if err.kind() == io::ErrorKind::WouldBlock)
     }
 }
 
