@@ -54,7 +54,10 @@ Options:
                   differ from nginx's: the ratio split (in log terms) into CPU time per
                   request (the balancer's own, and the rest of the machine's: wrk, the
                   kernel's network work) and time the CPUs sat idle, with the balancer's
-                  context switches per request beside it
+                  context switches per request beside it, priced at what one sleep
+                  and wake-up costs on this machine (measured first, with two
+                  processes passing a byte over pipes): the req/s a thread per
+                  connection could reach here at best
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
@@ -597,6 +600,15 @@ restart_server() {
   PID[$1]=${PIDS[-1]}
 }
 
+# --explain-limit prices the balancer's extra context switches: what one sleep and wake-up costs
+# on this machine, measured while the servers are idle.
+SWITCH_US=nan
+if ((EXPLAIN_LIMIT)); then
+  read -r SWITCH_US switch_two_us < <(python3 "$HELPERS/switch_cost.py")
+  echo "One sleep and wake-up (two processes passing a byte over pipes): ${SWITCH_US} us on one CPU,"
+  echo "${switch_two_us} us when the woken one is on another, idle CPU"
+fi
+
 if ((WARMUP > 0)); then
   echo "Warm-up: ${WARMUP}s of 32 connections per server"
   for s in "${SERVERS[@]}"; do
@@ -622,7 +634,7 @@ for s in "${SERVERS[@]}"; do
 done >"$TMP/mem.tsv"
 
 echo
-python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)" "$MODE"
+python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)" "$MODE" "$SWITCH_US"
 if ((WATCH_STATS > 0)) && [[ -s $TMP/watch.txt ]]; then
   read -r fetched size <"$TMP/watch.txt"
   echo "/stats fetched $fetched times ($size bytes each) while measuring"

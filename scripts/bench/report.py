@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Summary tables for scripts/bench.sh (stdlib only).
 
-  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE   (MODE: http, tls, cold or limit)
+  report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE [SWITCH_US]
+        (MODE: http, tls, cold or limit; SWITCH_US, for limit: what one sleep and wake-up
+        costs on one CPU here, from switch_cost.py)
   report.py idle IDLE.tsv LB_LABEL
 
 RUNS.tsv, one line per wrk run:
@@ -76,7 +78,7 @@ def target_verdict(target, ratio, ratio_haproxy, p99, nginx_p99, errors):
     return f"{' & '.join(want)} {'MET' if ok else 'NOT MET'}" + (" (errors)" if errors else ""), ok
 
 
-def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
+def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=math.nan):
     runs = {}  # (cell, server) -> list of dicts, in round order
     for line in open(runs_path):
         f = line.rstrip("\n").split("\t")
@@ -146,7 +148,7 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
     print()
     if mode == "limit":
         for cell, desc in CELLS:
-            explain_limit(runs, cell, desc, name, clk_tck)
+            explain_limit(runs, cell, desc, name, clk_tck, switch_us)
         return
     met = sum(verdicts)
     print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
@@ -156,7 +158,7 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode):
           " and its children (nginx workers); wrk shares the same cores.)")
 
 
-def explain_limit(runs, cell, desc, name, clk_tck):
+def explain_limit(runs, cell, desc, name, clk_tck, switch_us):
     """Why the balancer's req/s differ from nginx's in one cell.
 
     With the same run length, req/s = busy share x CPUs / busy CPU time per request, so the
@@ -204,7 +206,29 @@ def explain_limit(runs, cell, desc, name, clk_tck):
     print(f"    {own * 100:5.0f}%  the balancer's own CPU time per request")
     print(f"    {(cpu - own) * 100:5.0f}%  the rest's CPU time per request (wrk, kernel)")
     print(f"  context switches per request: {name['lb']} {lb['switches']:.2f}, "
-          f"nginx {ng['switches']:.2f}\n")
+          f"nginx {ng['switches']:.2f}")
+    explain_switches(lb, ng, name["lb"], switch_us)
+    print()
+
+
+def explain_switches(lb, ng, lb_name, switch_us):
+    """How much of the balancer's extra CPU per request its extra context switches account for.
+
+    Priced at what one sleep and wake-up costs on this machine (switch_cost.py), the extra
+    switches give the balancer's CPU per request if everything else it did cost what nginx's
+    does: the ceiling of a thread per connection on this machine, as a req/s ratio to nginx.
+    """
+    if math.isnan(switch_us):
+        return
+    extra = max(lb["switches"] - ng["switches"], 0.0) * switch_us
+    own_gap = lb["own_us"] - ng["own_us"]
+    ceiling = ng["busy_us"] / (ng["busy_us"] + extra)
+    share = f"{extra / own_gap * 100:.0f}% of" if own_gap > 0 else "more than"
+    print(f"  at {switch_us:.1f} us per sleep and wake-up (measured here, one CPU), the "
+          f"{lb['switches'] - ng['switches']:.2f} extra\n  switches cost {extra:.1f} us per "
+          f"request: {share} the {own_gap:.1f} us more of its own CPU than nginx's.\n"
+          f"  Were that its only extra cost, {lb_name} would reach {ceiling:.2f}x nginx here: "
+          f"the ceiling of a\n  thread per connection on this machine.")
 
 
 def report_idle(idle_path, lb_label):
@@ -236,7 +260,8 @@ def report_idle(idle_path, lb_label):
 
 if __name__ == "__main__":
     if sys.argv[1] == "wrk":
-        report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6])
+        switch_us = float(sys.argv[7]) if len(sys.argv) > 7 else math.nan
+        report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], switch_us)
     elif sys.argv[1] == "idle":
         report_idle(sys.argv[2], sys.argv[3])
     else:
