@@ -54,10 +54,11 @@ Options:
                   differ from nginx's: the ratio split (in log terms) into CPU time per
                   request (the balancer's own, and the rest of the machine's: wrk, the
                   kernel's network work) and time the CPUs sat idle, with the balancer's
-                  context switches per request beside it, priced at what one sleep
-                  and wake-up costs on this machine (measured first, with two
-                  processes passing a byte over pipes): the req/s a thread per
-                  connection could reach here at best
+                  context switches per request beside it; then each one's own CPU
+                  per request split into its switches, priced at what one sleep and
+                  wake-up costs on this machine with that many threads (measured
+                  first by scripts/bench/switch_cost.rs, built with rustc), and the
+                  rest
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32
@@ -600,13 +601,22 @@ restart_server() {
   PID[$1]=${PIDS[-1]}
 }
 
-# --explain-limit prices the balancer's extra context switches: what one sleep and wake-up costs
-# on this machine, measured while the servers are idle.
-SWITCH_US=nan
+# --explain-limit prices the context switches: what one sleep and wake-up costs on this machine
+# with 2, 32 and 256 threads taking turns on one CPU, measured while the servers are idle by a
+# small program built with plain rustc (scripts/bench/switch_cost.rs).
+SWITCH_US=
 if ((EXPLAIN_LIMIT)); then
-  read -r SWITCH_US switch_two_us < <(python3 "$HELPERS/switch_cost.py")
-  echo "One sleep and wake-up (two processes passing a byte over pipes): ${SWITCH_US} us on one CPU,"
-  echo "${switch_two_us} us when the woken one is on another, idle CPU"
+  if rustc -O --edition 2021 -o "$TMP/switch_cost" "$HELPERS/switch_cost.rs" 2>"$TMP/rustc.log" &&
+    "$TMP/switch_cost" 2 32 256 >"$TMP/switch_cost.txt" 2>>"$TMP/rustc.log"; then
+    read -r two t32 t256 across <"$TMP/switch_cost.txt"
+    SWITCH_US="2=$two,32=$t32,256=$t256"
+    echo "One sleep and wake-up (threads passing a byte over socket pairs): $two us between 2"
+    echo "threads on one CPU, $t32 us among 32, $t256 us among 256; $across us when the woken one"
+    echo "is on another, idle CPU"
+  else
+    echo "bench.sh: cannot build or run $HELPERS/switch_cost.rs, switches left unpriced:" >&2
+    cat "$TMP/rustc.log" >&2
+  fi
 fi
 
 if ((WARMUP > 0)); then

@@ -3,7 +3,8 @@
 
   report.py wrk  RUNS.tsv MEM.tsv LB_LABEL CLK_TCK MODE [SWITCH_US]
         (MODE: http, tls, cold or limit; SWITCH_US, for limit: what one sleep and wake-up
-        costs on one CPU here, from switch_cost.py)
+        costs on one CPU here with so many threads taking turns, from switch_cost.rs, as
+        "2=14.1,32=21.0,256=33.2"; empty when not measured)
   report.py idle IDLE.tsv LB_LABEL
 
 RUNS.tsv, one line per wrk run:
@@ -27,6 +28,7 @@ CELLS = [  # (cell id, description)
     ("close32", "32 conns Connection: close"),
     ("cold256", "256 conns, cold start"),
 ]
+CELL_CONNS = {"c1": 1, "c32": 32, "c256": 256, "close32": 32, "cold256": 256}
 # Targets for the balancer under test, by mode and cell: the least req/s ratio to nginx, to
 # HAProxy (None: no target), and whether its p99 must be at or below nginx's.
 TARGETS = {
@@ -54,6 +56,12 @@ def fmt_ms(v):
     return f"{v:.3f}" if v < 10 else f"{v:.1f}"
 
 
+def parse_switch_us(text):
+    """{threads: microseconds} from "2=14.1,32=21.0,256=33.2" (empty text: nothing measured)."""
+    pairs = (item.split("=") for item in text.split(",") if "=" in item)
+    return {int(threads): float(us) for threads, us in pairs}
+
+
 def paired_ratio(rs, others):
     """Median over rounds of each round's req/s against the other server's in that round."""
     by_round = {r["round"]: r for r in others}
@@ -78,7 +86,7 @@ def target_verdict(target, ratio, ratio_haproxy, p99, nginx_p99, errors):
     return f"{' & '.join(want)} {'MET' if ok else 'NOT MET'}" + (" (errors)" if errors else ""), ok
 
 
-def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=math.nan):
+def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=None):
     runs = {}  # (cell, server) -> list of dicts, in round order
     for line in open(runs_path):
         f = line.rstrip("\n").split("\t")
@@ -148,7 +156,7 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=math.nan)
     print()
     if mode == "limit":
         for cell, desc in CELLS:
-            explain_limit(runs, cell, desc, name, clk_tck, switch_us)
+            explain_limit(runs, cell, desc, name, clk_tck, switch_us or {})
         return
     met = sum(verdicts)
     print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
@@ -207,28 +215,32 @@ def explain_limit(runs, cell, desc, name, clk_tck, switch_us):
     print(f"    {(cpu - own) * 100:5.0f}%  the rest's CPU time per request (wrk, kernel)")
     print(f"  context switches per request: {name['lb']} {lb['switches']:.2f}, "
           f"nginx {ng['switches']:.2f}")
-    explain_switches(lb, ng, name["lb"], switch_us)
+    explain_switches(lb, ng, name["lb"], CELL_CONNS[cell], switch_us)
     print()
 
 
-def explain_switches(lb, ng, lb_name, switch_us):
-    """How much of the balancer's extra CPU per request its extra context switches account for.
+def explain_switches(lb, ng, lb_name, conns, switch_us):
+    """The balancer's and nginx's own CPU per request, split into switches and the rest.
 
-    Priced at what one sleep and wake-up costs on this machine (switch_cost.py), the extra
-    switches give the balancer's CPU per request if everything else it did cost what nginx's
-    does: the ceiling of a thread per connection on this machine, as a req/s ratio to nginx.
+    Each switch is priced at what one sleep and wake-up costs on this machine (switch_cost.rs)
+    with as many threads taking turns as the balancer has client threads in this cell (each
+    then finds its stack and sockets gone from the caches), nginx's with two. What is left is
+    everything else each one does per request: parsing, copying, the system calls themselves.
     """
-    if math.isnan(switch_us):
+    ours, theirs = switch_us.get(conns), switch_us.get(2)
+    if ours is None or theirs is None:
         return
-    extra = max(lb["switches"] - ng["switches"], 0.0) * switch_us
-    own_gap = lb["own_us"] - ng["own_us"]
-    ceiling = ng["busy_us"] / (ng["busy_us"] + extra)
-    share = f"{extra / own_gap * 100:.0f}% of" if own_gap > 0 else "more than"
-    print(f"  at {switch_us:.1f} us per sleep and wake-up (measured here, one CPU), the "
-          f"{lb['switches'] - ng['switches']:.2f} extra\n  switches cost {extra:.1f} us per "
-          f"request: {share} the {own_gap:.1f} us more of its own CPU than nginx's.\n"
-          f"  Were that its only extra cost, {lb_name} would reach {ceiling:.2f}x nginx here: "
-          f"the ceiling of a\n  thread per connection on this machine.")
+    lb_sw, ng_sw = lb["switches"] * ours, ng["switches"] * theirs
+    lb_rest, ng_rest = lb["own_us"] - lb_sw, ng["own_us"] - ng_sw
+    print(f"  one sleep and wake-up, measured here on one CPU: {theirs:.1f} us between 2 threads, "
+          f"{ours:.1f} us among {conns}")
+    print("  own CPU per request, in switches and the rest:")
+    for label, f, sw, rest in ((lb_name, lb, lb_sw, lb_rest), ("nginx", ng, ng_sw, ng_rest)):
+        print(f"    {label:<14} {f['own_us']:6.1f} us = {sw:5.1f} in {f['switches']:.2f} switches "
+              f"+ {rest:5.1f} the rest")
+    rest_word = "cheaper" if lb_rest <= ng_rest else "dearer"
+    print(f"  the switches cost {lb_name} {lb_sw - ng_sw:.1f} us more per request than nginx's; "
+          f"the rest is {abs(ng_rest - lb_rest):.1f} us {rest_word}.")
 
 
 def report_idle(idle_path, lb_label):
@@ -260,7 +272,7 @@ def report_idle(idle_path, lb_label):
 
 if __name__ == "__main__":
     if sys.argv[1] == "wrk":
-        switch_us = float(sys.argv[7]) if len(sys.argv) > 7 else math.nan
+        switch_us = parse_switch_us(sys.argv[7]) if len(sys.argv) > 7 else {}
         report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], switch_us)
     elif sys.argv[1] == "idle":
         report_idle(sys.argv[2], sys.argv[3])
