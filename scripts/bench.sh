@@ -57,8 +57,8 @@ Options:
                   context switches per request beside it; then each one's own CPU
                   per request split into its switches, priced at what one sleep and
                   wake-up costs on this machine with that many threads (measured
-                  first by scripts/bench/switch_cost.rs, built with rustc), and the
-                  rest
+                  first by scripts/bench/switch_cost.rs, built with rustc), and
+                  everything else
   -h, --help      this help
 
 Cells (wrk --latency, 2 threads): 1, 32 and 256 keep-alive connections, and 32

@@ -220,7 +220,7 @@ def explain_limit(runs, cell, desc, name, clk_tck, switch_us):
 
 
 def explain_switches(lb, ng, lb_name, conns, switch_us):
-    """The balancer's and nginx's own CPU per request, split into switches and the rest.
+    """The balancer's and nginx's own CPU per request, split into switches and everything else.
 
     Each switch is priced at what one sleep and wake-up costs on this machine (switch_cost.rs)
     with as many threads taking turns as the balancer has client threads in this cell (each
@@ -231,16 +231,16 @@ def explain_switches(lb, ng, lb_name, conns, switch_us):
     if ours is None or theirs is None:
         return
     lb_sw, ng_sw = lb["switches"] * ours, ng["switches"] * theirs
-    lb_rest, ng_rest = lb["own_us"] - lb_sw, ng["own_us"] - ng_sw
+    lb_else, ng_else = lb["own_us"] - lb_sw, ng["own_us"] - ng_sw
     print(f"  one sleep and wake-up, measured here on one CPU: {theirs:.1f} us between 2 threads, "
           f"{ours:.1f} us among {conns}")
-    print("  own CPU per request, in switches and the rest:")
-    for label, f, sw, rest in ((lb_name, lb, lb_sw, lb_rest), ("nginx", ng, ng_sw, ng_rest)):
+    print("  own CPU per request, in switches and everything else:")
+    for label, f, sw, other in ((lb_name, lb, lb_sw, lb_else), ("nginx", ng, ng_sw, ng_else)):
         print(f"    {label:<14} {f['own_us']:6.1f} us = {sw:5.1f} in {f['switches']:.2f} switches "
-              f"+ {rest:5.1f} the rest")
-    rest_word = "cheaper" if lb_rest <= ng_rest else "dearer"
+              f"+ {other:5.1f} everything else")
+    word = "cheaper" if lb_else <= ng_else else "dearer"
     print(f"  the switches cost {lb_name} {lb_sw - ng_sw:.1f} us more per request than nginx's; "
-          f"the rest is {abs(ng_rest - lb_rest):.1f} us {rest_word}.")
+          f"everything else is {abs(ng_else - lb_else):.1f} us {word}.")
 
 
 def report_idle(idle_path, lb_label):
