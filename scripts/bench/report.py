@@ -86,7 +86,7 @@ def target_verdict(target, ratio, ratio_haproxy, p99, nginx_p99, errors):
     return f"{' & '.join(want)} {'MET' if ok else 'NOT MET'}" + (" (errors)" if errors else ""), ok
 
 
-def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=None):
+def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us):
     runs = {}  # (cell, server) -> list of dicts, in round order
     for line in open(runs_path):
         f = line.rstrip("\n").split("\t")
@@ -156,7 +156,7 @@ def report_wrk(runs_path, mem_path, lb_label, clk_tck, mode, switch_us=None):
     print()
     if mode == "limit":
         for cell, desc in CELLS:
-            explain_limit(runs, cell, desc, name, clk_tck, switch_us or {})
+            explain_limit(runs, cell, desc, name, clk_tck, switch_us)
         return
     met = sum(verdicts)
     print(f"Targets met by {lb_label}: {met}/{len(verdicts)}")
@@ -272,7 +272,7 @@ def report_idle(idle_path, lb_label):
 
 if __name__ == "__main__":
     if sys.argv[1] == "wrk":
-        switch_us = parse_switch_us(sys.argv[7]) if len(sys.argv) > 7 else {}
+        switch_us = parse_switch_us(sys.argv[7] if len(sys.argv) > 7 else "")
         report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], switch_us)
     elif sys.argv[1] == "idle":
         report_idle(sys.argv[2], sys.argv[3])
