@@ -55,8 +55,14 @@ impl ClientStream {
     /// to restore it after, and a handshake at the usual pace is over in milliseconds, so the
     /// timeout is shortened only once the time left is a tenth below it.
     ///
-    /// TLS 1.3 session tickets, which follow the handshake, are left queued: they go out with the
-    /// first response, in the same write.
+    /// Whatever rustls queued as the handshake ended goes out before this returns, as nginx and
+    /// HAProxy send it: in TLS 1.2 the server's ChangeCipherSpec and Finished, without which the
+    /// client never sends its request; in TLS 1.3 the session tickets. Holding the tickets back
+    /// for the first response would save a write, but a client with Nagle's algorithm on (most
+    /// client libraries) sends its Finished and its request in two writes, the second held until
+    /// the first is acknowledged; with nothing to send, the kernel delays that acknowledgement by
+    /// 40 ms, and every new connection waits that long for its first answer. For the same reason
+    /// the acknowledgement is asked for at once when nothing is left to send.
     pub fn handshake(&mut self, deadline: Instant, timeout: Duration) -> io::Result<()> {
         let ClientStream::Tls(tls) = self else {
             return Ok(());
@@ -93,6 +99,14 @@ impl ClientStream {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, err));
             }
         }
+        while conn.wants_write() {
+            conn.write_tls(sock)?;
+        }
+        // When the client's flight was the last (a resumed TLS 1.2 session ends with the client's
+        // Finished), there is nothing to send that would carry the acknowledgement: ask for it
+        // now rather than in 40 ms, or a client with Nagle's algorithm on holds its request back
+        // until then.
+        let _ = socket2::SockRef::from(&*sock).set_quickack(true);
         if read_timeout != timeout {
             sock.set_read_timeout(Some(timeout))?;
         }
@@ -132,8 +146,8 @@ impl Read for ClientStream {
 }
 
 /// Reads decrypted bytes, reading and decrypting records from the socket until some arrive.
-/// Unlike `StreamOwned::read`, this writes nothing first: what rustls has queued to send (session
-/// tickets, a key update) waits for the next response and goes out in the same write.
+/// Unlike `StreamOwned::read`, this writes nothing first: what rustls may queue while reading (the
+/// answer to a client's key update) waits for the next response and goes out in the same write.
 fn read_plaintext(
     tls: &mut StreamOwned<ServerConnection, TcpStream>,
     buf: &mut [u8],
@@ -164,8 +178,8 @@ impl Write for ClientStream {
         match self {
             ClientStream::Plain(socket) => socket.write_all(buf),
             // rustls encrypts the bytes into its buffer (up to its limit at a time), after
-            // whatever it still had queued (session tickets), and all of it goes out before the
-            // caller goes on to read: one write to the socket for a small response.
+            // whatever it still had queued, and all of it goes out before the caller goes on to
+            // read: one write to the socket for a small response.
             ClientStream::Tls(tls) => {
                 let mut rest = buf;
                 loop {

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
@@ -94,8 +94,18 @@ pub fn server_config(certificates: Vec<Certificate>) -> Result<Arc<ServerConfig>
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(ByServerName::new(certificates)));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Resumption spares a returning client the key exchange and the certificate. Tickets (TLS 1.2
+    // and 1.3) carry the session encrypted under a key that rotates every six hours, so they cost
+    // the server no memory; TLS 1.2 clients that do not take tickets resume by session id, from a
+    // bounded table in memory (about 200 bytes a session).
+    config.ticketer =
+        rustls::crypto::ring::Ticketer::new().map_err(|err| StartError(format!("TLS: {err}")))?;
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_IDS);
     Ok(Arc::new(config))
 }
+
+/// TLS 1.2 sessions kept for resumption by id; the oldest go first.
+const SESSION_IDS: usize = 4096;
 
 /// Picks a certificate by the name the client asked for (SNI): the first whose names cover it,
 /// else the first certificate.
@@ -143,19 +153,55 @@ impl ResolvesServerCert for ByServerName {
 /// A self-signed certificate (ECDSA P-256) for `localhost` and `127.0.0.1`, for `--demo` without
 /// `--tls-cert`; its PEM is written to `path` so that clients can be told to trust it.
 pub fn self_signed(path: &Path) -> Result<Certificate, StartError> {
-    let names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
-    let generated = rcgen::generate_simple_self_signed(names)
-        .map_err(|err| StartError(format!("--demo: cannot make a certificate: {err}")))?;
-    std::fs::write(path, generated.cert.pem())
+    let failed =
+        |err: rcgen::Error| StartError(format!("--demo: cannot make a certificate: {err}"));
+    let key_pair = rcgen::KeyPair::generate().map_err(failed)?;
+    let generated = demo_certificate_params()
+        .map_err(failed)?
+        .self_signed(&key_pair)
+        .map_err(failed)?;
+    std::fs::write(path, generated.pem())
         .map_err(|err| StartError(format!("--demo: {}: {err}", path.display())))?;
-    let key = PrivateKeyDer::Pkcs8(generated.key_pair.serialize_der().into());
-    let chain = vec![generated.cert.der().clone()];
+    let key = PrivateKeyDer::Pkcs8(key_pair.serialize_der().into());
+    let chain = vec![generated.der().clone()];
     let certified = CertifiedKey::from_der(chain, key, &provider())
         .map_err(|err| StartError(format!("--demo: {err}")))?;
     Ok(Certificate {
         path: path.to_path_buf(),
         key: Arc::new(certified),
     })
+}
+
+/// How long the demo certificate is valid: a demo is restarted long before, and a short life is
+/// what browsers and scanners expect of a certificate today.
+const DEMO_VALIDITY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The demo certificate's fields, made as scanners and RFC 5280 expect: a random positive serial
+/// number (§4.1.2.2), `localhost` and `127.0.0.1` as subject alternative names (a DNS name and an
+/// IP address), subject and authority key identifiers (§4.2.1.1-2), valid from an hour ago (for
+/// clocks a little behind) for [`DEMO_VALIDITY`].
+fn demo_certificate_params() -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "localhost");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "loadbalancer --demo");
+    // Sixteen random bytes, the first kept between 0x01 and 0x7f: a positive number of a fixed
+    // length, well under the 20 bytes allowed.
+    let mut serial = *uuid::Uuid::new_v4().as_bytes();
+    serial[0] = (serial[0] & 0x7f).max(1);
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - Duration::from_secs(3600);
+    params.not_after = now + DEMO_VALIDITY;
+    Ok(params)
 }
 
 /// When a certificate stops being valid: seconds since 1970 and the date as written in it.
@@ -308,6 +354,71 @@ mod tests {
         }
         assert_eq!(parse_time(0x17, b"301301000000Z"), None);
         assert_eq!(parse_time(0x18, b"2030010100000Z"), None);
+    }
+
+    /// The elements of a DER `SEQUENCE`'s contents, as (tag, contents).
+    fn elements(mut input: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut found = Vec::new();
+        while !input.is_empty() {
+            let (tag, contents, rest) = der_element(input).expect("a DER element");
+            found.push((tag, contents));
+            input = rest;
+        }
+        found
+    }
+
+    #[test]
+    fn the_demo_certificate_is_well_formed() {
+        let dir = std::env::temp_dir().join(format!("lb-tls-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let certificate = self_signed(&dir.join("demo.pem")).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let der = certificate.key.cert[0].as_ref();
+        let (_, whole, _) = der_element(der).unwrap();
+        let (_, tbs, _) = der_element(whole).unwrap();
+        let fields = elements(tbs);
+        // version [0], serialNumber, signature, issuer, validity, subject, key, extensions [3].
+        assert_eq!(fields[0].0, 0xa0, "an explicit version");
+        let (tag, serial) = fields[1];
+        assert_eq!(tag, 0x02, "the serial number is an INTEGER");
+        assert!(serial[0] < 0x80, "positive: {serial:02x?}");
+        assert!(serial.iter().any(|&b| b != 0), "not zero");
+        assert!(serial.len() <= 20);
+        let validity = elements(fields[4].1);
+        let from = parse_time(validity[0].0, validity[0].1).unwrap();
+        let until = parse_time(validity[1].0, validity[1].1).unwrap();
+        let days = (until.unix - from.unix) / 86_400;
+        assert!((1..=31).contains(&days), "valid for {days} days");
+        assert!(from.unix <= unix_now() && unix_now() < until.unix);
+        let (tag, extensions) = *fields.last().unwrap();
+        assert_eq!(tag, 0xa3, "extensions");
+        let (_, extensions, _) = der_element(extensions).unwrap();
+        let oids: Vec<&[u8]> = elements(extensions)
+            .iter()
+            .map(|(_, extension)| elements(extension)[0].1)
+            .collect();
+        for (name, oid) in [
+            ("subject key identifier", [0x55, 0x1d, 0x0e]),
+            ("authority key identifier", [0x55, 0x1d, 0x23]),
+            ("subject alternative names", [0x55, 0x1d, 0x11]),
+        ] {
+            assert!(oids.contains(&&oid[..]), "{name} missing: {oids:02x?}");
+        }
+        // Both names are covered: the DNS name and the IP address.
+        let end_entity = webpki::EndEntityCert::try_from(&certificate.key.cert[0]).unwrap();
+        for name in ["localhost", "127.0.0.1"] {
+            let name = ServerName::try_from(name).unwrap();
+            assert!(end_entity.verify_is_valid_for_subject_name(&name).is_ok());
+        }
+        // Two certificates made one after the other have different serial numbers.
+        let again = self_signed(
+            &std::env::temp_dir().join(format!("lb-tls-test-{}.pem", std::process::id())),
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(&again.path);
+        let (_, whole, _) = der_element(again.key.cert[0].as_ref()).unwrap();
+        let (_, tbs, _) = der_element(whole).unwrap();
+        assert_ne!(elements(tbs)[1].1, serial);
     }
 
     #[test]

@@ -362,8 +362,17 @@ impl Client<TlsStream> {
         connection: rustls::ClientConnection,
     ) -> Result<Client<TlsStream>, std::io::Error> {
         let socket = TcpStream::connect_timeout(&addr, WAIT)?;
-        socket.set_read_timeout(Some(WAIT))?;
         socket.set_nodelay(true)?;
+        Client::over_tls(socket, connection)
+    }
+
+    /// Completes a TLS handshake over `socket`, as the caller set it up (with Nagle's algorithm
+    /// on or off), with a read timeout of [`WAIT`].
+    pub fn over_tls(
+        socket: TcpStream,
+        connection: rustls::ClientConnection,
+    ) -> Result<Client<TlsStream>, std::io::Error> {
+        socket.set_read_timeout(Some(WAIT))?;
         let mut stream = rustls::StreamOwned::new(connection, socket);
         stream.conn.complete_io(&mut stream.sock)?;
         Ok(Client {
@@ -390,6 +399,15 @@ pub fn tls_client_with(
 /// A rustls client configuration (ALPN `http/1.1`) that trusts `trusted` (PEM certificates)
 /// only. Connections made with the same one resume each other's sessions.
 pub fn tls_client_config(trusted: &[&str]) -> Arc<rustls::ClientConfig> {
+    tls_client_config_for(trusted, rustls::DEFAULT_VERSIONS)
+}
+
+/// Like [`tls_client_config`], offering only `versions` (`&[&rustls::version::TLS12]` for a
+/// TLS 1.2 client).
+pub fn tls_client_config_for(
+    trusted: &[&str],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Arc<rustls::ClientConfig> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for pem in trusted {
@@ -398,7 +416,7 @@ pub fn tls_client_config(trusted: &[&str]) -> Arc<rustls::ClientConfig> {
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
