@@ -45,8 +45,14 @@ Options:
                   self-signed ECDSA P-256 certificate (made with openssl) and offers
                   TLS 1.2 and 1.3, the balancer with --listen off --tls-listen; the
                   version each one negotiates is printed first; the 'close' cell is
-                  then new TLS handshakes per second. Targets: 32 conns >= 0.8x nginx,
-                  close (handshakes/s) >= 1.0x nginx
+                  then new TLS handshakes per second. Two more cells, 32 keep-alive and
+                  'close', with wrk held to TLS 1.2 (OPENSSL_CONF, MaxProtocol). Then
+                  new connections from a client with Nagle's algorithm on, each held
+                  open (scripts/bench/first_answer.py: Python's ssl, 20 connections
+                  a round, the later ones resumed): the median time to the first
+                  answer, TLS 1.3 and 1.2. Targets: 32 conns >= 0.8x nginx, close
+                  (handshakes/s) >= 1.0x nginx, both in TLS 1.3 and 1.2; first answer
+                  <= nginx's + 1 ms
   --cold          instead of the usual cells: before each run, stop the server and start
                   it again, then 256 clients connect at once for 2 s with no warm-up (the
                   readiness check connects once). Target: p99 <= nginx's
@@ -426,6 +432,16 @@ if ((TLS)); then
     -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
     -keyout "$TMP/tls/key.pem" -out "$TMP/tls/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
   cat "$TMP/tls/cert.pem" "$TMP/tls/key.pem" >"$TMP/tls/haproxy.pem"
+  # wrk's OpenSSL reads this for the TLS 1.2 cells: it offers nothing newer than TLS 1.2.
+  cat >"$TMP/tls/tls12.cnf" <<'CNF'
+openssl_conf = openssl_init
+[openssl_init]
+ssl_conf = ssl_configuration
+[ssl_configuration]
+system_default = tls_system_default
+[tls_system_default]
+MaxProtocol = TLSv1.2
+CNF
   SCHEME=https CACERT=$TMP/tls/cert.pem
 fi
 # The TLS versions nginx offers: TLS 1.2 and 1.3, as the balancer and HAProxy do and as nginx does
@@ -552,7 +568,10 @@ run_wrk() {
   t0=$(cpu_ticks "${PID[$server]}")
   s0=$(ctx_switches "${PID[$server]}")
   read -r -a m0 <<<"$(machine_ticks)"
-  run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
+  # The TLS 1.2 cells (c32_12, close32_12): wrk's OpenSSL offers TLS 1.2 at most.
+  local openssl_conf=${OPENSSL_CONF-}
+  [[ $cell == *_12 ]] && openssl_conf=$TMP/tls/tls12.cnf
+  OPENSSL_CONF=$openssl_conf run_child wrk -t "$threads" -c "$conns" -d "${DURATION}s" --latency "$@" \
     "$SCHEME://127.0.0.1:${PORT[$server]}/" >"$out" 2>&1 || {
     echo "bench.sh: wrk failed against ${NAME[$server]}:" >&2; cat "$out" >&2; exit 1; }
   read -r -a m1 <<<"$(machine_ticks)"     # first: the others take a while to read
@@ -578,9 +597,9 @@ run_wrk() {
 }
 
 CELL_IDS=(c1 c32 c256 close32)
-declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32 [cold256]=256)
+declare -A CELL_CONNS=([c1]=1 [c32]=32 [c256]=256 [close32]=32 [cold256]=256 [c32_12]=32 [close32_12]=32)
 MODE=http
-((TLS)) && MODE=tls
+((TLS)) && MODE=tls CELL_IDS+=(c32_12 close32_12)
 # --cold: 256 clients at once on servers started just before, for COLD_SECONDS, no warm-up.
 COLD_SECONDS=2
 if ((COLD)); then
@@ -630,7 +649,7 @@ echo "Measuring$( ((TLS)) && echo ' over HTTPS'): ${#CELL_IDS[@]} cells x $ROUND
 : >"$TMP/runs.tsv"
 for cell in "${CELL_IDS[@]}"; do
   extra=()
-  [[ $cell == close32 ]] && extra=(-H "Connection: close")
+  [[ $cell == close32* ]] && extra=(-H "Connection: close")
   for ((round = 1; round <= ROUNDS; round++)); do
     for s in "${SERVERS[@]}"; do
       [[ $cell == cold256 ]] && restart_server "$s"
@@ -643,8 +662,27 @@ for s in "${SERVERS[@]}"; do
   printf '%s\t%s\n' "$s" "$(mem_kb "${PID[$s]}" VmHWM)"
 done >"$TMP/mem.tsv"
 
+# --tls: new connections from a client with Nagle's algorithm on, each held open; one line per
+# server, version and round in first.tsv.
+FIRST_COUNT=20
+if ((TLS)); then
+  echo "First answers: $FIRST_COUNT new connections a round from Python's ssl, Nagle on, held open"
+  : >"$TMP/first.tsv"
+  for version in 1.3 1.2; do
+    for ((round = 1; round <= ROUNDS; round++)); do
+      for s in "${SERVERS[@]}"; do
+        run_child python3 "$HELPERS/first_answer.py" 127.0.0.1 "${PORT[$s]}" "$CACERT" \
+          "$version" "$FIRST_COUNT" >"$TMP/first.json" ||
+          die "first_answer.py failed against ${NAME[$s]} (TLS $version)"
+        printf '%s\t%s\t%s\t%s\n' "$version" "$s" "$round" "$(cat "$TMP/first.json")" >>"$TMP/first.tsv"
+      done
+    done
+  done
+fi
+
 echo
 python3 "$HELPERS/report.py" wrk "$TMP/runs.tsv" "$TMP/mem.tsv" "$LB_LABEL" "$(getconf CLK_TCK)" "$MODE" "$SWITCH_US"
+((TLS)) && python3 "$HELPERS/report.py" first "$TMP/first.tsv" "$LB_LABEL"
 if ((WATCH_STATS > 0)) && [[ -s $TMP/watch.txt ]]; then
   read -r fetched size <"$TMP/watch.txt"
   echo "/stats fetched $fetched times ($size bytes each) while measuring"

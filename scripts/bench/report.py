@@ -6,16 +6,19 @@
         costs on one CPU here with so many threads taking turns, from switch_cost.rs, as
         "2=14.1,32=21.0,256=33.2"; empty when not measured)
   report.py idle IDLE.tsv LB_LABEL
+  report.py first FIRST.tsv LB_LABEL
 
 RUNS.tsv, one line per wrk run:
   cell server round rps p50_ms p99_ms errors requests cpu_ticks context_switches
   machine_busy_ticks machine_total_ticks error_detail
 MEM.tsv, one line per server: server peak_rss_kb(VmHWM)
 IDLE.tsv: the lines printed by idle.py (its label is the server).
+FIRST.tsv, one line per first_answer.py run: version server round json
 
 Server "lb" is the balancer under test; "nginx" and "haproxy" are the references.
 """
 
+import json
 import math
 import sys
 from statistics import median
@@ -26,9 +29,12 @@ CELLS = [  # (cell id, description)
     ("c32", "32 conns keep-alive"),
     ("c256", "256 conns keep-alive"),
     ("close32", "32 conns Connection: close"),
+    ("c32_12", "TLS 1.2: 32 keep-alive"),
+    ("close32_12", "TLS 1.2: 32 close"),
     ("cold256", "256 conns, cold start"),
 ]
-CELL_CONNS = {"c1": 1, "c32": 32, "c256": 256, "close32": 32, "cold256": 256}
+CELL_CONNS = {"c1": 1, "c32": 32, "c256": 256, "close32": 32, "cold256": 256, "c32_12": 32,
+              "close32_12": 32}
 # Targets for the balancer under test, by mode and cell: the least req/s ratio to nginx, to
 # HAProxy (None: no target), and whether its p99 must be at or below nginx's.
 TARGETS = {
@@ -41,6 +47,8 @@ TARGETS = {
     "tls": {
         "c32": (0.8, None, False),
         "close32": (1.0, None, False),
+        "c32_12": (0.8, None, False),
+        "close32_12": (1.0, None, False),
     },
     "cold": {
         "cold256": (None, None, True),
@@ -243,6 +251,41 @@ def explain_switches(lb, ng, lb_name, conns, switch_us):
           f"everything else is {abs(ng_else - lb_else):.1f} us {word}.")
 
 
+# A new connection's first answer may take at most nginx's median plus this (milliseconds).
+FIRST_SLACK_MS = 1.0
+
+
+def report_first(first_path, lb_label):
+    """The median time to the first answer of a new connection held open, by version and server."""
+    medians = {}  # (version, server) -> [median of each round]
+    agreed = {}
+    for line in open(first_path):
+        version, server, _round, text = line.rstrip("\n").split("\t", 3)
+        run = json.loads(text)
+        medians.setdefault((version, server), []).append(run["median_ms"])
+        agreed[(version, server)] = run["version"]
+    name = {"lb": lb_label, "nginx": "nginx", "haproxy": "haproxy"}
+    width = max(10, len(lb_label))
+    print("New connection from a client with Nagle's algorithm on, held open: time to the first")
+    print("answer (ms, median over rounds of each round's median)")
+    header = f"{'TLS':<5} {'server':<{width}} {'agreed':<8} {'ms':>8}  target"
+    print(header)
+    print("-" * len(header))
+    met = total = 0
+    for version in ("1.3", "1.2"):
+        nginx = median(medians.get((version, "nginx"), [math.nan]))
+        for server in SERVERS:
+            ms = median(medians.get((version, server), [math.nan]))
+            target = ""
+            if server == "lb":
+                ok = ms <= nginx + FIRST_SLACK_MS
+                met, total = met + ok, total + 1
+                target = f"<= nginx + {FIRST_SLACK_MS:g} ms: {'PASS' if ok else 'FAIL'}"
+            print(f"{version:<5} {name[server]:<{width}} {agreed.get((version, server), '?'):<8} "
+                  f"{ms:>8.2f}  {target}")
+    print(f"First-answer targets met by {lb_label}: {met}/{total}")
+
+
 def report_idle(idle_path, lb_label):
     name = {"lb": lb_label, "nginx": "nginx", "haproxy": "haproxy"}
     width = max(10, len(lb_label))
@@ -276,5 +319,7 @@ if __name__ == "__main__":
         report_wrk(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), sys.argv[6], switch_us)
     elif sys.argv[1] == "idle":
         report_idle(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "first":
+        report_first(sys.argv[2], sys.argv[3])
     else:
         sys.exit(__doc__)

@@ -1,12 +1,17 @@
-"""An HTTPS client that is not rustls: Python's ssl module (OpenSSL), over a plain socket with
-Nagle's algorithm on, as most client libraries leave it.
+#!/usr/bin/env python3
+"""How long a new HTTPS connection waits for its first answer, from a client that is not rustls:
+Python's ssl module (OpenSSL) over a plain socket with Nagle's algorithm on, as most client
+libraries and browsers' connection pools leave it (stdlib only).
 
-Usage: python_tls.py HOST PORT CA_FILE VERSION   (VERSION: 1.2 or 1.3)
+  first_answer.py HOST PORT CA_FILE VERSION [COUNT]     (VERSION: 1.2 or 1.3; COUNT: 10)
 
-Opens ten connections one after another, keeping each open, and times each from connect to
-the first whole answer; the first connection sends three requests (keep-alive), the later ones
-resume its session. Prints one JSON object: the version agreed, the times in milliseconds, the
-statuses, and whether each later connection resumed.
+Opens COUNT connections one after another, keeping each open, and times each from connect to
+the first whole answer. The first connection sends three requests (keep-alive); the later ones
+resume its session. Prints one JSON object: the version agreed, the times in milliseconds and
+their median, the statuses, and whether each later connection resumed.
+
+Used by tests/https.rs (does a Nagle client wait for a delayed acknowledgement?) and by
+scripts/bench.sh --tls (the same, against nginx and HAProxy).
 """
 
 import json
@@ -14,8 +19,10 @@ import socket
 import ssl
 import sys
 import time
+from statistics import median
 
 host, port, ca_file, version = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+count = int(sys.argv[5]) if len(sys.argv) > 5 else 10
 context = ssl.create_default_context(cafile=ca_file)
 context.minimum_version = context.maximum_version = {
     "1.2": ssl.TLSVersion.TLSv1_2,
@@ -53,14 +60,14 @@ def request(stream, path):
 
 held, times, statuses, resumed = [], [], [], []
 session = None
-for n in range(10):
+for n in range(count):
     started = time.monotonic()
     plain = socket.create_connection((host, port), timeout=10)
     stream = context.wrap_socket(plain, server_hostname="localhost", session=session)
-    statuses.append(request(stream, f"/python/{n}"))
+    statuses.append(request(stream, f"/first-answer/{n}"))
     times.append((time.monotonic() - started) * 1000)
     if n == 0:
-        statuses += [request(stream, "/python/keep-alive") for _ in range(2)]
+        statuses += [request(stream, "/first-answer/keep-alive") for _ in range(2)]
         session = stream.session
     else:
         resumed.append(stream.session_reused)
@@ -69,6 +76,7 @@ for n in range(10):
 print(json.dumps({
     "version": held[0].version(),
     "times_ms": times,
+    "median_ms": median(times),
     "statuses": statuses,
     "resumed": resumed,
 }))
