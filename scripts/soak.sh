@@ -41,9 +41,13 @@ that requests are in flight when chaos strikes):
   b3-resetting  --reset-percent 5: every 20th response cut off midway (head and half
                 the body, then a reset)
   b4-steady     never touched
-Load (scripts/soak/load.py, one thread per client, 36 clients): 12 keep-alive GET,
+Load (scripts/soak/load.py, one thread per client, 48 clients): 12 keep-alive GET,
 8 `Connection: close` GET, 8 sticky GET keeping cookies, 4 uploading 1 MiB with POST
-every second, 4 slow readers downloading /bytes/1048576 at about 320 KB/s.
+every second, 4 slow readers downloading /bytes/1048576 at about 320 KB/s, 4 plain
+WebSockets; and over HTTPS (the balancer's --tls-listen, a P-256 certificate made
+with openssl), a mix like Socket.IO's: 8 long-polling clients (keep-alive GETs and
+small POSTs keeping cookies, Nagle's algorithm on) and 8 WebSockets sending small
+frames in bursts of three before reading the three echoes.
 
 Samples every 10 s (2 s with --quick): the balancer's RSS, threads, descriptors
 (those of client connections, of backend connections, the rest), its /stats.json requests,
@@ -54,6 +58,7 @@ Verdict (exit code 0 PASS, 1 FAIL, 2 usage error):
      (never resent: 502 or a reset), a response cut short by the resetting backend
      or by the kill after its head was relayed, a 504 when the hung backend outlasts
      --backend-timeout; each kind counted and explained, every other error fails
+     (a WebSocket message whose echo never came back among them)
   2. flat after the first minute (30 s with --minutes 1, 14 s with --quick): the
      last sample under load at most 5 % above the reference sample in RSS, and within
      5 % (or 2) of it in threads and in descriptors other than those of client and
@@ -107,6 +112,7 @@ done
 ((MINUTES >= 1)) || die "--minutes must be at least 1"
 ((MINUTES <= 24 * 60)) || die "--minutes must be at most a day"
 command -v python3 >/dev/null || die "python3 is required (standard library only)"
+command -v openssl >/dev/null || die "openssl is required (it makes the HTTPS certificate)"
 [[ -r /proc/self/status ]] || die "/proc is required (Linux)"
 
 # Every duration below is in whole seconds from the start of the load.
@@ -199,7 +205,7 @@ sleep_until_us() {
 event() { printf '%s\t%s\t%s\t%s\n' "$EPOCHREALTIME" "$1" "$2" "$3" >>"$TMP/events.tsv"; }
 
 # ---------------------------------------------------------------- processes
-read -r B1 B2 B3 B4 LB_PORT ADMIN_PORT <<<"$(free_ports 6)"
+read -r B1 B2 B3 B4 LB_PORT ADMIN_PORT TLS_PORT <<<"$(free_ports 7)"
 BACKEND_PORTS=("$B1" "$B2" "$B3" "$B4")
 BACKEND_NAMES=(b1-killed b2-stopped b3-resetting b4-steady)
 
@@ -212,8 +218,14 @@ start_backend() {  # index 0..3
   wait_port "${BACKEND_NAMES[i]}" "$!" "${BACKEND_PORTS[i]}" "$TMP/${BACKEND_NAMES[i]}.log"
 }
 
+# HTTPS: one self-signed ECDSA P-256 certificate for localhost.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+  -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+  -keyout "$TMP/key.pem" -out "$TMP/cert.pem" 2>/dev/null || die "openssl could not make a certificate"
+
 start_balancer() {
-  local flags=(--listen "127.0.0.1:$LB_PORT" --admin "127.0.0.1:$ADMIN_PORT") p
+  local flags=(--listen "127.0.0.1:$LB_PORT" --admin "127.0.0.1:$ADMIN_PORT"
+               --tls-listen "127.0.0.1:$TLS_PORT" --tls-cert "$TMP/cert.pem" --tls-key "$TMP/key.pem") p
   for p in "${BACKEND_PORTS[@]}"; do flags+=(--backend "127.0.0.1:$p"); done
   flags+=("${STICKY_FLAGS[@]}" "${EXTRA_FLAGS[@]}")
   echo "balancer under test: $BALANCER ${flags[*]}"
@@ -225,7 +237,7 @@ start_balancer() {
 
 # One sample line appended to samples.jsonl; with a baseline file, succeeds when back to it.
 sample() {  # t phase [baseline file]
-  local args=(--pid "$LB_PID" --lb-port "$LB_PORT" --admin-port "$ADMIN_PORT"
+  local args=(--pid "$LB_PID" --lb-port "$LB_PORT" --tls-port "$TLS_PORT" --admin-port "$ADMIN_PORT"
               --backend-ports "$(IFS=,; echo "${BACKEND_PORTS[*]}")"
               --progress "$TMP/progress.json" --t "$1" --phase "$2")
   [[ -n ${3-} ]] && args+=(--baseline "$3")
@@ -249,7 +261,8 @@ fi
 # ---------------------------------------------------------------- load and chaos
 # The load goes on LOAD_TAIL s past the last sample, so that sample is taken under full load.
 LOAD_TAIL=2
-python3 "$HELPERS/load.py" --port "$LB_PORT" --duration "$((DURATION + LOAD_TAIL))" \
+python3 "$HELPERS/load.py" --port "$LB_PORT" --tls-port "$TLS_PORT" --cafile "$TMP/cert.pem" \
+  --duration "$((DURATION + LOAD_TAIL))" \
   --out "$TMP/load.json" --progress "$TMP/progress.json" 2>"$TMP/load.log" &
 LOAD_PID=$!
 START_US=$(now_us)

@@ -16,6 +16,18 @@ One thread per simulated client, each a loop over requests to the balancer on
              second; a socket that ends is opened again (a tunnel cannot move to
              another backend, so the backend's death ends it)
 
+With --tls-port, two more kinds over HTTPS, a mix like Socket.IO's (long-polling
+requests on keep-alive connections, then upgraded WebSockets with small frames):
+
+  tls_poll       keep-alive requests keeping cookies, as a long-polling client:
+                 GETs with a small POST every third request, 10 a second, with
+                 Nagle's algorithm on (as most client libraries leave it)
+  tls_websocket  one WebSocket to /ws over TLS, three small messages sent in a
+                 burst and then their three echoes read, 5 times a second
+
+A WebSocket message whose echo does not come back within the timeout counts as
+`websocket_no_echo`, an error no chaos event explains.
+
 Every response is read whole and checked against its framing. An error is
 counted by kind (status 5xx by code, cut short, reset, closed, timeout, ...),
 then the client opens a new connection and goes on. Each error is also recorded
@@ -31,6 +43,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -39,7 +52,9 @@ UPLOAD = b"u" * (1024 * 1024)
 SLOW_BODY = 1024 * 1024
 SLOW_CHUNK = 16 * 1024
 MAX_RECORDS = 5000
-KINDS = ("keepalive", "close", "sticky", "upload", "slow", "websocket")
+KINDS = ("keepalive", "close", "sticky", "upload", "slow", "websocket", "tls_poll",
+         "tls_websocket")
+POLL_BODY = b"4" + b"p" * 200
 
 
 class Cut(Exception):
@@ -108,14 +123,18 @@ class Totals:
 class Connection:
     """One client connection speaking HTTP/1.1, with a read buffer."""
 
-    def __init__(self, port, timeout, rcvbuf=None):
+    def __init__(self, port, timeout, rcvbuf=None, tls=None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf:
             # Set before connecting, so the window the balancer sees is small from the start.
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is None:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.connect(("127.0.0.1", port))
+        if tls is not None:
+            # Nagle's algorithm stays on over TLS, as in most client libraries.
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         self.kept = None
         self.open = True
@@ -239,8 +258,10 @@ class WebSocket:
     """A WebSocket to /ws through the balancer (RFC 6455, text frames only): the handshake,
     the backend's greeting, then masked frames out and plain frames back."""
 
-    def __init__(self, port, timeout):
+    def __init__(self, port, timeout, tls=None):
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="localhost")
         self.buf = b""
         key = base64.b64encode(os.urandom(16)).decode()
         self.sock.sendall(
@@ -303,9 +324,12 @@ class WebSocket:
 class Client(threading.Thread):
     """One simulated client of a given kind, looping until the deadline."""
 
-    def __init__(self, kind, port, deadline, timeout, totals):
+    def __init__(self, kind, ports, deadline, timeout, totals, tls):
         super().__init__(name=f"{kind}-client", daemon=True)
-        self.kind, self.port, self.deadline = kind, port, deadline
+        self.kind, self.deadline = kind, deadline
+        # The TLS kinds go to the HTTPS port with the client context; the others to plain HTTP.
+        self.tls = tls if kind.startswith("tls_") else None
+        self.port = ports[1] if self.tls else ports[0]
         self.timeout, self.totals = timeout, totals
         self.conn = None
         self.ws = None
@@ -315,9 +339,9 @@ class Client(threading.Thread):
 
     def run(self):
         pause = {"keepalive": 0.05, "close": 0.1, "sticky": 0.1, "upload": 1.0, "slow": 0.5,
-                 "websocket": 0.2}[self.kind]
+                 "websocket": 0.2, "tls_poll": 0.1, "tls_websocket": 0.2}[self.kind]
         while time.time() < self.deadline:
-            if self.kind == "websocket":
+            if self.kind.endswith("websocket"):
                 self.one_message()
             else:
                 self.one_request()
@@ -329,23 +353,33 @@ class Client(threading.Thread):
             self.ws.close()
 
     def one_message(self):
-        """One message echoed over the client's WebSocket, opened first if needed."""
+        """Messages echoed over the client's WebSocket, opened first if needed: one, or over
+        TLS a burst of three sent before the three echoes are read."""
         started = time.time()
         backend = self.ws.backend if self.ws else None
+        waiting = False
         try:
             if self.ws is None:
-                self.ws = WebSocket(self.port, self.timeout)
+                self.ws = WebSocket(self.port, self.timeout, self.tls)
                 backend = self.ws.backend
-            text = f"message {self.requests}"
-            self.ws.send(text)
-            echoed = self.ws.receive()
-            if echoed != text:
-                raise BadResponse(f"echo {echoed!r} for {text!r}")
+            texts = [f"message {self.requests}.{n}" for n in range(3 if self.tls else 1)]
+            for text in texts:
+                self.ws.send(text)
+            waiting = True
+            for text in texts:
+                echoed = self.ws.receive()
+                if echoed != text:
+                    raise BadResponse(f"echo {echoed!r} for {text!r}")
         except (Closed, ConnectionError, OSError, BadResponse, ValueError) as err:
             if self.ws:
                 self.ws.close()
             self.ws = None
-            outcome = "websocket_ended" if backend else "websocket_handshake_failed"
+            if isinstance(err, socket.timeout) and waiting:
+                outcome = "websocket_no_echo"
+            elif isinstance(err, ssl.SSLError) and not backend:
+                outcome = "tls_handshake_failed"
+            else:
+                outcome = "websocket_ended" if backend else "websocket_handshake_failed"
             self.totals.error(self.kind, "WS", outcome, started, backend,
                               f"{type(err).__name__}: {err}")
             return
@@ -359,7 +393,9 @@ class Client(threading.Thread):
             method, path, body = "POST", "/upload", UPLOAD
         elif self.kind == "slow":
             path, slow, rcvbuf = f"/bytes/{SLOW_BODY}", 0.05, SLOW_CHUNK
-        elif self.kind == "sticky":
+        elif self.kind == "tls_poll" and self.requests % 3 == 2:
+            method, path, body = "POST", "/poll", POLL_BODY
+        if self.kind in ("sticky", "tls_poll"):
             if self.requests % 50 == 0:
                 self.cookies, self.sticky_backend = {}, None
             if self.cookies:
@@ -367,7 +403,7 @@ class Client(threading.Thread):
         started = time.time()
         try:
             if self.conn is None or not self.conn.open:
-                self.conn = Connection(self.port, self.timeout, rcvbuf)
+                self.conn = Connection(self.port, self.timeout, rcvbuf, self.tls)
             status, fields, raw_fields, length = self.conn.request(method, path, headers, body, slow)
         except Cut as cut:
             self.drop()
@@ -385,6 +421,11 @@ class Client(threading.Thread):
         except ConnectionRefusedError as err:
             self.drop()
             self.totals.error(self.kind, method, "refused", started, None, str(err))
+            return
+        except ssl.SSLError as err:
+            self.drop()
+            self.totals.error(self.kind, method, "tls_handshake_failed", started, None,
+                              f"{type(err).__name__}: {err}")
             return
         except (ConnectionError, OSError) as err:
             # A reset or broken pipe before the response head arrived (while sending, say).
@@ -408,7 +449,7 @@ class Client(threading.Thread):
             text = (self.conn.kept or b"").decode("utf-8", "replace").strip()
             self.totals.error(self.kind, method, str(status), started, fields.get("x-backend"),
                               f"{status} ({length} body bytes): {text}")
-        if self.kind == "sticky":
+        if self.kind in ("sticky", "tls_poll"):
             self.keep_cookies(raw_fields, backend)
 
     def keep_cookies(self, raw_fields, backend):
@@ -446,21 +487,35 @@ def main():
                         help="socket timeout; longer than the balancer's --backend-timeout")
     parser.add_argument("--grace", type=float, default=15.0,
                         help="seconds after the deadline to wait for requests in flight")
-    parser.add_argument("--clients",
-                        default="keepalive=12,close=8,sticky=8,upload=4,slow=4,websocket=4")
+    parser.add_argument("--tls-port", type=int, help="the balancer's HTTPS port")
+    parser.add_argument("--cafile", help="the certificate the HTTPS port shows")
+    parser.add_argument("--clients", help="kind=N,... (default: "
+                        "keepalive=12,close=8,sticky=8,upload=4,slow=4,websocket=4, and with "
+                        "--tls-port tls_poll=8,tls_websocket=8)")
     args = parser.parse_args()
+    if args.clients is None:
+        args.clients = "keepalive=12,close=8,sticky=8,upload=4,slow=4,websocket=4"
+        if args.tls_port:
+            args.clients += ",tls_poll=8,tls_websocket=8"
+    tls = None
+    if args.tls_port:
+        if not args.cafile:
+            parser.error("--tls-port needs --cafile")
+        tls = ssl.create_default_context(cafile=args.cafile)
 
     mix = {}
     for item in args.clients.split(","):
         kind, _, n = item.partition("=")
         if kind not in KINDS or not n.isdigit():
             parser.error(f"bad --clients item {item!r}")
+        if kind.startswith("tls_") and tls is None:
+            parser.error(f"--clients {kind} needs --tls-port")
         mix[kind] = int(n)
 
     totals = Totals()
     started = time.time()
     deadline = started + args.duration
-    clients = [Client(kind, args.port, deadline, args.timeout, totals)
+    clients = [Client(kind, (args.port, args.tls_port), deadline, args.timeout, totals, tls)
                for kind, n in mix.items() for _ in range(n)]
     for client in clients:
         client.start()

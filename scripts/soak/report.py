@@ -108,6 +108,9 @@ def classify(record, chaos, names):
         "load_generator_error": "the load generator itself failed (a bug in scripts/soak/load.py)",
         "websocket_ended": f"WebSocket to {backend} ended with no kill to explain it",
         "websocket_handshake_failed": "the WebSocket handshake failed",
+        "websocket_no_echo": (f"a message on the WebSocket to {backend} never came back: the "
+                              "tunnel lost or held it"),
+        "tls_handshake_failed": "the TLS handshake failed",
     }
     why = reasons.get(outcome, f"status {outcome}")
     return False, f"{method} {why}"

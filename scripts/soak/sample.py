@@ -75,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pid", type=int, required=True)
     parser.add_argument("--lb-port", type=int, required=True)
+    parser.add_argument("--tls-port", type=int, help="the balancer's HTTPS port, if any")
     parser.add_argument("--backend-ports", required=True, help="comma-separated")
     parser.add_argument("--admin-port", type=int)
     parser.add_argument("--progress", help="the load generator's progress file")
@@ -110,7 +111,7 @@ def main():
             unlisted += 1
             continue
         local, remote, state = tcp[inode]
-        if local == args.lb_port and state != "0A":  # 0A: LISTEN
+        if local in (args.lb_port, args.tls_port) and state != "0A":  # 0A: LISTEN
             client += 1
         elif remote in backend_ports:
             backend += 1
