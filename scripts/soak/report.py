@@ -194,10 +194,10 @@ def print_clients(load):
     print()
     print(f"Clients ({sum(load['clients'].values())} threads; "
           f"{load['unfinished']} still busy when the load ended)")
-    print(f"  {'kind':<10} {'requests':>9} {'ok':>9}  errors")
+    print(f"  {'kind':<13} {'requests':>9} {'ok':>9}  errors")
     for kind, counts in load["kinds"].items():
         errors = ", ".join(f"{k} {v}" for k, v in sorted(counts["errors"].items())) or "none"
-        print(f"  {kind:<10} {counts['requests']:>9} {counts['ok']:>9}  {errors}")
+        print(f"  {kind:<13} {counts['requests']:>9} {counts['ok']:>9}  {errors}")
     served = ", ".join(f"{name} {n}" for name, n in sorted(load["by_backend"].items()))
     print(f"  answered by: {served}")
     print(f"  sticky clients moved to another backend while keeping their cookie: "
