@@ -200,104 +200,126 @@ fn run_tls(
     backend: &TcpStream,
     idle_limit: Duration,
 ) -> Carried {
-    let mut carried = Carried { up: 0, down: 0 };
-    let mut buffer = vec![0u8; COPY_BUFFER];
-    let (mut client_open, mut backend_open) = (true, true);
+    let mut tunnel = TlsTunnel {
+        conn,
+        client,
+        backend,
+        buffer: vec![0u8; COPY_BUFFER],
+        carried: Carried { up: 0, down: 0 },
+        client_open: true,
+        backend_open: true,
+    };
     let mut last = Instant::now();
     // Bytes the client sent right after the handshake may already wait inside rustls.
-    if pass_up(conn, backend, &mut buffer, &mut carried).is_err() {
-        close_both(client, backend);
-        return carried;
-    }
-    while client_open || backend_open {
+    let mut going = tunnel.pass_up();
+    while going && (tunnel.client_open || tunnel.backend_open) {
         let idle = last.elapsed();
         if idle >= idle_limit {
             log::debug!("tunnel idle for {idle:?}: closed");
             break;
         }
         let wait = (idle_limit - idle).min(Duration::from_secs(1));
-        let (client_ready, backend_ready) = match wait_readable(
-            client_open.then_some(&*client),
-            backend_open.then_some(backend),
-            wait,
-        ) {
-            Ok(ready) => ready,
-            Err(_) => break,
+        let client = tunnel.client_open.then_some(&*tunnel.client);
+        let backend = tunnel.backend_open.then_some(tunnel.backend);
+        let Ok((client_ready, backend_ready)) = wait_readable(client, backend, wait) else {
+            break;
         };
-        if client_ready {
+        if client_ready || backend_ready {
             last = Instant::now();
-            match conn.read_tls(client) {
-                Ok(0) => {
-                    client_open = false;
-                    let _ = backend.shutdown(Shutdown::Write);
-                }
-                Ok(_) => {
-                    if conn.process_new_packets().is_err() {
-                        let _ = conn.write_tls(client);
-                        break;
-                    }
-                    match pass_up(conn, backend, &mut buffer, &mut carried) {
-                        Ok(true) => {}
-                        // The client's close_notify: its half is done.
-                        Ok(false) => {
-                            client_open = false;
-                            let _ = backend.shutdown(Shutdown::Write);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
-            }
         }
-        if backend_ready {
-            last = Instant::now();
-            let mut reader = backend;
-            match reader.read(&mut buffer) {
+        going = (!client_ready || tunnel.client_to_backend())
+            && (!backend_ready || tunnel.backend_to_client());
+    }
+    close_both(tunnel.client, tunnel.backend);
+    tunnel.carried
+}
+
+/// Both ends of a TLS client's tunnel, and which directions are still open. Each step returns
+/// whether the tunnel goes on; false when a side failed.
+struct TlsTunnel<'a> {
+    conn: &'a mut rustls::ServerConnection,
+    client: &'a mut TcpStream,
+    backend: &'a TcpStream,
+    buffer: Vec<u8>,
+    carried: Carried,
+    client_open: bool,
+    backend_open: bool,
+}
+
+impl TlsTunnel<'_> {
+    /// The client's socket is readable: its records are decrypted and what they hold goes to
+    /// the backend. The end of the client's stream (or its close_notify) is passed on as a
+    /// half-close.
+    fn client_to_backend(&mut self) -> bool {
+        match self.conn.read_tls(self.client) {
+            Ok(0) => {
+                self.client_ended();
+                true
+            }
+            Ok(_) => {
+                if self.conn.process_new_packets().is_err() {
+                    // rustls queued an alert saying what went wrong.
+                    let _ = self.conn.write_tls(self.client);
+                    return false;
+                }
+                self.pass_up()
+            }
+            Err(err) => err.kind() == io::ErrorKind::Interrupted,
+        }
+    }
+
+    /// The backend's socket is readable: what it sent goes to the client, encrypted. The end of
+    /// the backend's stream becomes a close_notify and a half-close.
+    fn backend_to_client(&mut self) -> bool {
+        let mut reader = self.backend;
+        match reader.read(&mut self.buffer) {
+            Ok(0) => {
+                self.backend_open = false;
+                self.conn.send_close_notify();
+                if flush_tls(self.conn, self.client).is_err() {
+                    return false;
+                }
+                let _ = self.client.shutdown(Shutdown::Write);
+                true
+            }
+            Ok(n) => {
+                if self.conn.writer().write_all(&self.buffer[..n]).is_err()
+                    || flush_tls(self.conn, self.client).is_err()
+                {
+                    return false;
+                }
+                self.carried.down += n as u64;
+                true
+            }
+            Err(err) => err.kind() == io::ErrorKind::Interrupted,
+        }
+    }
+
+    /// Passes the plaintext rustls holds on to the backend.
+    fn pass_up(&mut self) -> bool {
+        let mut writer = self.backend;
+        loop {
+            match self.conn.reader().read(&mut self.buffer) {
+                // The client's close_notify: nothing more will come.
                 Ok(0) => {
-                    backend_open = false;
-                    conn.send_close_notify();
-                    if flush_tls(conn, client).is_err() {
-                        break;
-                    }
-                    let _ = client.shutdown(Shutdown::Write);
+                    self.client_ended();
+                    return true;
                 }
                 Ok(n) => {
-                    if conn.writer().write_all(&buffer[..n]).is_err()
-                        || flush_tls(conn, client).is_err()
-                    {
-                        break;
+                    if writer.write_all(&self.buffer[..n]).is_err() {
+                        return false;
                     }
-                    carried.down += n as u64;
+                    self.carried.up += n as u64;
                 }
-                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+                Err(err) => return err.kind() == io::ErrorKind::WouldBlock,
             }
         }
     }
-    close_both(client, backend);
-    carried
-}
 
-/// Passes the plaintext rustls holds on to the backend; false once the client's close_notify
-/// came (nothing more will).
-fn pass_up(
-    conn: &mut rustls::ServerConnection,
-    backend: &TcpStream,
-    buffer: &mut [u8],
-    carried: &mut Carried,
-) -> io::Result<bool> {
-    let mut writer = backend;
-    loop {
-        match conn.reader().read(buffer) {
-            Ok(0) => return Ok(false),
-            Ok(n) => {
-                writer.write_all(&buffer[..n])?;
-                carried.up += n as u64;
-            }
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(true),
-            Err(err) => return Err(err),
-        }
+    /// The client's half is done: the backend is told so.
+    fn client_ended(&mut self) {
+        self.client_open = false;
+        let _ = self.backend.shutdown(Shutdown::Write);
     }
 }
 
