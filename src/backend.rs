@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::health::Health;
+use crate::health::{Health, Transition};
+use crate::stats::events::EventKind;
 use crate::stats::BackendStats;
 
 /// Idle connections kept per backend; more are closed when they come back.
@@ -453,6 +454,36 @@ impl Drop for Place<'_> {
             None => {}
         }
     }
+}
+
+/// Acts on a backend's health flipping: a backend that went down loses its pooled connections
+/// (they likely lead nowhere), and the change is logged once, with how many backends are left,
+/// as the chapter prints it: at warn when a backend goes (something is wrong), at info when it
+/// comes back (nothing is). The same words go to the statistics page's events.
+pub fn report_health(backends: &[Arc<Backend>], backend: &Backend, change: &Transition) {
+    if !change.healthy {
+        backend.close_idle();
+    }
+    let healthy = backends.iter().filter(|b| b.is_healthy()).count();
+    let (mark, verb) = match change.kind {
+        _ if change.healthy => ("✅", "is back"),
+        EventKind::Trial => ("❌", "stays out"),
+        _ => ("❌", "is down"),
+    };
+    let message = format!(
+        "backend {} {verb}: {}; {healthy}/{} backends healthy",
+        backend.name(),
+        change.reason,
+        backends.len()
+    );
+    if change.healthy {
+        log::info!("{mark} {message}");
+    } else {
+        log::warn!("{mark} {message}");
+    }
+    backend
+        .stats()
+        .push_event(backend.name(), change.kind, message);
 }
 
 #[cfg(test)]

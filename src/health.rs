@@ -8,10 +8,9 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::backend::Backend;
 use crate::stats::events::EventKind;
 
 pub mod active;
@@ -443,36 +442,6 @@ impl Health {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Acts on a backend's health flipping: a backend that went down loses its pooled connections
-/// (they likely lead nowhere), and the change is logged once, with how many backends are left,
-/// as the chapter prints it: at warn when a backend goes (something is wrong), at info when it
-/// comes back (nothing is). The same words go to the statistics page's events.
-pub fn report(backends: &[Arc<Backend>], backend: &Backend, change: &Transition) {
-    if !change.healthy {
-        backend.close_idle();
-    }
-    let healthy = backends.iter().filter(|b| b.is_healthy()).count();
-    let (mark, verb) = match change.kind {
-        _ if change.healthy => ("✅", "is back"),
-        EventKind::Trial => ("❌", "stays out"),
-        _ => ("❌", "is down"),
-    };
-    let message = format!(
-        "backend {} {verb}: {}; {healthy}/{} backends healthy",
-        backend.name(),
-        change.reason,
-        backends.len()
-    );
-    if change.healthy {
-        log::info!("{mark} {message}");
-    } else {
-        log::warn!("{mark} {message}");
-    }
-    backend
-        .stats()
-        .push_event(backend.name(), change.kind, message);
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@ use crate::descriptors::{self, Budget};
 use crate::error::StartError;
 use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
+use crate::report;
 use crate::server::Server;
 use crate::stats::events::EventKind;
 use crate::tls;
@@ -109,7 +110,7 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     if let Some(logger) = stats_logger {
         let _ = logger.join();
     }
-    log::info!("{}", lb.stats().summary(lb.backends()));
+    log::info!("{}", report::summary(&lb));
     log::info!("stopped");
     Ok(())
 }
@@ -340,7 +341,7 @@ fn start_housekeeping(
                     backend.close_expired_idle();
                 }
                 if !stats_interval.is_zero() && Instant::now() >= next_stats {
-                    log::info!("{}", lb.stats().summary(lb.backends()));
+                    log::info!("{}", report::summary(&lb));
                     next_stats += stats_interval;
                 }
             }

@@ -1,4 +1,4 @@
-//! Statistics: counters kept while the balancer runs, and the periodic summary in the log.
+//! Statistics: counters kept while the balancer runs ([`crate::report`] shows them).
 //!
 //! Every counter is an atomic, so recording a request never takes a lock and never waits on
 //! another thread. Latency goes into a fixed set of histogram buckets instead of a growing list,
@@ -10,11 +10,8 @@
 //! ([`history`]), a fine latency histogram for honest percentiles ([`latency`]), and, with the
 //! balancer, a short list of what changed ([`events`]). All three have a fixed size.
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
-
-use crate::backend::Backend;
 
 pub mod events;
 pub mod history;
@@ -130,34 +127,6 @@ impl Stats {
         } else {
             0.0
         }
-    }
-
-    /// The summary the chapter prints every 30 seconds: uptime, total, RPS, and per backend its
-    /// requests, errors and error rate.
-    pub fn summary(&self, backends: &[std::sync::Arc<Backend>]) -> String {
-        let mut text = format!(
-            "statistics: uptime {:.0}s, {} requests, {:.1} req/s, {} open connections, {} retries",
-            self.uptime().as_secs_f64(),
-            self.total_requests(),
-            self.requests_per_second(),
-            self.active_connections(),
-            self.retries()
-        );
-        for backend in backends {
-            let stats = backend.stats();
-            let _ = write!(
-                text,
-                "\n  {}: {} requests, {} errors ({:.1}% error rate), {} active, avg {:.2} ms, {}",
-                backend.name(),
-                stats.requests(),
-                stats.errors(),
-                stats.error_rate() * 100.0,
-                stats.active(),
-                stats.latency_ms_avg(),
-                backend.health().describe()
-            );
-        }
-        text
     }
 }
 

@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use crate::backend::Backend;
-use crate::health::{self, ActivePolicy};
+use crate::backend::{report_health, Backend};
+use crate::health::ActivePolicy;
 
 /// The running checker threads; [`ActiveChecker::stop`] ends them.
 #[derive(Debug)]
@@ -106,7 +106,7 @@ fn check_until_stopped(
         log::debug!("health check of {}: {result}", backend.name());
         backend.health().expect_check_in(policy.interval);
         if let Some(change) = backend.health().observe_check(passed, &result) {
-            health::report(all, backend, &change);
+            report_health(all, backend, &change);
         }
         if stop.wait(policy.interval) {
             return;

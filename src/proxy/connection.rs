@@ -1,42 +1,20 @@
 //! One client connection: the loop over its requests, and for each request the choice of a
 //! backend, the retries on the next one, and the error answers.
 
-use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use crate::backend::Backend;
 use crate::balance;
 use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
 use crate::stream::ClientStream;
 
-use super::exchange::TryError;
+use super::outcome::{Failure, Flow, TryError};
 use super::request::{check_request, is_upgrade, OutgoingRequest};
 use super::session::Session;
 use super::{ConnectionState, LoadBalancer};
-
-/// Whether the connection goes on after a request.
-#[derive(Debug)]
-pub(super) enum Flow {
-    KeepAlive,
-    Close,
-    /// The backend answered `101 Switching Protocols` on this connection to it: the client's
-    /// connection becomes a tunnel to it.
-    Switch(TcpStream),
-}
-
-/// How forwarding one request went wrong.
-pub(super) enum Failure {
-    /// Nothing of a response reached the client yet: answer with this error.
-    Answer(ProxyError),
-    /// The connection cannot carry more: the client went away, or a response was cut short.
-    Abort {
-        /// What happened.
-        why: String,
-        /// Whether the backend broke the exchange (rather than the client).
-        by_backend: bool,
-    },
-}
 
 /// One client connection: its socket, who it is, and the state its requests share.
 pub struct ClientConnection<'a> {
@@ -252,59 +230,93 @@ impl<'a> ClientConnection<'a> {
 
     /// Checks the request, then tries backends until one answers or none is left.
     fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
-        // Until the body's framing is known, nothing tells a body from the next request: a
-        // request refused here closes the connection, or its body would be read as a request
-        // of its own (request smuggling).
-        self.body_pending = true;
-        let body = check_request(head).map_err(Failure::Answer)?;
-        self.body_pending = body != BodyLength::Empty;
+        let body = self.prepare(head)?;
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        // The client's own id is kept, unless its `Connection` field names it (then it is not
-        // forwarded, and the backend gets a new one).
-        let request_id = match head.header("x-request-id") {
-            Some(_) if !http::HopByHop::of(head).contains(b"x-request-id") => None,
-            _ => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut id_text)),
-        };
+        let request_id = request_id(head, &mut id_text);
         let (prefix, rest) = self.take_body_prefix(body);
         let session = self
             .lb
             .sticky
             .as_ref()
             .map(|sticky| Session::of(sticky, head));
-        let mut tried: Vec<usize> = Vec::new();
-        // Why the last backend tried failed the request, if another one may take it over.
-        let mut failed: Option<Failure> = None;
-        let mut attempts = 0;
+        let mut tries = Tries::default();
+        while let Some(attempt) = self.next_attempt(head, session.as_ref(), &mut tries) {
+            let backend = attempt.backend;
+            let _in_flight = backend.stats().begin_request();
+            let request = OutgoingRequest {
+                head,
+                body,
+                prefix: &prefix,
+                rest,
+                request_id,
+                reason: &attempt.decision,
+                set_cookie: attempt.set_cookie.as_deref(),
+                upgrade: is_upgrade(head),
+            };
+            match self.try_backend(backend, &request, started) {
+                // The tunnel runs while the request counts as in flight on its backend, so
+                // that least connections sees it.
+                Ok(Flow::Switch(upstream)) => {
+                    self.tunnel(backend, upstream);
+                    return Ok(Flow::Close);
+                }
+                Ok(flow) => return Ok(flow),
+                Err(err) => {
+                    if let Some(why) = self.may_retry(err, &request, backend)? {
+                        tries.failed = Some(why);
+                    }
+                }
+            }
+        }
+        Err(tries.failed.unwrap_or_else(|| {
+            Failure::Answer(ProxyError::NoBackend {
+                retry_after: self.lb.retry_after(),
+            })
+        }))
+    }
+
+    /// Checks the request's framing and target, and returns how its body is framed.
+    fn prepare(&mut self, head: &RequestHead) -> Result<BodyLength, Failure> {
+        // Until the body's framing is known, nothing tells a body from the next request: a
+        // request refused here closes the connection, or its body would be read as a request
+        // of its own (request smuggling).
+        self.body_pending = true;
+        let body = check_request(head).map_err(Failure::Answer)?;
+        self.body_pending = body != BodyLength::Empty;
+        Ok(body)
+    }
+
+    /// The next backend to try and what the try adds to the request, or `None` once the
+    /// retries are used up or no backend is left.
+    fn next_attempt(
+        &self,
+        head: &RequestHead,
+        session: Option<&Session>,
+        tries: &mut Tries,
+    ) -> Option<Attempt<'a>> {
+        let lb: &'a LoadBalancer = self.lb;
         loop {
-            let pick = if attempts > self.lb.settings.retries {
-                None
-            } else {
-                self.choose(&tried, session.as_ref())
-            };
-            let Some(pick) = pick else {
-                return Err(failed.unwrap_or_else(|| {
-                    Failure::Answer(ProxyError::NoBackend {
-                        retry_after: self.lb.retry_after(),
-                    })
-                }));
-            };
-            let decision = if self.lb.settings.explain {
-                self.explain(&pick, session.as_ref(), &tried)
+            if tries.count > lb.settings.retries {
+                return None;
+            }
+            let pick = self.choose(&tries.tried, session)?;
+            let decision = if lb.settings.explain {
+                self.explain(&pick, session, &tries.tried)
             } else {
                 String::new()
             };
-            if let Some(session) = &session {
+            if let Some(session) = session {
                 session.follow(pick.index);
             }
-            let set_cookie = session.as_ref().and_then(|s| s.set_cookie(pick.index));
-            tried.push(pick.index);
-            let backend = &self.lb.backends[pick.index];
+            let set_cookie = session.and_then(|s| s.set_cookie(pick.index));
+            tries.tried.push(pick.index);
+            let backend = &lb.backends[pick.index];
             if !backend.health().admit() {
                 // Another request took this backend's one trial after its fail-timeout.
                 continue;
             }
-            if attempts > 0 {
-                self.lb.stats.count_retry();
+            if tries.count > 0 {
+                lb.stats.count_retry();
                 log::debug!(
                     "{} {} {}: retrying on {}",
                     self.client_ip,
@@ -313,44 +325,41 @@ impl<'a> ClientConnection<'a> {
                     backend.name()
                 );
             }
-            attempts += 1;
-            let _in_flight = backend.stats().begin_request();
-            let request = OutgoingRequest {
-                head,
-                body,
-                prefix: &prefix,
-                rest,
-                request_id,
-                reason: &decision,
-                set_cookie: set_cookie.as_deref(),
-                upgrade: is_upgrade(head),
-            };
-            match self.try_backend(backend, &request, started) {
-                // Nothing reached the backend, so the next one may safely get the request.
-                Err(TryError::Unreachable) => continue,
-                // The backend broke the exchange before any byte of the answer reached the
-                // client (a timeout is a 504, not a broken exchange).
-                Err(TryError::Failed(Failure::Answer(err @ ProxyError::BadGateway(_))))
-                    if request.may_go_elsewhere() =>
-                {
-                    log::debug!(
-                        "{} {} {}: {} failed before answering ({err}); another backend may take it",
-                        self.client_ip,
-                        head.method(),
-                        head.target(),
-                        backend.name(),
-                    );
-                    failed = Some(Failure::Answer(err));
-                }
-                Err(TryError::Failed(failure)) => return Err(failure),
-                // The tunnel runs while the request counts as in flight on its backend, so
-                // that least connections sees it.
-                Ok(Flow::Switch(upstream)) => {
-                    self.tunnel(backend, upstream);
-                    return Ok(Flow::Close);
-                }
-                Ok(flow) => return Ok(flow),
+            tries.count += 1;
+            return Some(Attempt {
+                backend,
+                decision,
+                set_cookie,
+            });
+        }
+    }
+
+    /// Whether a failed try may go on to the next backend: `Ok` with why this one failed the
+    /// request (`None` when nothing reached it), or `Err` with the failure that ends it.
+    fn may_retry(
+        &self,
+        err: TryError,
+        request: &OutgoingRequest,
+        backend: &Backend,
+    ) -> Result<Option<Failure>, Failure> {
+        match err {
+            // Nothing reached the backend, so the next one may safely get the request.
+            TryError::Unreachable => Ok(None),
+            // The backend broke the exchange before any byte of the answer reached the
+            // client (a timeout is a 504, not a broken exchange).
+            TryError::Failed(Failure::Answer(err @ ProxyError::BadGateway(_)))
+                if request.may_go_elsewhere() =>
+            {
+                log::debug!(
+                    "{} {} {}: {} failed before answering ({err}); another backend may take it",
+                    self.client_ip,
+                    request.head.method(),
+                    request.head.target(),
+                    backend.name(),
+                );
+                Ok(Some(Failure::Answer(err)))
             }
+            TryError::Failed(failure) => Err(failure),
         }
     }
 
@@ -421,6 +430,39 @@ impl<'a> ClientConnection<'a> {
         }
         parts.push(format!("chose {}", name(pick.index)));
         parts.join("; ")
+    }
+}
+
+/// The tries of one request so far.
+#[derive(Default)]
+struct Tries {
+    /// The backends already chosen, by index; a retry goes elsewhere.
+    tried: Vec<usize>,
+    /// Requests sent (a backend that refused its trial does not count).
+    count: usize,
+    /// Why the last backend tried failed the request, if another one may take it over.
+    failed: Option<Failure>,
+}
+
+/// One try: the backend, and what it adds to the request.
+struct Attempt<'a> {
+    backend: &'a Backend,
+    /// The `X-Lb-Decision` value; empty unless `--explain`.
+    decision: String,
+    /// A new sticky session's cookie.
+    set_cookie: Option<String>,
+}
+
+/// The request's id for the backend and the log: the client's own `X-Request-Id` is kept
+/// (`None`: forwarded as it is), unless its `Connection` field names it (then it is not
+/// forwarded, and the backend gets a new one, written into `text`).
+fn request_id<'t>(
+    head: &RequestHead,
+    text: &'t mut [u8; uuid::fmt::Hyphenated::LENGTH],
+) -> Option<&'t str> {
+    match head.header("x-request-id") {
+        Some(_) if !http::HopByHop::of(head).contains(b"x-request-id") => None,
+        _ => Some(&*uuid::Uuid::new_v4().hyphenated().encode_lower(text)),
     }
 }
 

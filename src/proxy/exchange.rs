@@ -6,16 +6,16 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crate::backend::{Backend, Connection, FirstExchange};
+use crate::backend::{report_health, Backend, Connection, FirstExchange};
 use crate::descriptors;
 use crate::error::ProxyError;
-use crate::health;
 use crate::http::{
     self, BodyLength, BufferedStream, HeadError, Headers, RelayError, ResponseHead, Sink, Version,
 };
 use crate::warnings::RepeatedWarning;
 
-use super::connection::{ClientConnection, Failure, Flow};
+use super::connection::ClientConnection;
+use super::outcome::{abort, bad_gateway, ExchangeError, Failure, Flow, TryError};
 use super::request::{
     push_upgrade_fields, write_request_head, write_response_head, OutgoingRequest,
 };
@@ -25,15 +25,6 @@ const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
 
 static UNREACHABLE: RepeatedWarning = RepeatedWarning::new(module_path!());
 static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new(module_path!());
-
-/// What one exchange with one backend ended in.
-enum ExchangeError {
-    /// A pooled connection turned out closed before any response byte: safe to send again on a
-    /// fresh connection.
-    Stale,
-    /// Any other failure.
-    Failed(Failure),
-}
 
 impl ClientConnection<'_> {
     /// Sends the request to one backend, once more on a fresh connection if a pooled one turns
@@ -205,7 +196,7 @@ impl ClientConnection<'_> {
     fn observe(&self, backend: &Backend, ok: Option<bool>) {
         let Some(ok) = ok else { return };
         if let Some(change) = backend.health().observe_request(ok) {
-            health::report(&self.lb.backends, backend, &change);
+            report_health(&self.lb.backends, backend, &change);
         }
     }
 
@@ -504,26 +495,6 @@ fn relay_failure(err: RelayError, nothing_sent: bool) -> ExchangeError {
             by_backend: true,
         }),
     }
-}
-
-/// Why a backend could not take a request.
-pub(super) enum TryError {
-    /// Connecting failed: nothing was sent, so another backend may take the request.
-    Unreachable,
-    /// The exchange failed after the request went out.
-    Failed(Failure),
-}
-
-fn bad_gateway(why: &str) -> ExchangeError {
-    ExchangeError::Failed(Failure::Answer(ProxyError::BadGateway(why.to_string())))
-}
-
-/// The client broke the exchange.
-fn abort(why: &str) -> ExchangeError {
-    ExchangeError::Failed(Failure::Abort {
-        why: why.to_string(),
-        by_backend: false,
-    })
 }
 
 /// How an exchange counts for passive health checks (the contract's failed request): a 502,

@@ -13,12 +13,19 @@
 //! | `mod.rs` | [`LoadBalancer`], what every connection shares: backends, algorithm, sessions, settings |
 //! | `connection.rs` | [`ClientConnection`]: the loop over requests, choosing a backend, retries, error answers |
 //! | `exchange.rs` | one try against one backend: connect or reuse, send, read and relay the response, release |
+//! | `outcome.rs` | how a request, a try and an exchange end: `Flow`, `Failure`, `TryError`, `ExchangeError` |
 //! | `request.rs` | checking a request and writing the heads the backend and the client see |
 //! | `session.rs` | the sticky-session view of a request |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
+//!
+//! [`ClientConnection`] is declared in `connection.rs`; `exchange.rs` (one try) and `tunnel.rs`
+//! (after a `101`) continue its `impl`, each with the steps of its own part of the path. They
+//! share no types but the connection and `outcome.rs`, so none of the three imports another
+//! that imports it back.
 
 mod connection;
 mod exchange;
+mod outcome;
 mod request;
 mod session;
 mod tunnel;
