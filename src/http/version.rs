@@ -6,7 +6,16 @@
 //! major version (`HTTP/2.0`, the HTTP/2 connection preface `PRI * HTTP/2.0`, or an HTTP/0.9
 //! line with no version at all) is answered `505 HTTP Version Not Supported` (RFC 9110 §15.6.6).
 //! This module only looks at a line `httparse` refused; anything that is not a version stays
-//! malformed (400).
+//! malformed (400). The two versions spoken are [`Version`].
+
+/// The protocol version of a message; only HTTP/1.0 and HTTP/1.1 are spoken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// HTTP/1.0: connections close after each response unless `Connection: keep-alive`.
+    Http10,
+    /// HTTP/1.1: connections persist unless `Connection: close`.
+    Http11,
+}
 
 /// What the version on the first line of a head says, when `httparse` refused the head.
 #[derive(Debug, Clone, PartialEq, Eq)]

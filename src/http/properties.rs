@@ -1,5 +1,5 @@
-//! Structured fuzzing of the HTTP/1.1 layer: property tests over random bytes and over mutations
-//! of valid heads and chunked bodies.
+//! Property tests of the HTTP/1.1 layer, over random bytes and over mutations of valid heads and
+//! chunked bodies (structured fuzzing by `proptest`, not a coverage-guided fuzzer).
 //!
 //! The heads and bodies go through the very loops the balancer runs (`read_head` with the
 //! request and response parsers, `relay_body`), fed by a scripted source instead of a socket so
@@ -16,6 +16,9 @@
 //! `cargo test --release -- --ignored fuzz` (`LB_FUZZ_CASES` sets the cases per property,
 //! 100000 by default). Whatever they find becomes a named test in `regressions` below.
 
+use super::body::{relay_body, BodyLength, RelayError, Sink, BODY_BUFFER, MAX_CHUNK_LINE};
+use super::buffer::BufferedStream;
+use super::head::{parse_response_head, read_head, HeadKind, REQUEST, RESPONSE};
 use super::*;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
@@ -533,7 +536,7 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// The properties, shared by the quick runs in `cargo test` and the long `fuzz_*` runs.
-mod properties {
+mod invariants {
     use super::*;
 
     /// Random bytes, read in random pieces, as a request and as a response: no panic, no hang,
@@ -659,7 +662,7 @@ proptest! {
         input in proptest::collection::vec(any::<u8>(), 0..300),
         cuts in cuts(),
     ) {
-        properties::random_bytes(&input, &cuts)?;
+        invariants::random_bytes(&input, &cuts)?;
     }
 }
 
@@ -668,12 +671,12 @@ proptest! {
 
     #[test]
     fn mutated_request_heads_read_the_same_at_every_split(input in mutated_request()) {
-        properties::mutated_request(&input)?;
+        invariants::mutated_request(&input)?;
     }
 
     #[test]
     fn mutated_response_heads_read_the_same_at_every_split(input in response_head()) {
-        properties::mutated_response(&input)?;
+        invariants::mutated_response(&input)?;
     }
 }
 
@@ -685,12 +688,12 @@ proptest! {
         (body, encoded) in chunked_body(),
         cuts in cuts(),
     ) {
-        properties::chunked(&body, &encoded, &cuts)?;
+        invariants::chunked(&body, &encoded, &cuts)?;
     }
 
     #[test]
     fn mutated_chunked_bodies_read_the_same_at_every_split(input in mutated_chunked_input()) {
-        properties::mutated_chunked(&input)?;
+        invariants::mutated_chunked(&input)?;
     }
 }
 
@@ -703,31 +706,31 @@ proptest! {
         input in proptest::collection::vec(any::<u8>(), 0..2000),
         cuts in cuts(),
     ) {
-        properties::random_bytes(&input, &cuts)?;
+        invariants::random_bytes(&input, &cuts)?;
     }
 
     #[test]
     #[ignore = "long run: cargo test --release -- --ignored fuzz"]
     fn fuzz_mutated_request_heads(input in mutated_request()) {
-        properties::mutated_request(&input)?;
+        invariants::mutated_request(&input)?;
     }
 
     #[test]
     #[ignore = "long run: cargo test --release -- --ignored fuzz"]
     fn fuzz_mutated_response_heads(input in response_head()) {
-        properties::mutated_response(&input)?;
+        invariants::mutated_response(&input)?;
     }
 
     #[test]
     #[ignore = "long run: cargo test --release -- --ignored fuzz"]
     fn fuzz_chunked_bodies((body, encoded) in chunked_body(), cuts in cuts()) {
-        properties::chunked(&body, &encoded, &cuts)?;
+        invariants::chunked(&body, &encoded, &cuts)?;
     }
 
     #[test]
     #[ignore = "long run: cargo test --release -- --ignored fuzz"]
     fn fuzz_mutated_chunked_bodies(input in mutated_chunked_input()) {
-        properties::mutated_chunked(&input)?;
+        invariants::mutated_chunked(&input)?;
     }
 }
 
