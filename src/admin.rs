@@ -17,8 +17,9 @@ use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use crate::http::{self, BufferedStream, HeadError, RequestHead};
 use crate::proxy::LoadBalancer;
 use crate::report::Snapshot;
 
@@ -134,18 +135,27 @@ fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &Atomic
 }
 
 /// Answers the one request of an admin connection.
-fn serve(mut stream: TcpStream, lb: &LoadBalancer) {
+fn serve(stream: TcpStream, lb: &LoadBalancer) {
     if stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
         || stream.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err()
     {
         return;
     }
-    let answer = match read_head(&mut stream) {
-        Ok(head) => route(&head, lb),
-        Err(HeadError::Gone) => return,
-        Err(HeadError::TooLarge) => response(431, "text/plain", b"request head too large\n", false),
-        Err(HeadError::Malformed) => response(400, "text/plain", b"bad request\n", false),
+    // The same head reader as the proxy's: bounded in size, and in time as a whole, so a client
+    // trickling one byte at a time is still cut off.
+    let mut reader = BufferedStream::new(stream, 1024);
+    let answer = match http::read_request_head_within(&mut reader, CLIENT_TIMEOUT, MAX_HEAD) {
+        Ok(Some(head)) => route(&head, lb),
+        // The client closed, stalled or broke the connection before a whole head arrived.
+        Ok(None) | Err(HeadError::Truncated | HeadError::TimedOut | HeadError::Io(_)) => return,
+        Err(HeadError::TooLarge | HeadError::LineTooLong) => {
+            response(431, "text/plain", b"request head too large\n", false)
+        }
+        Err(HeadError::Malformed(_) | HeadError::UnsupportedVersion(_)) => {
+            response(400, "text/plain", b"bad request\n", false)
+        }
     };
+    let (mut stream, _) = reader.into_parts();
     if stream.write_all(&answer).is_ok() {
         linger(&mut stream);
     }
@@ -173,67 +183,19 @@ fn linger(stream: &mut TcpStream) {
     }
 }
 
-/// Why an admin request could not be read.
-enum HeadError {
-    /// The client closed, stalled or broke the connection before a whole head arrived.
-    Gone,
-    /// The head exceeds [`MAX_HEAD`].
-    TooLarge,
-    /// The head is not HTTP/1.x.
-    Malformed,
-}
-
-/// The method and path of an admin request.
-struct AdminRequest {
-    method: String,
-    path: String,
-}
-
-/// Reads one request head within [`CLIENT_TIMEOUT`] and [`MAX_HEAD`] bytes.
-fn read_head(stream: &mut TcpStream) -> Result<AdminRequest, HeadError> {
-    let deadline = Instant::now() + CLIENT_TIMEOUT;
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    loop {
-        let mut fields = [httparse::EMPTY_HEADER; 64];
-        let mut request = httparse::Request::new(&mut fields);
-        match request.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let method = request.method.unwrap_or_default().to_string();
-                let target = request.path.unwrap_or_default();
-                let path = target.split(['?', '#']).next().unwrap_or_default();
-                return Ok(AdminRequest {
-                    method,
-                    path: path.to_string(),
-                });
-            }
-            Ok(httparse::Status::Partial) => {}
-            Err(_) => return Err(HeadError::Malformed),
-        }
-        if buf.len() >= MAX_HEAD {
-            return Err(HeadError::TooLarge);
-        }
-        // Each read may take only what is left of the deadline, so a client trickling one byte
-        // at a time is still cut off in time.
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
-            return Err(HeadError::Gone);
-        }
-        let wanted = chunk.len().min(MAX_HEAD - buf.len());
-        match stream.read(&mut chunk[..wanted]) {
-            Ok(0) | Err(_) => return Err(HeadError::Gone),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// The response to an admin request: one of the three views, 404 or 405.
-fn route(request: &AdminRequest, lb: &LoadBalancer) -> Vec<u8> {
-    let head_only = request.method == "HEAD";
-    if request.method != "GET" && !head_only {
+fn route(request: &RequestHead, lb: &LoadBalancer) -> Vec<u8> {
+    let method = request.method();
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
         return response(405, "text/plain", b"only GET and HEAD\n", false);
     }
-    let (content_type, body) = match request.path.as_str() {
+    let path = request
+        .target()
+        .split(['?', '#'])
+        .next()
+        .unwrap_or_default();
+    let (content_type, body) = match path {
         "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
         "/stats.json" => ("application/json", Snapshot::of(lb).to_json()),
         "/metrics" => (

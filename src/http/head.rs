@@ -293,6 +293,26 @@ pub fn read_request_head_until<S: Transport>(
     deadline: Instant,
     timeout: Duration,
 ) -> Result<Option<RequestHead>, HeadError> {
+    read_request_head_bounded(stream, deadline, timeout, MAX_HEAD)
+}
+
+/// Like [`read_request_head`], for a listener whose requests need less room than [`MAX_HEAD`]:
+/// a head longer than `max_head` bytes is [`HeadError::TooLarge`]. The admin listener's pages
+/// need only a request line.
+pub fn read_request_head_within<S: Transport>(
+    stream: &mut BufferedStream<S>,
+    timeout: Duration,
+    max_head: usize,
+) -> Result<Option<RequestHead>, HeadError> {
+    read_request_head_bounded(stream, Instant::now() + timeout, timeout, max_head)
+}
+
+fn read_request_head_bounded<S: Transport>(
+    stream: &mut BufferedStream<S>,
+    deadline: Instant,
+    timeout: Duration,
+    max_head: usize,
+) -> Result<Option<RequestHead>, HeadError> {
     let mut shortened = false;
     let result = read_head(
         stream,
@@ -308,6 +328,7 @@ pub fn read_request_head_until<S: Transport>(
             Ok(())
         },
         REQUEST,
+        max_head,
     );
     if shortened {
         stream.socket().set_read_timeout(Some(timeout))?;
@@ -319,7 +340,7 @@ pub fn read_request_head_until<S: Transport>(
 pub fn read_response_head<S: Read>(
     stream: &mut BufferedStream<S>,
 ) -> Result<Option<ResponseHead>, HeadError> {
-    read_head(stream, |_, _| Ok(()), RESPONSE)
+    read_head(stream, |_, _| Ok(()), RESPONSE, MAX_HEAD)
 }
 
 /// A head parser: the head and its length, or `None` while incomplete.
@@ -344,11 +365,13 @@ pub(super) const RESPONSE: HeadKind<ResponseHead> = HeadKind {
 };
 
 /// The shared loop of both head readers: parse what is buffered, else read more.
-/// `before_read` runs before each read, told whether part of a head is already buffered.
+/// `before_read` runs before each read, told whether part of a head is already buffered; a head
+/// longer than `max_head` bytes is refused.
 pub(super) fn read_head<S: Read, T>(
     stream: &mut BufferedStream<S>,
     mut before_read: impl FnMut(&mut BufferedStream<S>, bool) -> Result<(), HeadError>,
     kind: HeadKind<T>,
+    max_head: usize,
 ) -> Result<Option<T>, HeadError> {
     let mut scanned = 0;
     let mut line_checked = false;
@@ -374,7 +397,7 @@ pub(super) fn read_head<S: Read, T>(
             }
         }
         scanned = buffered.len();
-        if scanned >= MAX_HEAD {
+        if scanned >= max_head {
             return Err(if line_checked {
                 HeadError::TooLarge
             } else {
@@ -382,7 +405,7 @@ pub(super) fn read_head<S: Read, T>(
             });
         }
         before_read(stream, scanned > 0)?;
-        let got = stream.fill(MAX_HEAD + 4)?;
+        let got = stream.fill(max_head + 4)?;
         if got == 0 {
             return if scanned == 0 {
                 Ok(None)
@@ -421,26 +444,32 @@ fn check_request_line(buffered: &[u8]) -> Result<(), HeadError> {
 
 /// Parses a request head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
 pub(super) fn parse_request_head(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
-    match parse_request_as_is(bytes) {
-        Err(HeadError::Malformed(why)) => match version::of_request_line(bytes) {
-            version::LineVersion::LaterMinor { at } => {
-                parse_request_as_is(&version::as_http11(bytes, at))
-            }
-            version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
-            version::LineVersion::Other => Err(HeadError::Malformed(why)),
-        },
-        other => other,
-    }
+    parse_head(bytes, parse_request_into, version::of_request_line)
 }
 
 /// Parses a response head; a later HTTP/1 minor version is read as HTTP/1.1 (RFC 9112 §2.3).
 pub(super) fn parse_response_head(
     bytes: &[u8],
 ) -> Result<Option<(usize, ResponseHead)>, HeadError> {
-    match parse_response_as_is(bytes) {
-        Err(HeadError::Malformed(why)) => match version::of_status_line(bytes) {
+    parse_head(bytes, parse_response_into, version::of_status_line)
+}
+
+/// Parses one kind of head into room for its fields: the head and its length, or `None` while
+/// incomplete. `parse_request_into` and `parse_response_into` are the two kinds.
+type ParseInto<T> =
+    for<'b> fn(&'b [u8], &mut [httparse::Header<'b>]) -> Result<Option<(usize, T)>, HeadError>;
+
+/// The parsing both kinds of head share: as they are, else, when `httparse` refused the version
+/// on the first line (`line_version` finds it), as HTTP/1.1 or refused with that version.
+fn parse_head<T>(
+    bytes: &[u8],
+    parse_into: ParseInto<T>,
+    line_version: fn(&[u8]) -> version::LineVersion,
+) -> Result<Option<(usize, T)>, HeadError> {
+    match parse_as_is(bytes, parse_into) {
+        Err(HeadError::Malformed(why)) => match line_version(bytes) {
             version::LineVersion::LaterMinor { at } => {
-                parse_response_as_is(&version::as_http11(bytes, at))
+                parse_as_is(&version::as_http11(bytes, at), parse_into)
             }
             version::LineVersion::Unsupported(v) => Err(HeadError::UnsupportedVersion(v)),
             version::LineVersion::Other => Err(HeadError::Malformed(why)),
@@ -454,19 +483,23 @@ pub(super) fn parse_response_head(
 /// client's thread had touched one more 4 KiB page.
 const USUAL_HEADERS: usize = 32;
 
-fn parse_request_as_is(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
+/// Parses with room for [`USUAL_HEADERS`] fields, and again with more when the head has more.
+fn parse_as_is<T>(bytes: &[u8], parse_into: ParseInto<T>) -> Result<Option<(usize, T)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; USUAL_HEADERS];
-    match parse_request_into(bytes, &mut fields) {
-        Err(HeadError::TooLarge) => parse_request_with_room(bytes),
+    match parse_into(bytes, &mut fields) {
+        Err(HeadError::TooLarge) => parse_with_room(bytes, parse_into),
         parsed => parsed,
     }
 }
 
 #[cold]
 #[inline(never)]
-fn parse_request_with_room(bytes: &[u8]) -> Result<Option<(usize, RequestHead)>, HeadError> {
+fn parse_with_room<T>(
+    bytes: &[u8],
+    parse_into: ParseInto<T>,
+) -> Result<Option<(usize, T)>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    parse_request_into(bytes, &mut fields)
+    parse_into(bytes, &mut fields)
 }
 
 fn parse_request_into<'b>(
@@ -489,21 +522,6 @@ fn parse_request_into<'b>(
         headers,
     };
     Ok(Some((len, head)))
-}
-
-fn parse_response_as_is(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; USUAL_HEADERS];
-    match parse_response_into(bytes, &mut fields) {
-        Err(HeadError::TooLarge) => parse_response_with_room(bytes),
-        parsed => parsed,
-    }
-}
-
-#[cold]
-#[inline(never)]
-fn parse_response_with_room(bytes: &[u8]) -> Result<Option<(usize, ResponseHead)>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    parse_response_into(bytes, &mut fields)
 }
 
 fn parse_response_into<'b>(
@@ -606,22 +624,26 @@ mod tests {
         };
         for n in [USUAL_HEADERS, USUAL_HEADERS + 1, MAX_HEADERS] {
             let text = with_fields(n, "GET / HTTP/1.1");
-            let (_, head) = parse_request_as_is(text.as_bytes()).unwrap().unwrap();
+            let (_, head) = parse_as_is(text.as_bytes(), parse_request_into)
+                .unwrap()
+                .unwrap();
             assert_eq!(head.header("x-f0"), Some(&b"0"[..]), "{n} fields");
             let last = format!("x-f{}", n - 1);
             assert!(head.header(&last).is_some(), "{n} fields");
             let text = with_fields(n, "HTTP/1.1 200 OK");
-            let (_, head) = parse_response_as_is(text.as_bytes()).unwrap().unwrap();
+            let (_, head) = parse_as_is(text.as_bytes(), parse_response_into)
+                .unwrap()
+                .unwrap();
             assert!(head.header(&last).is_some(), "{n} fields");
         }
         let text = with_fields(MAX_HEADERS + 1, "GET / HTTP/1.1");
         assert!(matches!(
-            parse_request_as_is(text.as_bytes()),
+            parse_as_is(text.as_bytes(), parse_request_into),
             Err(HeadError::TooLarge)
         ));
         let text = with_fields(MAX_HEADERS + 1, "HTTP/1.1 200 OK");
         assert!(matches!(
-            parse_response_as_is(text.as_bytes()),
+            parse_as_is(text.as_bytes(), parse_response_into),
             Err(HeadError::TooLarge)
         ));
     }

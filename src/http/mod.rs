@@ -34,8 +34,8 @@ pub use body::{
 };
 pub use buffer::{BufferPool, BufferedStream, Transport};
 pub use head::{
-    push_field, push_header, read_request_head, read_request_head_until, read_response_head,
-    HeadError, HeaderFields, Headers, HopByHop, RequestHead, ResponseHead,
+    push_field, push_header, read_request_head, read_request_head_until, read_request_head_within,
+    read_response_head, HeadError, HeaderFields, Headers, HopByHop, RequestHead, ResponseHead,
 };
 pub use version::Version;
 

@@ -109,7 +109,7 @@ fn status_of(err: &HeadError) -> Option<u16> {
 /// Reads one head of `kind` from `input` cut at `cuts`, with an initial buffer of `capacity`.
 fn read_cut<T>(input: &[u8], cuts: &[usize], capacity: usize, kind: HeadKind<T>) -> Outcome<T> {
     let mut stream = BufferedStream::new(Script::cut(input, cuts), capacity);
-    let result = read_head(&mut stream, |_, _| Ok(()), kind);
+    let result = read_head(&mut stream, |_, _| Ok(()), kind, MAX_HEAD);
     // The head buffer never grows past its bound, whatever arrived.
     assert!(stream.buf.len() <= (MAX_HEAD + 4).max(capacity));
     match result {
