@@ -53,7 +53,6 @@ const WIDTH: f64 = HISTORY_SECONDS as f64;
 
 /// The SVG element of one backend's chart; `title` is read by screen readers and shown on hover.
 pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
-    let base = TOP + HEIGHT;
     let mut out = String::with_capacity(16 * 1024);
     let _ = write!(
         out,
@@ -62,15 +61,37 @@ pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
         LEFT + WIDTH + RIGHT,
         TOP + HEIGHT + BOTTOM
     );
-    // Seconds out of rotation, as shaded runs.
+    shade_outages(&mut out, series.down);
+    // Grid: the top and the middle of the rate scale.
+    let _ = write!(
+        out,
+        "<path class=\"grid\" d=\"M{LEFT} {TOP}h{WIDTH}M{LEFT} {}h{WIDTH}\"/>",
+        TOP + HEIGHT / 2.0
+    );
+    let requests = scales.requests as f64;
+    bars(&mut out, "req", series.requests, |n| y(n as f64, requests));
+    bars(&mut out, "err", series.errors, |n| y(n as f64, requests));
+    latency_line(&mut out, series.latency_ms, scales.latency_ms);
+    axes(&mut out, scales);
+    out.push_str("</svg>");
+    out
+}
+
+/// The height in the chart of `value` on a scale whose top is `top`.
+fn y(value: f64, top: f64) -> f64 {
+    TOP + HEIGHT - (value / top).min(1.0) * HEIGHT
+}
+
+/// Seconds out of rotation, as shaded runs.
+fn shade_outages(out: &mut String, down: &[bool]) {
     let mut second = 0;
-    while second < series.down.len() {
-        if !series.down[second] {
+    while second < down.len() {
+        if !down[second] {
             second += 1;
             continue;
         }
         let start = second;
-        while second < series.down.len() && series.down[second] {
+        while second < down.len() && down[second] {
             second += 1;
         }
         let _ = write!(
@@ -80,23 +101,13 @@ pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
             second - start
         );
     }
-    // Grid: the top and the middle of the rate scale.
-    let _ = write!(
-        out,
-        "<path class=\"grid\" d=\"M{LEFT} {TOP}h{WIDTH}M{LEFT} {}h{WIDTH}\"/>",
-        TOP + HEIGHT / 2.0
-    );
-    let y = |value: f64, top: f64| base - (value / top).min(1.0) * HEIGHT;
-    bars(&mut out, "req", series.requests, |n| {
-        y(n as f64, scales.requests as f64)
-    });
-    bars(&mut out, "err", series.errors, |n| {
-        y(n as f64, scales.requests as f64)
-    });
-    // Mean latency as a line, broken where a second had no finished request.
+}
+
+/// Mean latency as a line, broken where a second had no finished request.
+fn latency_line(out: &mut String, latency_ms: &[Option<f64>], top: f64) {
     let mut line = String::new();
     let mut pen_down = false;
-    for (i, ms) in series.latency_ms.iter().enumerate() {
+    for (i, ms) in latency_ms.iter().enumerate() {
         match ms {
             Some(ms) => {
                 let command = if pen_down { 'L' } else { 'M' };
@@ -104,7 +115,7 @@ pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
                     line,
                     "{command}{:.1} {:.1}",
                     LEFT + i as f64 + 0.5,
-                    y(*ms, scales.latency_ms)
+                    y(*ms, top)
                 );
                 pen_down = true;
             }
@@ -114,11 +125,15 @@ pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
     if !line.is_empty() {
         let _ = write!(out, "<path class=\"lat\" d=\"{line}\"/>");
     }
+}
+
+/// The frame, then rates on the left, latency on the right, minutes along the bottom.
+fn axes(out: &mut String, scales: Scales) {
+    let base = TOP + HEIGHT;
     let _ = write!(
         out,
         "<path class=\"axis\" d=\"M{LEFT} {TOP}V{base}h{WIDTH}V{TOP}\"/>"
     );
-    // Rates on the left, latency on the right, minutes along the bottom.
     let _ = write!(
         out,
         "<text class=\"rate\" x=\"{}\" y=\"{}\" text-anchor=\"end\">{}/s</text>\
@@ -147,8 +162,6 @@ pub fn svg(title: &str, series: Seconds<'_>, scales: Scales) -> String {
             base + 12.0
         );
     }
-    out.push_str("</svg>");
-    out
 }
 
 /// One bar per second with a count, as a single path of vertical strokes.

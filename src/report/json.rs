@@ -1,0 +1,184 @@
+//! `/stats.json`: the snapshot as one JSON document.
+
+use serde_json::json;
+
+use crate::stats::events::rfc3339;
+use crate::stats::history::HISTORY_SECONDS;
+
+use super::{share, BackendSnapshot, Snapshot};
+
+impl Snapshot {
+    /// The JSON document of `/stats.json`: the contract's fields, then extras (`algorithm`,
+    /// `sessions`, and per backend `error_rate`, `latency_ms_p99`, `share`, and the health
+    /// fields, `health_checks` first: what `healthy` rests on, `"none"` when nothing checks).
+    pub fn to_json(&self) -> String {
+        let reached = self.backend_requests();
+        let backends: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| backend_json(b, reached))
+            .collect();
+        let mut document = json!({
+            "uptime_seconds": round3(self.uptime_seconds),
+            "total_requests": self.total_requests,
+            "requests_per_second": round3(self.requests_per_second),
+            "active_connections": self.active_connections,
+            "retries": self.retries,
+            "tunnels": self.tunnels,
+            "tunnels_total": self.tunnels_total,
+            "tls": {
+                "handshakes": self.tls_handshakes.iter().map(|(_, n)| n).sum::<u64>(),
+                "handshake_failures": self.tls_handshake_failures,
+                "versions": self.tls_handshakes.iter()
+                    .map(|(version, n)| (format!("TLSv{version}"), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
+            },
+            "algorithm": self.algorithm,
+            "backends": backends,
+            "history": self.history_json(),
+            "events": self.events_json(),
+        });
+        // With signed cookies there is no table to count: `sessions` is null.
+        if let (Some(sticky), Some(fields)) = (self.sticky, document.as_object_mut()) {
+            let (held, max) = self.sessions.unzip();
+            fields.insert("sticky".into(), json!(sticky));
+            fields.insert("sessions".into(), json!(held));
+            fields.insert("max_sessions".into(), json!(max));
+        }
+        document.to_string()
+    }
+
+    /// `"history"`: per backend, one entry per second for the last five minutes, oldest first;
+    /// the last entry is the current second, still filling.
+    fn history_json(&self) -> serde_json::Value {
+        let last = self.history_last;
+        let first = last - std::time::Duration::from_secs(HISTORY_SECONDS as u64 - 1);
+        let backends: Vec<_> = self
+            .backends
+            .iter()
+            .map(|b| {
+                let latency: Vec<_> = b
+                    .history
+                    .latency_ms_avg
+                    .iter()
+                    .map(|ms| ms.map(round3))
+                    .collect();
+                json!({
+                    "address": b.address,
+                    "requests": b.history.requests,
+                    "errors": b.history.errors,
+                    "latency_ms_avg": latency,
+                    "down": b.down,
+                })
+            })
+            .collect();
+        json!({
+            "interval_seconds": 1,
+            "length": HISTORY_SECONDS,
+            "first": rfc3339(first),
+            "last": rfc3339(last),
+            "backends": backends,
+        })
+    }
+
+    /// `"events"`: newest first.
+    fn events_json(&self) -> serde_json::Value {
+        self.events
+            .iter()
+            .map(|e| {
+                json!({
+                    "time": rfc3339(e.time),
+                    "uptime_seconds": round3(e.uptime_seconds),
+                    "backend": e.backend,
+                    "kind": e.kind.to_string(),
+                    "message": e.message,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One backend's entry in `"backends"`; `reached` is every backend's requests, for its share.
+fn backend_json(b: &BackendSnapshot, reached: u64) -> serde_json::Value {
+    json!({
+        "address": b.address,
+        "weight": b.weight,
+        "healthy": b.healthy,
+        "requests": b.requests,
+        "errors": b.errors,
+        "active_connections": b.active_connections,
+        "tunnels": b.tunnels,
+        "tunnels_total": b.tunnels_total,
+        "latency_ms_avg": round3(b.latency_ms_avg),
+        "latency_ms_p50": round3(b.latency_ms_p50),
+        "latency_ms_p90": round3(b.latency_ms_p90),
+        "latency_ms_p99": round3(b.latency_ms_p99),
+        "error_rate": round3(b.error_rate),
+        "share": round3(share(b.requests, reached)),
+        "health_checks": b.health_checks.to_string(),
+        "health": b.health,
+        "checks_passed_in_a_row": b.checks_passed,
+        "checks_failed_in_a_row": b.checks_failed,
+        "failed_requests_in_a_row": b.failed_requests,
+        "last_check": b.last_check.as_ref().map(|(result, ago)| json!({
+            "result": result,
+            "seconds_ago": round3(*ago),
+        })),
+    })
+}
+
+/// Rounds to three decimals, so the JSON shows 0.412 rather than 0.41234999999.
+fn round3(value: f64) -> f64 {
+    (value * 1000.0).round() / 1000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::report::tests::snapshot;
+
+    #[test]
+    fn json_has_the_contract_fields() {
+        let value: serde_json::Value = serde_json::from_str(&snapshot().to_json()).unwrap();
+        assert_eq!(value["total_requests"], 10);
+        assert_eq!(value["uptime_seconds"], 12.3);
+        assert_eq!(value["sessions"], 3);
+        assert_eq!(value["sticky"], "table");
+        assert_eq!(value["retries"], 2);
+        assert_eq!(value["tunnels"], 2);
+        assert_eq!(value["backends"][0]["tunnels_total"], 4);
+        let first = &value["backends"][0];
+        for field in ["address", "weight", "healthy", "requests", "errors"] {
+            assert!(!first[field].is_null(), "{field}");
+        }
+        assert_eq!(first["share"], 0.6);
+        assert_eq!(value["backends"][1]["healthy"], false);
+        assert_eq!(value["backends"][1]["health"], "DOWN");
+        assert_eq!(value["backends"][1]["last_check"]["result"], "refused");
+        assert_eq!(value["backends"][1]["checks_failed_in_a_row"], 3);
+        assert_eq!(value["backends"][1]["health_checks"], "active");
+    }
+
+    #[test]
+    fn json_has_history_and_events() {
+        let value: serde_json::Value = serde_json::from_str(&snapshot().to_json()).unwrap();
+        let history = &value["history"];
+        assert_eq!(history["interval_seconds"], 1);
+        assert_eq!(history["length"], 300);
+        assert_eq!(history["last"], "2026-11-30T23:06:40.000Z");
+        assert_eq!(history["first"], "2026-11-30T23:01:41.000Z");
+        let first = &history["backends"][0];
+        assert_eq!(first["address"], "a:1");
+        for series in ["requests", "errors", "latency_ms_avg", "down"] {
+            assert_eq!(first[series].as_array().unwrap().len(), 300, "{series}");
+        }
+        assert_eq!(first["requests"][8], 1);
+        assert_eq!(history["backends"][1]["down"][299], true);
+        let event = &value["events"][0];
+        assert_eq!(event["time"], "2026-11-30T23:06:30.000Z");
+        assert_eq!(event["kind"], "down");
+        assert_eq!(event["backend"], "<b\"\\>:2");
+        assert_eq!(event["uptime_seconds"], 2.5);
+        assert!(event["message"].as_str().unwrap().contains("is down"));
+        assert_eq!(value["backends"][0]["latency_ms_p50"], 0.3);
+    }
+}
