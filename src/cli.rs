@@ -198,6 +198,24 @@ impl CommonArgs {
             cpu_scheduling: self.cpu_scheduling,
         }
     }
+
+    /// Refuses listener flags that make no sense together, before anything is read or bound:
+    /// certificates or a redirect without an HTTPS listener, or no listener at all.
+    pub fn check_listeners(&self) -> Result<(), StartError> {
+        if self.tls.tls_listen.is_some() {
+            return Ok(());
+        }
+        let missing = if !self.tls.tls_cert.is_empty() || !self.tls.tls_key.is_empty() {
+            "--tls-cert and --tls-key need --tls-listen ADDR"
+        } else if self.tls.redirect_https {
+            "--redirect-https needs --tls-listen ADDR"
+        } else if self.listen.0.is_none() {
+            "--listen off needs --tls-listen ADDR: there would be no listener"
+        } else {
+            return Ok(());
+        };
+        Err(StartError(missing.to_string()))
+    }
 }
 
 /// The HTTPS flags of every balancer binary: a TLS listener beside the plain one.

@@ -25,7 +25,7 @@ use std::time::Duration;
 use socket2::SockRef;
 
 use crate::http::{
-    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, Sink, Version,
+    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, RequestHead, Sink, Version,
 };
 use crate::server::{wake_address, LISTEN_BACKLOG};
 
@@ -449,16 +449,7 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
     let Some(request) = http::read_request_head(conn, IDLE_TIMEOUT)? else {
         return Err(Abort::ClientClosed);
     };
-    let body = http::request_body_length(&request).map_err(|_| Reject::BadRequest)?;
-    let is_http11 = request.version == Version::Http11;
-    // A client that sent `Expect: 100-continue` waits for this before sending the body
-    // (RFC 9110 section 10.1.1); HTTP/1.0 clients do not know the interim status.
-    if is_http11 && body != BodyLength::Empty && request.has_token("expect", "100-continue") {
-        conn.socket().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-    }
-    // The body is read and thrown away, so the next request on the connection starts in step.
-    http::relay_body(conn, body, &mut Sink::discard(), true)?;
-
+    skip_body(conn, &request)?;
     let method = request.method();
     let path = request.target().split('?').next().unwrap_or_default();
     if path == "/ws" && websocket::is_handshake(&request) {
@@ -487,6 +478,36 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
             )),
         }
     };
+    answer(conn, shared, &request, &body, is_health)
+}
+
+/// Reads the request's body and throws it away, so the next request on the connection starts
+/// in step.
+fn skip_body(conn: &mut BufferedStream, request: &RequestHead) -> Result<(), Abort> {
+    let body = http::request_body_length(request).map_err(|_| Reject::BadRequest)?;
+    // A client that sent `Expect: 100-continue` waits for this before sending the body
+    // (RFC 9110 section 10.1.1); HTTP/1.0 clients do not know the interim status.
+    if request.version == Version::Http11
+        && body != BodyLength::Empty
+        && request.has_token("expect", "100-continue")
+    {
+        conn.socket().write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+    }
+    http::relay_body(conn, body, &mut Sink::discard(), true)?;
+    Ok(())
+}
+
+/// Writes the response with `body` and says how the connection goes on: kept alive, closed,
+/// or reset after a response cut short on purpose.
+fn answer(
+    conn: &mut BufferedStream,
+    shared: &Shared,
+    request: &RequestHead,
+    body: &Body,
+    is_health: bool,
+) -> Result<Persist, Abort> {
+    let method = request.method();
+    let is_http11 = request.version == Version::Http11;
     // Transfer-Encoding in an HTTP/1.0 request is a framing fault that ends the connection
     // (RFC 9112 section 6.1).
     let keep_alive =
@@ -504,7 +525,7 @@ fn exchange(conn: &mut BufferedStream, shared: &Shared) -> Result<Persist, Abort
     write_response(
         conn.socket(),
         shared,
-        &body,
+        body,
         method != "HEAD",
         connection,
         cut,

@@ -20,6 +20,7 @@ use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
 use crate::report;
 use crate::server::Server;
+use crate::settings::Settings;
 use crate::stats::events::EventKind;
 use crate::tls;
 
@@ -27,61 +28,20 @@ use crate::tls;
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
 pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     tune_allocator();
+    args.check_listeners()?;
     let mut settings = lb.settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
-    // Certificates are read before any port is bound: a bad file is the one line the user sees.
-    let tls = match args.tls.tls_listen {
-        Some(addr) => Some((addr, tls_config(&args.tls, args.demo, addr)?)),
-        None if !args.tls.tls_cert.is_empty() || !args.tls.tls_key.is_empty() => {
-            return Err(StartError(
-                "--tls-cert and --tls-key need --tls-listen ADDR".to_string(),
-            ))
-        }
-        None if args.tls.redirect_https => {
-            return Err(StartError(
-                "--redirect-https needs --tls-listen ADDR".to_string(),
-            ))
-        }
-        None => None,
-    };
-    if settings.listen.is_none() && tls.is_none() {
-        return Err(StartError(
-            "--listen off needs --tls-listen ADDR: there would be no listener".to_string(),
-        ));
-    }
-    let mut server = Server::bind(&settings).map_err(|err| {
-        let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
-        StartError(format!("--listen {listen}: {err}"))
-    })?;
-    if let Some((addr, config)) = tls {
-        server
-            .add_tls_listener(addr, config, &settings)
-            .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
-    }
+    let server = bind(&settings, &args.tls, args.demo)?;
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?
     } else {
         Vec::new()
     };
-
-    let shutdown = server
-        .shutdown_handle()
-        .map_err(|err| StartError(err.to_string()))?;
-    let on_signal = shutdown.clone();
     let lb = Arc::new(lb);
-    let signalled = Arc::clone(&lb);
-    ctrlc::set_handler(move || {
-        let message = "shutting down: no new connections, letting requests in flight finish";
-        log::info!("{message}");
-        signalled
-            .stats()
-            .push_event(EventKind::Stop, message.to_string());
-        on_signal.shutdown();
-    })
-    .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))?;
+    stop_on_signal(&server, &lb)?;
 
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
@@ -113,6 +73,42 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     log::info!("{}", report::summary(&lb));
     log::info!("stopped");
     Ok(())
+}
+
+/// Binds the listeners. Certificates are read before any port is bound: a bad file is the one
+/// line the user sees.
+fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartError> {
+    let tls = match tls.tls_listen {
+        Some(addr) => Some((addr, tls_config(tls, demo, addr)?)),
+        None => None,
+    };
+    let mut server = Server::bind(settings).map_err(|err| {
+        let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
+        StartError(format!("--listen {listen}: {err}"))
+    })?;
+    if let Some((addr, config)) = tls {
+        server
+            .add_tls_listener(addr, config, settings)
+            .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
+    }
+    Ok(server)
+}
+
+/// Makes Ctrl-C and SIGTERM begin a graceful shutdown of `server`.
+fn stop_on_signal(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartError> {
+    let on_signal = server
+        .shutdown_handle()
+        .map_err(|err| StartError(err.to_string()))?;
+    let signalled = Arc::clone(lb);
+    ctrlc::set_handler(move || {
+        let message = "shutting down: no new connections, letting requests in flight finish";
+        log::info!("{message}");
+        signalled
+            .stats()
+            .push_event(EventKind::Stop, message.to_string());
+        on_signal.shutdown();
+    })
+    .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))
 }
 
 /// Logs which phase this is, then where the balancer listens and over which backends (also the

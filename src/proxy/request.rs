@@ -133,48 +133,17 @@ pub(super) fn write_request_head(
     backend_name: &str,
 ) {
     let head = request.head;
-    out.extend_from_slice(head.method().as_bytes());
-    out.push(b' ');
     // An absolute-form target (sent to a proxy) goes to the backend as a path, and its host
     // replaces the Host field, as RFC 9112 §3.2.2 has an origin server do and as nginx does.
     let absolute = split_absolute(head.target());
-    match absolute {
-        Some((_, path)) => {
-            if !path.starts_with('/') {
-                out.push(b'/');
-            }
-            out.extend_from_slice(path.as_bytes());
-        }
-        None => out.extend_from_slice(head.target().as_bytes()),
-    }
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let hop_by_hop = http::HopByHop::of(head);
-    for (name, value) in head.headers.pairs() {
-        // The client's own X-Forwarded-Proto is replaced: only the balancer knows whether the
-        // request came over TLS, and a backend trusting the field must not be told otherwise.
-        let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
-            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || name.eq_ignore_ascii_case(b"content-length")
-            || (name.eq_ignore_ascii_case(b"host") && absolute.is_some())
-            || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
-        if !rewritten && !hop_by_hop.contains(name) {
-            http::push_field(out, name, value);
-        }
-    }
+    write_request_line(out, head, absolute);
+    copy_end_to_end_fields(out, head, absolute.is_some());
     if let Some((authority, _)) = absolute {
         http::push_header(out, "Host", authority.as_bytes());
     } else if head.header("host").is_none() {
         http::push_header(out, "Host", backend_name.as_bytes());
     }
-    // X-Forwarded-For lists every hop so far: the values the client sent, then the client.
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    for value in head.headers.values("x-forwarded-for") {
-        out.extend_from_slice(value);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client_ip.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    http::push_header(out, "X-Forwarded-Proto", scheme.as_bytes());
+    push_forwarded_fields(out, head, client_ip, scheme);
     if let Some(id) = request.request_id {
         http::push_header(out, "X-Request-Id", id.as_bytes());
     }
@@ -190,6 +159,53 @@ pub(super) fn write_request_head(
         BodyLength::Empty | BodyLength::UntilClose => {}
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// The request line, always HTTP/1.1 to the backend; an absolute-form target as its path.
+fn write_request_line(out: &mut Vec<u8>, head: &RequestHead, absolute: Option<(&str, &str)>) {
+    out.extend_from_slice(head.method().as_bytes());
+    out.push(b' ');
+    match absolute {
+        Some((_, path)) => {
+            if !path.starts_with('/') {
+                out.push(b'/');
+            }
+            out.extend_from_slice(path.as_bytes());
+        }
+        None => out.extend_from_slice(head.target().as_bytes()),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// Copies the client's end-to-end fields, leaving out the hop-by-hop ones and those the
+/// balancer writes itself (`host_replaced`: the Host of an absolute-form target).
+fn copy_end_to_end_fields(out: &mut Vec<u8>, head: &RequestHead, host_replaced: bool) {
+    let hop_by_hop = http::HopByHop::of(head);
+    for (name, value) in head.headers.pairs() {
+        // The client's own X-Forwarded-Proto is replaced: only the balancer knows whether the
+        // request came over TLS, and a backend trusting the field must not be told otherwise.
+        let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
+            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+            || name.eq_ignore_ascii_case(b"content-length")
+            || (name.eq_ignore_ascii_case(b"host") && host_replaced)
+            || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
+        if !rewritten && !hop_by_hop.contains(name) {
+            http::push_field(out, name, value);
+        }
+    }
+}
+
+/// X-Forwarded-For, which lists every hop so far (the values the client sent, then the
+/// client), and X-Forwarded-Proto.
+fn push_forwarded_fields(out: &mut Vec<u8>, head: &RequestHead, client_ip: &str, scheme: &str) {
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    for value in head.headers.values("x-forwarded-for") {
+        out.extend_from_slice(value);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    http::push_header(out, "X-Forwarded-Proto", scheme.as_bytes());
 }
 
 /// Writes a status line and the end-to-end headers of a response (without the blank line, so
