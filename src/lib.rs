@@ -19,6 +19,32 @@
 //! | all | [`descriptors`], [`warnings`] | the file-descriptor budget, warnings limited to one a second |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
+//! # Reading one request
+//!
+//! One phase-1 request, from `accept` to the backend's answer, file by file:
+//!
+//! 1. `phases/phase1_rr.rs`: the flags, a [`proxy::LoadBalancer`] with round robin, and
+//!    [`startup::run`], which binds the port and serves.
+//! 2. `server/mod.rs`: a client thread accepts the connection and serves it
+//!    (`client_thread` -> `serve_one`).
+//! 3. `proxy/connection.rs`: [`proxy::ClientConnection`] reads each request head and forwards
+//!    it (`serve` -> `handle` -> `forward`).
+//! 4. `http/head.rs`: how a head is read (`read_request_head_until`, `read_head`).
+//! 5. `proxy/request.rs`: the request checked (`check_request`) and rewritten for the backend
+//!    (`write_request_head`).
+//! 6. `balance/round_robin.rs`: which backend (`pick`).
+//! 7. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
+//!    response read and relayed (`try_backend` -> `exchange` -> `read_response` ->
+//!    `relay_response`).
+//! 8. `backend.rs`: a pooled keep-alive connection taken and given back (`connection`,
+//!    `put_idle`).
+//! 9. `http/body.rs`: how a body is framed and relayed (`response_body_length`, `relay_body`).
+//!
+//! Side rooms a first reading skips: how threads are kept and reused (`server/pool.rs`,
+//! `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`], [`stream`]), tunnels
+//! (`proxy/tunnel.rs`), retries (`next_attempt` and `may_retry` in `proxy/connection.rs`), the
+//! read buffer (`http/buffer.rs`), and what phases 2-4 add.
+//!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
 //! every step of a request can be read top to bottom, as in the chapter's Python.
 #![warn(missing_docs)]

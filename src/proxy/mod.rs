@@ -6,22 +6,24 @@
 //! connection and closed it; this loop serves as many requests as the client sends, streams
 //! bodies of any size both ways, and answers each kind of failure with its own status.
 //!
-//! Each file is one part of a request's path:
+//! Each file is one part of a request's path, in the order a request meets them:
 //!
 //! | file | owns |
 //! |---|---|
 //! | `mod.rs` | [`LoadBalancer`], what every connection shares: backends, algorithm, sessions, settings |
 //! | `connection.rs` | [`ClientConnection`]: the loop over requests, choosing a backend, retries, error answers |
+//! | `request.rs` | checking a request and writing the heads the backend and the client see |
 //! | `exchange.rs` | one try against one backend: connect or reuse, send, read and relay the response, release |
 //! | `outcome.rs` | how a request, a try and an exchange end: `Flow`, `Failure`, `TryError`, `ExchangeError` |
-//! | `request.rs` | checking a request and writing the heads the backend and the client see |
-//! | `session.rs` | the sticky-session view of a request |
+//! | `session.rs` | the sticky-session view of a request (phase 4) |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
 //!
-//! [`ClientConnection`] is declared in `connection.rs`; `exchange.rs` (one try) and `tunnel.rs`
-//! (after a `101`) continue its `impl`, each with the steps of its own part of the path. They
-//! share no types but the connection and `outcome.rs`, so none of the three imports another
-//! that imports it back.
+//! To follow one request, read `connection.rs` from `serve` to `forward`, then `request.rs`
+//! (`check_request`, `write_request_head`), then `exchange.rs` from `try_backend` to
+//! `relay_response`. [`ClientConnection`] is declared in `connection.rs`; `exchange.rs` (one
+//! try) and `tunnel.rs` (after a `101`) continue its `impl`, each with the steps of its own part
+//! of the path. They share no types but the connection and `outcome.rs`, so none of the three
+//! imports another that imports it back.
 
 mod connection;
 mod exchange;

@@ -6,7 +6,7 @@ use crate::proxy::LoadBalancer;
 
 /// The summary the chapter prints every 30 seconds, as one log entry: uptime, total, RPS, and
 /// per backend its requests, errors and error rate. It reads the live counters, not a
-/// [`Snapshot`]: a log line needs no consistent page.
+/// [`Snapshot`](super::Snapshot): a log line needs no consistent page.
 pub fn summary(lb: &LoadBalancer) -> String {
     let stats = lb.stats();
     let mut text = format!(
