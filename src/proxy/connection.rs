@@ -134,7 +134,15 @@ impl<'a> ClientConnection<'a> {
         }
         match self.forward(&head, started) {
             Ok(flow) => flow,
-            Err(Failure::Answer(err)) => {
+            Err(failure) => self.fail(&head, failure, started),
+        }
+    }
+
+    /// Ends a request that failed: an error answer while nothing of a response reached the
+    /// client, else the end of the connection.
+    fn fail(&mut self, head: &RequestHead, failure: Failure, started: Instant) -> Flow {
+        match failure {
+            Failure::Answer(err) => {
                 let close = self.body_pending
                     || !head.wants_keep_alive()
                     || self.shutdown.load(Ordering::SeqCst);
@@ -153,7 +161,7 @@ impl<'a> ClientConnection<'a> {
                     Flow::KeepAlive
                 }
             }
-            Err(Failure::Abort { why, by_backend }) => {
+            Failure::Abort { why, by_backend } => {
                 log::debug!(
                     "{} {} {}: connection dropped: {why}",
                     self.client_ip,

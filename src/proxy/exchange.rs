@@ -290,34 +290,13 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
         reused: bool,
     ) -> Result<ResponseHead, ExchangeError> {
+        // A pooled connection the backend closed before answering may take the request again.
+        let may_resend = reused && request.can_resend();
         loop {
             let head = match http::read_response_head(upstream) {
                 Ok(Some(head)) => head,
-                Ok(None) | Err(HeadError::Io(_)) if reused && request.can_resend() => {
-                    return Err(ExchangeError::Stale)
-                }
-                Ok(None) => {
-                    return Err(bad_gateway(
-                        "the backend closed the connection without a response",
-                    ))
-                }
-                Err(HeadError::TimedOut) => {
-                    return Err(ExchangeError::Failed(Failure::Answer(
-                        ProxyError::GatewayTimeout,
-                    )))
-                }
-                Err(HeadError::Io(err)) => {
-                    return Err(bad_gateway(&format!("reading the response: {err}")))
-                }
-                Err(HeadError::TooLarge | HeadError::LineTooLong) => {
-                    return Err(bad_gateway("the response head is too large"))
-                }
-                Err(HeadError::Malformed(why) | HeadError::UnsupportedVersion(why)) => {
-                    return Err(bad_gateway(&format!("malformed response: {why}")))
-                }
-                Err(HeadError::Truncated) => {
-                    return Err(bad_gateway("the response head was cut short"))
-                }
+                Ok(None) => return Err(no_response(None, may_resend)),
+                Err(err) => return Err(no_response(Some(err), may_resend)),
             };
             match head.status {
                 101 if request.upgrade => return Ok(head),
@@ -475,6 +454,27 @@ impl ClientConnection<'_> {
         if reusable {
             backend.put_idle(socket);
         }
+    }
+}
+
+/// What a response head that did not come means (`None`: the backend closed the connection
+/// first): a stale pooled connection when the request `may_resend` on a fresh one, a 504 for a
+/// backend that went quiet, else a 502.
+fn no_response(err: Option<HeadError>, may_resend: bool) -> ExchangeError {
+    match err {
+        None | Some(HeadError::Io(_)) if may_resend => ExchangeError::Stale,
+        None => bad_gateway("the backend closed the connection without a response"),
+        Some(HeadError::TimedOut) => {
+            ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
+        }
+        Some(HeadError::Io(err)) => bad_gateway(&format!("reading the response: {err}")),
+        Some(HeadError::TooLarge | HeadError::LineTooLong) => {
+            bad_gateway("the response head is too large")
+        }
+        Some(HeadError::Malformed(why) | HeadError::UnsupportedVersion(why)) => {
+            bad_gateway(&format!("malformed response: {why}"))
+        }
+        Some(HeadError::Truncated) => bad_gateway("the response head was cut short"),
     }
 }
 

@@ -47,7 +47,7 @@ pub use socket::wake_address;
 pub(crate) use socket::LISTEN_BACKLOG;
 
 use drain::Registry;
-use pool::{FirstTasks, Sent, Step, ThreadPool};
+use pool::{FirstTasks, Sent, ThreadPool};
 use socket::{listen_socket, pause_after_failed_accept, prepare_client_socket, schedule_as_batch};
 
 /// Bound listening sockets (plain HTTP, and HTTPS with `--tls-listen`), ready to serve.
@@ -201,7 +201,8 @@ impl Context {
             schedule_as_batch();
         }
         self.start_threads(first.more_threads);
-        // A new thread, or one called back from standby, was sent to `accept` by the pool.
+        // A new thread was sent to `accept` by the pool; one started for a connection accepted
+        // for it at shutdown was not.
         let mut sent = if first.accepted.is_none() {
             Sent::New
         } else {
@@ -212,15 +213,7 @@ impl Context {
         }
         let pool = &self.shared.pool;
         let mut idle_since = Instant::now();
-        loop {
-            let index = match pool.next_step(std::mem::replace(&mut sent, Sent::No)) {
-                Step::Accept(index) => index,
-                Step::Standby if pool.stand_by() => {
-                    sent = Sent::Called;
-                    continue;
-                }
-                Step::Standby | Step::Leave => return,
-            };
+        while let Some(index) = pool.next_listener(std::mem::replace(&mut sent, Sent::No)) {
             match self.accept_and_serve(index, idle_since) {
                 Accept::Served => idle_since = Instant::now(),
                 Accept::Nothing => {}

@@ -115,7 +115,7 @@ struct Bell {
 }
 
 /// What a client thread does next.
-pub(super) enum Step {
+enum Step {
     /// Wait in `accept` on the listener of that index.
     Accept(usize),
     /// Wait on standby: enough threads wait in `accept`.
@@ -234,11 +234,24 @@ impl ThreadPool {
         }
     }
 
+    /// The listener a thread waits in `accept` on next, after a wait on standby when enough
+    /// threads wait there already; `None` when the thread ends. `sent`: whether the pool sent
+    /// this thread rather than it coming back from a connection by itself.
+    pub(super) fn next_listener(&self, mut sent: Sent) -> Option<usize> {
+        loop {
+            match self.next_step(sent) {
+                Step::Accept(index) => return Some(index),
+                Step::Standby if self.stand_by() => sent = Sent::Called,
+                Step::Standby | Step::Leave => return None,
+            }
+        }
+    }
+
     /// What a thread does next: wait in `accept` on the listener where fewest threads wait
     /// (taking turns among equals, so that no listener is left without), unless `ACCEPTORS`
     /// already wait on each and the pool did not send it; then standby. Once shutdown began,
     /// the thread leaves the pool.
-    pub(super) fn next_step(&self, sent: Sent) -> Step {
+    fn next_step(&self, sent: Sent) -> Step {
         let mut pool = self.lock();
         if sent == Sent::New {
             pool.starting -= 1;
@@ -267,7 +280,7 @@ impl ThreadPool {
 
     /// Waits on standby until the pool calls this thread back to `accept` (returns true), for
     /// `THREAD_KEEP` at most: then, or at shutdown, the thread leaves the pool.
-    pub(super) fn stand_by(&self) -> bool {
+    fn stand_by(&self) -> bool {
         let deadline = Instant::now() + THREAD_KEEP;
         let mut pool = self.lock();
         pool.standby += 1;
