@@ -1190,6 +1190,47 @@ fn measured_figures_live_in_the_performance_page_only() {
     assert!(figure_in("answers 1,000 requests").is_none());
 }
 
+#[test]
+fn counts_shown_in_the_guides_agree_with_their_nouns() {
+    let mut problems = Vec::new();
+    for guide in guides() {
+        for (index, line) in read(&guide).lines().enumerate() {
+            if let Some(count) = singular_count_with_plural(line) {
+                problems.push(format!("{guide}:{}: `{count}`", index + 1));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "\"1\" with a plural noun (show a run whose counts read right, or fix the log line):\n{}",
+        problems.join("\n")
+    );
+    assert!(singular_count_with_plural("127.0.0.1:8004: 1 requests, 0 errors").is_some());
+    assert!(singular_count_with_plural("on HTTP/1.1 backends, 1 request, 2 errors").is_none());
+}
+
+/// A count of one followed by a plural noun, as a log line with `{} requests` prints it.
+fn singular_count_with_plural(line: &str) -> Option<String> {
+    const PLURALS: &[&str] = &[
+        "requests",
+        "errors",
+        "retries",
+        "connections",
+        "checks",
+        "backends",
+        "clients",
+        "tunnels",
+        "commands",
+        "sessions",
+    ];
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words.windows(2).find_map(|pair| {
+        let count = pair[0].trim_start_matches(['(', '[', '`']);
+        let noun = pair[1].trim_end_matches([',', '.', ';', ')', '`']);
+        (count == "1" && PLURALS.contains(&noun)).then(|| format!("{} {}", pair[0], pair[1]))
+    })
+}
+
 /// A measured figure on a line of prose: a ratio (`0.82×`) or a rate (`6.1k req/s`).
 fn figure_in(line: &str) -> Option<String> {
     let words: Vec<&str> = line.split_whitespace().collect();
