@@ -524,6 +524,105 @@ fn websocket_over_tls_echoes(version: &'static rustls::SupportedProtocolVersion)
         && lb.log().contains("closed after")));
 }
 
+/// A masked client text frame (RFC 6455 §5.2), for payloads under 126 bytes.
+fn client_text_frame(text: &str) -> Vec<u8> {
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | u8::try_from(text.len()).unwrap()];
+    frame.extend_from_slice(&mask);
+    frame.extend(text.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// What a Socket.IO client does over HTTPS, with Nagle's algorithm on: long-polling requests on
+/// one keep-alive connection while a second connection upgrades to a WebSocket, sending its first
+/// small frames in the same write as the upgrade request (before the `101` came back), then bursts
+/// of small frames before reading their echoes.
+fn socket_io_like_mix(version: &'static rustls::SupportedProtocolVersion) {
+    use tungstenite::protocol::Role;
+    use tungstenite::Message;
+    let cert = TestCertificate::new(&["localhost"]);
+    let backend = DemoBackend::start("a");
+    let lb = Balancer::start(
+        LOADBALANCER,
+        &[
+            &["--backend", &backend.spec()][..],
+            &cert.tls_flags("127.0.0.1:0"),
+        ]
+        .concat(),
+    );
+    let tls_addr = lb.tls_addr.unwrap();
+    let config = tls_client_config_for(&[&cert.cert_pem], &[version]);
+    let connect = || {
+        let socket = TcpStream::connect_timeout(&tls_addr, WAIT).unwrap();
+        let connection = tls_client_with(Arc::clone(&config), "localhost");
+        Client::over_tls(socket, connection).expect("a handshake")
+    };
+    let mut polling = connect();
+    assert_eq!(polling.get("/socket.io/?transport=polling").status, 200);
+    let mut upgraded = connect().stream;
+    let mut first_write = b"GET /ws HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+        Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+        Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    for text in ["2probe", "5", "early"] {
+        first_write.extend(client_text_frame(text));
+    }
+    upgraded.write_all(&first_write).unwrap();
+    upgraded.flush().unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        upgraded.read_exact(&mut byte).expect("the 101 response");
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101 "),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    let mut socket = tungstenite::WebSocket::from_raw_socket(upgraded, Role::Client, None);
+    let greeting = socket.read().expect("the greeting");
+    assert!(
+        greeting.to_string().starts_with("connected to "),
+        "{greeting}"
+    );
+    for text in ["2probe", "5", "early"] {
+        assert_eq!(socket.read().expect("an echo").to_string(), text);
+    }
+    for round in 0..5 {
+        // The polling connection goes on beside the WebSocket.
+        assert_eq!(polling.get(&format!("/socket.io/?n={round}")).status, 200);
+        let burst: Vec<String> = (0..3)
+            .map(|n| format!("42[\"call\",{round},{n}]"))
+            .collect();
+        for text in &burst {
+            socket.write(Message::text(text.as_str())).unwrap();
+        }
+        socket.flush().unwrap();
+        for text in &burst {
+            assert_eq!(
+                &socket.read().expect("an echo").to_string(),
+                text,
+                "round {round}"
+            );
+        }
+    }
+    socket.close(None).expect("closes");
+    while let Ok(message) = socket.read() {
+        assert!(message.is_close(), "{message:?}");
+    }
+}
+
+#[test]
+fn a_socket_io_like_mix_of_polling_and_websocket_works_over_tls_1_3() {
+    socket_io_like_mix(&rustls::version::TLS13);
+}
+
+#[test]
+fn a_socket_io_like_mix_of_polling_and_websocket_works_over_tls_1_2() {
+    socket_io_like_mix(&rustls::version::TLS12);
+}
+
 #[test]
 fn redirect_https_answers_308_to_the_same_host_and_path() {
     let cert = TestCertificate::new(&["localhost"]);
