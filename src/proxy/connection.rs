@@ -324,14 +324,7 @@ impl<'a> ClientConnection<'a> {
                 continue;
             }
             if tries.count > 0 {
-                lb.stats.count_retry();
-                log::debug!(
-                    "{} {} {}: retrying on {}",
-                    self.client_ip,
-                    head.method(),
-                    head.target(),
-                    backend.name()
-                );
+                self.count_retry(head, backend);
             }
             tries.count += 1;
             return Some(Attempt {
@@ -340,6 +333,18 @@ impl<'a> ClientConnection<'a> {
                 set_cookie,
             });
         }
+    }
+
+    /// Counts and logs a request sent on to `backend` after another failed it.
+    fn count_retry(&self, head: &RequestHead, backend: &Backend) {
+        self.lb.stats.count_retry();
+        log::debug!(
+            "{} {} {}: retrying on {}",
+            self.client_ip,
+            head.method(),
+            head.target(),
+            backend.name()
+        );
     }
 
     /// Whether a failed try may go on to the next backend: `Ok` with why this one failed the

@@ -23,6 +23,9 @@ use super::request::{
 /// Between two tries at connecting to a backend while the process is out of descriptors.
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
 
+/// What one exchange gave: how the client connection goes on and the response status.
+type Exchanged = Result<(Flow, u16), ExchangeError>;
+
 static UNREACHABLE: RepeatedWarning = RepeatedWarning::new(module_path!());
 static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new(module_path!());
 
@@ -44,16 +47,7 @@ impl ClientConnection<'_> {
         let out = self.request_bytes(backend, request);
         let mut result = self.exchange(backend, connection, &out, request);
         if matches!(result, Err(ExchangeError::Stale)) {
-            log::debug!(
-                "pooled connection to {} was closed; retrying on a fresh one",
-                backend.name()
-            );
-            // If no fresh connection can be had either, the request (which did reach this
-            // backend) ends here as an error and goes on to the next backend.
-            let fresh = self
-                .open_connection(backend, false)
-                .inspect_err(|_| backend.stats().record(started.elapsed(), false))?;
-            result = self.exchange(backend, fresh, &out, request);
+            result = self.resend_on_fresh(backend, &out, request, started)?;
         }
         // A client that went away or sent a broken body is not the backend's error.
         let verdict = backend_verdict(&result);
@@ -71,6 +65,26 @@ impl ClientConnection<'_> {
             ))),
             Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
         }
+    }
+
+    /// Sends the request again on a fresh connection, after a pooled one turned out closed.
+    fn resend_on_fresh(
+        &mut self,
+        backend: &Backend,
+        out: &[u8],
+        request: &OutgoingRequest,
+        started: Instant,
+    ) -> Result<Exchanged, TryError> {
+        log::debug!(
+            "pooled connection to {} was closed; retrying on a fresh one",
+            backend.name()
+        );
+        // If no fresh connection can be had either, the request (which did reach this
+        // backend) ends here as an error and goes on to the next backend.
+        let fresh = self
+            .open_connection(backend, false)
+            .inspect_err(|_| backend.stats().record(started.elapsed(), false))?;
+        Ok(self.exchange(backend, fresh, out, request))
     }
 
     /// A connection to `backend`: from the idle pool when `may_reuse`, else a new one. A backend
@@ -223,7 +237,7 @@ impl ClientConnection<'_> {
         connection: Connection,
         out: &[u8],
         request: &OutgoingRequest,
-    ) -> Result<(Flow, u16), ExchangeError> {
+    ) -> Exchanged {
         let reused = connection.reused;
         if reused && !request.can_resend() && connection.closed_while_idle() {
             // Nothing was sent: a fresh connection takes the request instead.
@@ -267,20 +281,9 @@ impl ClientConnection<'_> {
         let mut sink = Sink::new(&mut dst, Vec::new());
         let relayed = http::relay_body(&mut self.client, request.rest, &mut sink, false)
             .and_then(|()| sink.flush());
-        match relayed {
-            Ok(()) => {
-                self.body_pending = false;
-                Ok(())
-            }
-            Err(RelayError::Write(err)) => {
-                Err(bad_gateway(&format!("sending the request body: {err}")))
-            }
-            Err(RelayError::Malformed(why)) => Err(ExchangeError::Failed(Failure::Answer(
-                ProxyError::BadRequest(why.to_string()),
-            ))),
-            Err(RelayError::Read(err)) => Err(abort(&format!("reading the request body: {err}"))),
-            Err(RelayError::Truncated) => Err(abort("the client closed during the request body")),
-        }
+        relayed.map_err(request_body_failure)?;
+        self.body_pending = false;
+        Ok(())
     }
 
     /// Reads the response head, passing interim 1xx responses on to the client.
@@ -327,7 +330,7 @@ impl ClientConnection<'_> {
         mut upstream: BufferedStream,
         request: &OutgoingRequest,
         response: ResponseHead,
-    ) -> Result<(Flow, u16), ExchangeError> {
+    ) -> Exchanged {
         if response.status == 101 {
             return self.switch_protocols(upstream, request, &response);
         }
@@ -407,7 +410,7 @@ impl ClientConnection<'_> {
         upstream: BufferedStream,
         request: &OutgoingRequest,
         response: &ResponseHead,
-    ) -> Result<(Flow, u16), ExchangeError> {
+    ) -> Exchanged {
         let mut head = Vec::with_capacity(512);
         write_response_head(&mut head, response);
         push_upgrade_fields(&mut head, response);
@@ -478,6 +481,19 @@ fn no_response(err: Option<HeadError>, may_resend: bool) -> ExchangeError {
     }
 }
 
+/// What a request body that could not be passed on means: the backend's fault when writing to
+/// it failed (502), the client's otherwise (400 for broken chunks, or the end of the connection).
+fn request_body_failure(err: RelayError) -> ExchangeError {
+    match err {
+        RelayError::Write(err) => bad_gateway(&format!("sending the request body: {err}")),
+        RelayError::Malformed(why) => {
+            ExchangeError::Failed(Failure::Answer(ProxyError::BadRequest(why.to_string())))
+        }
+        RelayError::Read(err) => abort(&format!("reading the request body: {err}")),
+        RelayError::Truncated => abort("the client closed during the request body"),
+    }
+}
+
 /// What a response cut short means for the client: an error answer while nothing of the
 /// response was sent yet (504 for a backend that went quiet, 502 otherwise), else the end of the
 /// connection.
@@ -501,7 +517,7 @@ fn relay_failure(err: RelayError, nothing_sent: bool) -> ExchangeError {
 /// 503 or 504 from the backend, or an exchange it broke or let time out, is a failure; any
 /// other answer is a success; a client that went away or sent a malformed body says nothing
 /// about the backend.
-fn backend_verdict(result: &Result<(Flow, u16), ExchangeError>) -> Option<bool> {
+fn backend_verdict(result: &Exchanged) -> Option<bool> {
     match result {
         Ok((_, status)) => Some(!matches!(status, 502..=504)),
         Err(ExchangeError::Stale) => Some(false),
