@@ -15,6 +15,7 @@ use clap::{ArgMatches, Args, Parser};
 use crate::backend::Backend;
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
+use crate::plural;
 use crate::settings::{CpuScheduling, Settings};
 use crate::sticky::signed::{Secret, SignedCookies, MIN_SECRET_LEN};
 use crate::sticky::SessionTable;
@@ -419,9 +420,9 @@ impl SessionArgs {
         };
         if secret.len() < MIN_SECRET_LEN {
             return Err(StartError(format!(
-                "--sticky-secret (or LB_STICKY_SECRET) is {} bytes; it must be at least \
+                "--sticky-secret (or LB_STICKY_SECRET) is {}; it must be at least \
                  {MIN_SECRET_LEN} (try: openssl rand -hex 16)",
-                secret.len()
+                plural::count(secret.len() as u64, "byte")
             )));
         }
         let addrs: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();

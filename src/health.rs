@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::plural;
 use crate::stats::events::EventKind;
 
 pub mod active;
@@ -359,7 +360,8 @@ impl Health {
             self.trial_at.store(out_until, Ordering::Release);
             self.passive_out.store(true, Ordering::Release);
             let reason = format!(
-                "{fails} requests failed in a row, out for {:?}",
+                "{} failed in a row, out for {:?}",
+                plural::count(fails, "request"),
                 policy.fail_timeout
             );
             (EventKind::Ejected, reason)
@@ -385,7 +387,10 @@ impl Health {
                 return None;
             }
             self.active_up.store(true, Ordering::Release);
-            let reason = format!("{} checks passed in a row ({result})", counts.successes);
+            let reason = format!(
+                "{} passed in a row ({result})",
+                plural::count(counts.successes, "check")
+            );
             (EventKind::Up, reason)
         } else {
             counts.failures = counts.failures.saturating_add(1);
@@ -395,8 +400,8 @@ impl Health {
             }
             self.active_up.store(false, Ordering::Release);
             let reason = format!(
-                "{} checks failed in a row (last: {result})",
-                counts.failures
+                "{} failed in a row (last: {result})",
+                plural::count(counts.failures, "check")
             );
             (EventKind::Down, reason)
         };

@@ -16,7 +16,7 @@
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
-//! | all | [`descriptors`], [`warnings`] | the file-descriptor budget, warnings limited to one a second |
+//! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
 //! # Reading one request
@@ -58,6 +58,7 @@ pub mod descriptors;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod plural;
 pub mod proxy;
 pub mod report;
 pub mod server;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::backend::Backend;
 use crate::balance::{Algorithm, Balancer, Request};
 use crate::cli::parse_positive;
+use crate::plural;
 
 /// What `--help` says about each column of the table.
 const COLUMNS: &str = "\
@@ -271,10 +272,10 @@ impl fmt::Display for Report {
         let weights: Vec<String> = args.weights.iter().map(u32::to_string).collect();
         writeln!(
             f,
-            "{} requests from {} clients over {} backends weighted {}, {} in flight at once",
-            args.requests,
-            args.clients,
-            args.weights.len(),
+            "{} from {} over {} weighted {}, {} in flight at once",
+            plural::count(args.requests as u64, "request"),
+            plural::count(args.clients as u64, "client"),
+            plural::count(args.weights.len() as u64, "backend"),
             weights.join(","),
             args.concurrency
         )?;

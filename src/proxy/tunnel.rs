@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::Backend;
 use crate::http;
+use crate::plural;
 use crate::stream::ClientStream;
 
 use super::connection::ClientConnection;
@@ -59,11 +60,11 @@ impl ClientConnection<'_> {
             }
         };
         log::debug!(
-            "{}: tunnel to {} closed after {:?}: {} bytes up, {} down",
+            "{}: tunnel to {} closed after {:?}: {} up, {} down",
             self.client_ip,
             backend.name(),
             opened.elapsed(),
-            carried.up,
+            plural::count(carried.up, "byte"),
             carried.down
         );
     }

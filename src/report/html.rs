@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 
 use crate::health::HealthMode;
+use crate::plural;
 use crate::stats::events::rfc3339;
 
 use super::{chart, share, Snapshot};
@@ -255,11 +256,7 @@ fn tunnels_note(tunnels: u64) -> String {
 /// `n` and `noun` for the page, plural unless `n` is 1: "1 tunnel", "2 tunnels", "3 retries".
 /// A no-break space keeps the number and its noun on one line on a narrow screen.
 fn count(n: u64, noun: &str) -> String {
-    match (n, noun.strip_suffix('y')) {
-        (1, _) => format!("1&nbsp;{noun}"),
-        (_, Some(stem)) => format!("{n}&nbsp;{stem}ies"),
-        (_, None) => format!("{n}&nbsp;{noun}s"),
-    }
+    plural::count(n, noun).replacen(' ', "&nbsp;", 1)
 }
 
 /// Text made safe to place inside HTML elements and attribute values.

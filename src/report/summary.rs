@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::plural;
 use crate::proxy::LoadBalancer;
 
 /// The summary the chapter prints every 30 seconds, as one log entry: uptime, total, RPS, and
@@ -10,21 +11,21 @@ use crate::proxy::LoadBalancer;
 pub fn summary(lb: &LoadBalancer) -> String {
     let stats = lb.stats();
     let mut text = format!(
-        "statistics: uptime {:.0}s, {} requests, {:.1} req/s, {} open connections, {} retries",
+        "statistics: uptime {:.0}s, {}, {:.1} req/s, {}, {}",
         stats.uptime().as_secs_f64(),
-        stats.total_requests(),
+        plural::count(stats.total_requests(), "request"),
         stats.requests_per_second(),
-        stats.active_connections(),
-        stats.retries()
+        plural::count(stats.active_connections(), "open connection"),
+        plural::count(stats.retries(), "retry")
     );
     for backend in lb.backends() {
         let stats = backend.stats();
         let _ = write!(
             text,
-            "\n  {}: {} requests, {} errors ({:.1}% error rate), {} active, avg {:.2} ms, {}",
+            "\n  {}: {}, {} ({:.1}% error rate), {} active, avg {:.2} ms, {}",
             backend.name(),
-            stats.requests(),
-            stats.errors(),
+            plural::count(stats.requests(), "request"),
+            plural::count(stats.errors(), "error"),
             stats.error_rate() * 100.0,
             stats.active(),
             stats.latency_ms_avg(),

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use crate::plural;
 use crate::proxy::{ConnectionState, LoadBalancer};
 
 use super::pool::FirstTasks;
@@ -115,16 +116,16 @@ impl Registry {
         }
         if !open.by_id.is_empty() {
             log::info!(
-                "waiting for {} open connections to finish",
-                open.by_id.len()
+                "waiting for {} to finish",
+                plural::count(open.by_id.len() as u64, "open connection")
             );
         }
         while !open.by_id.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 log::warn!(
-                    "{} connections still busy after {:?} ({} of them tunnels); closing them",
-                    open.by_id.len(),
+                    "{} still busy after {:?} ({} of them tunnels); closing them",
+                    plural::count(open.by_id.len() as u64, "connection"),
                     DRAIN_LIMIT,
                     lb.stats().tunnels().active()
                 );
@@ -166,7 +167,7 @@ impl Context {
         }
         let pool = &self.shared.pool;
         let deadline = Instant::now() + DRAIN_LIMIT;
-        let mut taken = 0;
+        let mut taken: u64 = 0;
         while pool.reserve_thread_until(deadline) {
             let Ok((stream, peer)) = listener.accept() else {
                 pool.threads_ended(1, false);
@@ -184,7 +185,10 @@ impl Context {
             }
         }
         if taken > 0 {
-            log::info!("accepted {taken} connections still queued when shutdown began");
+            log::info!(
+                "accepted {} still queued when shutdown began",
+                plural::count(taken, "connection")
+            );
         }
         // Stops listening now rather than at exit (on Linux `shutdown` does that to a listening
         // socket): a client connecting while requests in flight finish is refused at once, as

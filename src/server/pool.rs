@@ -28,6 +28,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crate::plural;
 use crate::warnings::RepeatedWarning;
 
 use super::socket::{queued_connections, ACCEPT_TICK};
@@ -377,8 +378,8 @@ impl ThreadPool {
                 log::debug!("--max-connections reached: accepting paused");
             } else {
                 log::warn!(
-                    "{} connections open (--max-connections): accepting paused until one closes",
-                    self.max_threads
+                    "{} open (--max-connections): accepting paused until one closes",
+                    plural::count(self.max_threads as u64, "connection")
                 );
                 pool.paused_before = true;
             }
