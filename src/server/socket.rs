@@ -143,7 +143,7 @@ pub(super) fn queued_connections(_listener: &TcpListener) -> Option<usize> {
 /// backends and the other client threads before they have handled what they have ready, so the
 /// machine switches more and batches less. Not preempting lets them finish their batch first,
 /// as an event loop does on its own. The price is latency when the CPUs are busy with other
-/// programs (see `--cpu-scheduling` in the README).
+/// programs (see `--cpu-scheduling` in docs/flags.md and why in docs/performance.md).
 #[cfg(target_os = "linux")]
 pub(super) fn schedule_as_batch() {
     let param = libc::sched_param { sched_priority: 0 };
