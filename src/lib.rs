@@ -21,24 +21,37 @@
 //!
 //! # Reading one request
 //!
-//! One phase-1 request, from `accept` to the backend's answer, file by file:
+//! Before the walk, `phases/phase1_rr.rs` reads the flags, builds a [`proxy::LoadBalancer`] with
+//! round robin and hands it to [`startup::run`], which binds the port and serves. From `accept`
+//! to the answer, one phase-1 request meets these files and, in each, these functions
+//! (`scripts/walk.py` prints and counts them; `tests/walk.rs` keeps the walk short):
 //!
-//! 1. `phases/phase1_rr.rs`: the flags, a [`proxy::LoadBalancer`] with round robin, and
-//!    [`startup::run`], which binds the port and serves.
-//! 2. `server/mod.rs`: a client thread accepts the connection and serves it
-//!    (`client_thread` -> `serve_one`).
-//! 3. `proxy/connection.rs`: [`proxy::ClientConnection`] reads each request head and forwards
-//!    it (`serve` -> `handle` -> `forward`).
-//! 4. `http/head.rs`: how a head is read (`read_request_head_until`, `read_head`).
-//! 5. `proxy/request.rs`: the request checked (`check_request`) and rewritten for the backend
-//!    (`write_request_head`).
-//! 6. `balance/round_robin.rs`: which backend (`pick`).
-//! 7. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
-//!    response read and relayed (`try_backend` -> `exchange` -> `read_response` ->
-//!    `relay_response`).
-//! 8. `backend.rs`: a pooled keep-alive connection taken and given back (`connection`,
-//!    `put_idle`).
-//! 9. `http/body.rs`: how a body is framed and relayed (`response_body_length`, `relay_body`).
+//! 1. `server/mod.rs`: a client thread accepts a connection and serves it (`client_thread`,
+//!    `accept_and_serve`, `serve_one`, `client_stream`).
+//! 2. `proxy/connection.rs`: the loop over the connection's requests, each one checked, a
+//!    backend chosen and the request forwarded (`ClientConnection::new`, `serve`, `handle`,
+//!    `forward`, `prepare`, `request_id`, `take_body_prefix`, `next_attempt`, `choose`,
+//!    `into_stream`).
+//! 3. `http/head.rs`: how a head is read and parsed (`read_request_head_until`,
+//!    `read_request_head_bounded`, `read_head`, `find_head_end`, `parse_request_head`,
+//!    `parse_head`, `parse_as_is`, `parse_request_into`, `fields_of`, `version`,
+//!    `wants_keep_alive`, `HopByHop::of`, `HopByHop::contains`, `read_response_head`,
+//!    `parse_response_head`, `parse_response_into`).
+//! 4. `proxy/request.rs`: the request checked and rewritten for the backend (`check_request`,
+//!    `check_target_and_host`, `is_valid_host`, `is_upgrade`, `can_resend`,
+//!    `write_request_head`, `split_absolute`, `write_request_line`, `copy_end_to_end_fields`,
+//!    `push_forwarded_fields`, `write_response_head`).
+//! 5. `balance/round_robin.rs`: which backend (`pick`).
+//! 6. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
+//!    response read and relayed (`try_backend`, `open_connection`, `connect`, `request_bytes`,
+//!    `exchange`, `send_rest_of_body`, `read_response`, `relay_response`,
+//!    `client_response_head`, `push_balancer_fields`, `release`, `observe`, `log_exchange`,
+//!    `backend_verdict`).
+//! 7. `backend.rs`: a pooled keep-alive connection taken and given back
+//!    (`Backend::connection`, `idle_or_turn`, `connect`, `put_idle`).
+//! 8. `http/body.rs`: how a body is framed and relayed (`request_body_length`,
+//!    `content_length`, `response_body_length`, `relay_body`, `relay_exact`, `refill`,
+//!    `Sink::new`, `emit`, `flush`, `Sink::write`).
 //!
 //! Side rooms a first reading skips: how threads are kept and reused (`server/pool.rs`,
 //! `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`], [`stream`]), tunnels
