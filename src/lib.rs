@@ -27,36 +27,35 @@
 //! (`scripts/walk.py` prints and counts them; `tests/walk.rs` keeps the walk short):
 //!
 //! 1. `server/mod.rs`: a client thread accepts a connection and serves it (`client_thread`,
-//!    `accept_and_serve`, `serve_one`, `client_stream`).
-//! 2. `proxy/connection.rs`: the loop over the connection's requests, each one checked, a
-//!    backend chosen and the request forwarded (`ClientConnection::new`, `serve`, `handle`,
-//!    `forward`, `prepare`, `request_id`, `take_body_prefix`, `next_attempt`, `choose`,
-//!    `into_stream`).
-//! 3. `http/head.rs`: how a head is read and parsed (`read_request_head_until`,
-//!    `read_request_head_bounded`, `read_head`, `find_head_end`, `parse_request_head`,
-//!    `parse_head`, `parse_as_is`, `parse_request_into`, `fields_of`, `version`,
-//!    `wants_keep_alive`, `HopByHop::of`, `HopByHop::contains`, `read_response_head`,
-//!    `parse_response_head`, `parse_response_into`).
-//! 4. `proxy/request.rs`: the request checked and rewritten for the backend (`check_request`,
-//!    `check_target_and_host`, `is_valid_host`, `is_upgrade`, `can_resend`,
-//!    `write_request_head`, `split_absolute`, `write_request_line`, `copy_end_to_end_fields`,
-//!    `push_forwarded_fields`, `write_response_head`).
-//! 5. `balance/round_robin.rs`: which backend (`pick`).
-//! 6. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
+//!    `serve_one`).
+//! 2. `proxy/connection.rs`: the loop over the connection's requests; each is checked, a
+//!    backend chosen and the request forwarded (`serve`, `handle`, `forward`, `next_attempt`,
+//!    `choose`).
+//! 3. `http/head.rs`: how a head is read and parsed (`read_request_head_until`, `read_head`,
+//!    `find_head_end`, `parse_request_head`, `parse_request_into`, `wants_keep_alive`,
+//!    `read_response_head`, `parse_response_head`, `parse_response_into`).
+//! 4. `balance/round_robin.rs`: which backend (`pick`).
+//! 5. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
 //!    response read and relayed (`try_backend`, `open_connection`, `connect`, `request_bytes`,
-//!    `exchange`, `send_rest_of_body`, `read_response`, `relay_response`,
-//!    `client_response_head`, `push_balancer_fields`, `release`, `observe`, `log_exchange`,
-//!    `backend_verdict`).
-//! 7. `backend.rs`: a pooled keep-alive connection taken and given back
-//!    (`Backend::connection`, `idle_or_turn`, `connect`, `put_idle`).
-//! 8. `http/body.rs`: how a body is framed and relayed (`request_body_length`,
-//!    `content_length`, `response_body_length`, `relay_body`, `relay_exact`, `refill`,
-//!    `Sink::new`, `emit`, `flush`, `Sink::write`).
+//!    `exchange`, `read_response`, `relay_response`, `client_response_head`, `release`).
+//! 6. `backend.rs`: a pooled keep-alive connection taken and given back
+//!    (`Backend::connection`, `connect`, `put_idle`).
+//! 7. `proxy/request.rs`: the heads each side sees (`write_request_head`, `write_request_line`,
+//!    `copy_end_to_end_fields`, `push_forwarded_fields`, `write_response_head`).
+//! 8. `http/body.rs`: how the response body is framed and relayed (`response_body_length`,
+//!    `relay_body`, `relay_exact`, `refill`).
 //!
-//! Side rooms a first reading skips: how threads are kept and reused (`server/pool.rs`,
-//! `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`], [`stream`]), tunnels
-//! (`proxy/tunnel.rs`), retries (`next_attempt` and `may_retry` in `proxy/connection.rs`), the
-//! read buffer (`http/buffer.rs`), and what phases 2-4 add.
+//! Side rooms a first reading skips, each entered in one line from the walk: how threads are
+//! kept and reused (`server/pool.rs`, `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`],
+//! [`stream`]), tunnels (`proxy/tunnel.rs`), retries (`may_retry`, `resend_on_fresh`), what is
+//! refused and the error answers (`proxy/checks.rs`, `proxy/outcome.rs`, `reject_head`,
+//! `fail`), request bodies (a GET has none: `take_body_prefix`, `send_rest_of_body`), RFC
+//! corners (interim responses, absolute-form targets, other HTTP versions in
+//! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
+//! hop-by-hop table (`http/hop_by_hop.rs`), counters, logs and passive health (`account`), the
+//! queue of requests waiting for a backend connection (`idle_or_turn`), and what phases 2-4 add
+//! (`--explain`, sticky sessions). Constructors and functions whose name says all a first
+//! reading needs (`ClientConnection::new`, `into_stream`, `content_length`) are not listed.
 //!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
 //! every step of a request can be read top to bottom, as in the chapter's Python.
