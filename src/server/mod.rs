@@ -276,8 +276,9 @@ impl ShutdownHandle {
 
 impl Shared {
     /// The client's stream: the socket itself, or a TLS connection over it once the handshake
-    /// is done (within `--client-timeout` of `accepted`). A failed handshake gives the socket
-    /// back (to be closed after `finish`).
+    /// is done (within `--client-timeout` of `accepted`). Each thread performs its own client's
+    /// handshake, bounded as a whole, so a client that never finishes it holds a thread for
+    /// that long at most. A failed handshake gives the socket back (to be closed after `finish`).
     fn client_stream(
         &self,
         lb: &LoadBalancer,
