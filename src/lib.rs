@@ -21,29 +21,41 @@
 //!
 //! # Reading one request
 //!
-//! One phase-1 request, from `accept` to the backend's answer, file by file:
+//! Before the walk, `phases/phase1_rr.rs` reads the flags, builds a [`proxy::LoadBalancer`] with
+//! round robin and hands it to [`startup::run`], which binds the port and serves. From `accept`
+//! to the answer, one phase-1 request meets these files and, in each, these functions
+//! (`scripts/walk.py` prints and counts them; `tests/walk.rs` keeps the walk short):
 //!
-//! 1. `phases/phase1_rr.rs`: the flags, a [`proxy::LoadBalancer`] with round robin, and
-//!    [`startup::run`], which binds the port and serves.
-//! 2. `server/mod.rs`: a client thread accepts the connection and serves it
-//!    (`client_thread` -> `serve_one`).
-//! 3. `proxy/connection.rs`: [`proxy::ClientConnection`] reads each request head and forwards
-//!    it (`serve` -> `handle` -> `forward`).
-//! 4. `http/head.rs`: how a head is read (`read_request_head_until`, `read_head`).
-//! 5. `proxy/request.rs`: the request checked (`check_request`) and rewritten for the backend
-//!    (`write_request_head`).
-//! 6. `balance/round_robin.rs`: which backend (`pick`).
-//! 7. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
-//!    response read and relayed (`try_backend` -> `exchange` -> `read_response` ->
-//!    `relay_response`).
-//! 8. `backend.rs`: a pooled keep-alive connection taken and given back (`connection`,
-//!    `put_idle`).
-//! 9. `http/body.rs`: how a body is framed and relayed (`response_body_length`, `relay_body`).
+//! 1. `server/mod.rs`: a client thread accepts a connection and serves it (`client_thread`,
+//!    `serve_one`).
+//! 2. `proxy/connection.rs`: the loop over the connection's requests; each is checked, a
+//!    backend chosen and the request forwarded (`serve`, `handle`, `forward`, `next_attempt`,
+//!    `choose`).
+//! 3. `http/head.rs`: how a head is read and parsed (`read_request_head_until`, `read_head`,
+//!    `find_head_end`, `parse_request_head`, `parse_request_into`, `wants_keep_alive`,
+//!    `read_response_head`, `parse_response_head`, `parse_response_into`).
+//! 4. `balance/round_robin.rs`: which backend (`pick`).
+//! 5. `proxy/exchange.rs`: one try against that backend: a connection, the request sent, the
+//!    response read and relayed (`try_backend`, `open_connection`, `connect`, `request_bytes`,
+//!    `exchange`, `read_response`, `relay_response`, `client_response_head`, `release`).
+//! 6. `backend.rs`: a pooled keep-alive connection taken and given back
+//!    (`Backend::connection`, `connect`, `put_idle`).
+//! 7. `proxy/request.rs`: the heads each side sees (`write_request_head`, `write_request_line`,
+//!    `copy_end_to_end_fields`, `push_forwarded_fields`, `write_response_head`).
+//! 8. `http/body.rs`: how the response body is framed and relayed (`response_body_length`,
+//!    `relay_body`, `relay_exact`, `refill`).
 //!
-//! Side rooms a first reading skips: how threads are kept and reused (`server/pool.rs`,
-//! `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`], [`stream`]), tunnels
-//! (`proxy/tunnel.rs`), retries (`next_attempt` and `may_retry` in `proxy/connection.rs`), the
-//! read buffer (`http/buffer.rs`), and what phases 2-4 add.
+//! Side rooms a first reading skips, each entered in one line from the walk: how threads are
+//! kept and reused (`server/pool.rs`, `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`],
+//! [`stream`]), tunnels (`proxy/tunnel.rs`), retries (`may_retry`, `resend_on_fresh`), what is
+//! refused and the error answers (`proxy/checks.rs`, `proxy/outcome.rs`, `reject_head`,
+//! `fail`), request bodies (a GET has none: `take_body_prefix`, `send_rest_of_body`), RFC
+//! corners (interim responses, absolute-form targets, other HTTP versions in
+//! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
+//! hop-by-hop table (`http/hop_by_hop.rs`), counters, logs and passive health (`account`), the
+//! queue of requests waiting for a backend connection (`idle_or_turn`), and what phases 2-4 add
+//! (`--explain`, sticky sessions). Constructors and functions whose name says all a first
+//! reading needs (`ClientConnection::new`, `into_stream`, `content_length`) are not listed.
 //!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
 //! every step of a request can be read top to bottom, as in the chapter's Python.

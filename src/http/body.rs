@@ -1,8 +1,6 @@
-//! Bodies: how a message's body is framed (RFC 9112 §6.3), and relaying it piece by piece.
-//!
-//! A body is never held whole. It goes from its source to its destination through the source's
-//! read buffer and a [`Sink`] that gathers small pieces into one write, framed by
-//! Content-Length, chunked encoding, or (responses only) the end of the connection.
+//! Bodies: how a message's body is framed (RFC 9112 §6.3), and relaying it piece by piece: a
+//! body is never held whole, but goes through the source's read buffer and a [`Sink`] that
+//! gathers small pieces into one write.
 
 use std::io::{self, Read, Write};
 
@@ -55,11 +53,8 @@ pub fn request_body_length(head: &RequestHead) -> Result<BodyLength, String> {
 
 /// How a response's body is framed. Responses to HEAD, and 1xx, 204 and 304 responses, never have
 /// a body whatever their headers say (RFC 9110 §6.4.1).
-pub fn response_body_length(
-    request_method: &str,
-    head: &ResponseHead,
-) -> Result<BodyLength, String> {
-    if request_method == "HEAD" || head.status < 200 || head.status == 204 || head.status == 304 {
+pub fn response_body_length(method: &str, head: &ResponseHead) -> Result<BodyLength, String> {
+    if method == "HEAD" || head.status < 200 || head.status == 204 || head.status == 304 {
         return Ok(BodyLength::Empty);
     }
     if head.header("transfer-encoding").is_some() {
@@ -221,9 +216,8 @@ impl<'a> Sink<'a> {
     }
 }
 
-/// Relays a body framed by `length` from `src` to `sink`, leaving anything after it buffered in
-/// `src`. With `dechunk`, a chunked body is sent as plain bytes (for HTTP/1.0 peers) instead of
-/// being passed on as it came.
+/// Relays a body framed by `length` from `src` to `sink`, leaving what follows it buffered in
+/// `src`; with `dechunk`, a chunked body goes out as plain bytes (for HTTP/1.0 peers).
 pub fn relay_body<S: Read>(
     src: &mut BufferedStream<S>,
     length: BodyLength,

@@ -14,6 +14,7 @@
 //! | `buffer.rs` | [`BufferedStream`], a socket with a read buffer this side owns, and the [`BufferPool`] |
 //! | `head.rs` | heads: [`RequestHead`], [`ResponseHead`], their fields, and the one reader of both |
 //! | `body.rs` | bodies: how one is framed ([`BodyLength`]) and relayed piece by piece ([`relay_body`]) |
+//! | `hop_by_hop.rs` | [`HopByHop`]: the fields a proxy does not pass on (RFC 9110 §7.6.1) |
 //! | `version.rs` | versions other than HTTP/1.0 and HTTP/1.1: later minors read as 1.1, others refused |
 //! | `properties.rs` | property tests of all of it over random and mutated input (tests only) |
 
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 mod body;
 mod buffer;
 mod head;
+mod hop_by_hop;
 mod version;
 
 #[cfg(test)]
@@ -35,8 +37,9 @@ pub use body::{
 pub use buffer::{BufferPool, BufferedStream, Transport};
 pub use head::{
     push_field, push_header, read_request_head, read_request_head_until, read_request_head_within,
-    read_response_head, HeadError, HeaderFields, Headers, HopByHop, RequestHead, ResponseHead,
+    read_response_head, HeadError, HeaderFields, Headers, RequestHead, ResponseHead,
 };
+pub use hop_by_hop::HopByHop;
 pub use version::Version;
 
 /// The largest request or response head accepted, in bytes; a larger request gets `431`.

@@ -8,11 +8,12 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::balance;
 use crate::error::ProxyError;
-use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
+use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead, MAX_HEAD};
 use crate::stream::ClientStream;
 
+use super::checks::check_request;
 use super::outcome::{Failure, Flow, TryError};
-use super::request::{check_request, is_upgrade, OutgoingRequest};
+use super::request::{Attempt, OutgoingRequest};
 use super::session::Session;
 use super::{ConnectionState, LoadBalancer};
 
@@ -58,29 +59,17 @@ impl<'a> ClientConnection<'a> {
     /// Serves requests until the client closes, an error ends the connection, or the balancer
     /// shuts down.
     pub fn serve(&mut self) {
-        // A connection whose serving begins after shutdown began was waiting in the listen
-        // queue, its request on the way: that first request is served, not dropped.
+        // A connection served after shutdown began waited in the listen queue, its request on
+        // the way: that first request is served, not dropped.
         let mut first_owed = self.shutdown.load(Ordering::SeqCst);
-        loop {
-            if !std::mem::take(&mut first_owed) {
-                self.state.idle.store(true, Ordering::SeqCst);
-                if self.shutdown.load(Ordering::SeqCst) {
-                    break;
-                }
-            }
+        while std::mem::take(&mut first_owed) || self.idle_unless_shutting_down() {
             // The whole head must arrive within the client timeout of this moment.
             let timeout = self.lb.settings.client_timeout;
             let deadline = Instant::now() + timeout;
-            // Between requests the connection holds no read buffer: it waits for the client's
-            // next bytes (up to the client timeout, the socket's), and only they take a buffer.
-            if self.client.buffered().is_empty() {
-                match self.client.fill_when_idle(&self.lb.buffers) {
-                    Ok(n) if n > 0 => {}
-                    // Closed, quiet for the whole timeout, or reset: nobody to answer.
-                    _ => break,
-                }
+            if !self.next_request_begins() {
+                break;
             }
-            let head = http::read_request_head_until(&mut self.client, deadline, timeout);
+            let head = http::read_request_head_until(&mut self.client, deadline, timeout, MAX_HEAD);
             self.state.idle.store(false, Ordering::SeqCst);
             let flow = match head {
                 Ok(Some(head)) => self.handle(head),
@@ -91,6 +80,22 @@ impl<'a> ClientConnection<'a> {
                 break;
             }
         }
+    }
+
+    /// Whether the client's next request begins: between requests the connection holds no read
+    /// buffer, it waits for the client's next bytes (up to the client timeout, the socket's) and
+    /// only they take a buffer. False when the client closed, stayed quiet for the whole
+    /// timeout, or reset the connection: nobody is left to answer.
+    fn next_request_begins(&mut self) -> bool {
+        !self.client.buffered().is_empty()
+            || matches!(self.client.fill_when_idle(&self.lb.buffers), Ok(n) if n > 0)
+    }
+
+    /// Marks the connection idle between two requests, so that shutting down may close it at
+    /// once, and says whether it may wait for another request.
+    fn idle_unless_shutting_down(&self) -> bool {
+        self.state.idle.store(true, Ordering::SeqCst);
+        !self.shutdown.load(Ordering::SeqCst)
     }
 
     /// Ends the connection: the read buffer goes back for reuse, and the stream to the server,
@@ -124,12 +129,7 @@ impl<'a> ClientConnection<'a> {
     fn handle(&mut self, head: RequestHead) -> Flow {
         let started = Instant::now();
         self.lb.stats.count_request();
-        if let Some(port) = self
-            .lb
-            .settings
-            .redirect_https
-            .filter(|_| self.scheme == "http")
-        {
+        if let Some(port) = self.redirect_port() {
             return self.redirect_to_https(&head, port);
         }
         match self.forward(&head, started) {
@@ -174,6 +174,12 @@ impl<'a> ClientConnection<'a> {
                 Flow::Close
             }
         }
+    }
+
+    /// The HTTPS port a plain-HTTP request is redirected to (`--redirect-https`), if any.
+    fn redirect_port(&self) -> Option<u16> {
+        let port = self.lb.settings.redirect_https;
+        port.filter(|_| self.scheme == "http")
     }
 
     /// `--redirect-https`: answers `308 Permanent Redirect` to the same host and target on the
@@ -238,53 +244,44 @@ impl<'a> ClientConnection<'a> {
 
     /// Checks the request, then tries backends until one answers or none is left.
     fn forward(&mut self, head: &RequestHead, started: Instant) -> Result<Flow, Failure> {
-        let body = self.prepare(head)?;
+        let body = self.check(head)?;
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = request_id(head, &mut id_text);
         let (prefix, rest) = self.take_body_prefix(body);
-        let session = self
-            .lb
-            .sticky
-            .as_ref()
-            .map(|sticky| Session::of(sticky, head));
+        let session = self.lb.sticky.as_ref().map(|s| Session::of(s, head));
         let mut tries = Tries::default();
         while let Some(attempt) = self.next_attempt(head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
             let _in_flight = backend.stats().begin_request();
-            let request = OutgoingRequest {
-                head,
-                body,
-                prefix: &prefix,
-                rest,
-                request_id,
-                reason: &attempt.decision,
-                set_cookie: attempt.set_cookie.as_deref(),
-                upgrade: is_upgrade(head),
-            };
+            let request = OutgoingRequest::new(head, body, (&prefix, rest), request_id, &attempt);
             match self.try_backend(backend, &request, started) {
-                // The tunnel runs while the request counts as in flight on its backend, so
-                // that least connections sees it.
-                Ok(Flow::Switch(upstream)) => {
-                    self.tunnel(backend, upstream);
-                    return Ok(Flow::Close);
-                }
-                Ok(flow) => return Ok(flow),
-                Err(err) => {
-                    if let Some(why) = self.may_retry(err, &request, backend)? {
-                        tries.failed = Some(why);
-                    }
-                }
+                Ok(flow) => return Ok(self.tunnel_if_switched(flow, backend)),
+                Err(err) => self.may_retry(err, &request, backend, &mut tries)?,
             }
         }
-        Err(tries.failed.unwrap_or_else(|| {
-            Failure::Answer(ProxyError::NoBackend {
-                retry_after: self.lb.retry_after(),
-            })
-        }))
+        Err(tries.failed.unwrap_or_else(|| self.no_backend()))
     }
 
-    /// Checks the request's framing and target, and returns how its body is framed.
-    fn prepare(&mut self, head: &RequestHead) -> Result<BodyLength, Failure> {
+    /// After a `101 Switching Protocols`, the connection is a tunnel to the backend until
+    /// either side closes (`tunnel.rs`). The tunnel runs while the request counts as in flight
+    /// on its backend, so that least connections sees it.
+    fn tunnel_if_switched(&mut self, flow: Flow, backend: &Backend) -> Flow {
+        let Flow::Switch(upstream) = flow else {
+            return flow;
+        };
+        self.tunnel(backend, upstream);
+        Flow::Close
+    }
+
+    /// No backend was left to try: a 503 that says when to come back.
+    fn no_backend(&self) -> Failure {
+        Failure::Answer(ProxyError::NoBackend {
+            retry_after: self.lb.retry_after(),
+        })
+    }
+
+    /// Refuses what must not be forwarded (`checks.rs`), and says how the body is framed.
+    fn check(&mut self, head: &RequestHead) -> Result<BodyLength, Failure> {
         // Until the body's framing is known, nothing tells a body from the next request: a
         // request refused here closes the connection, or its body would be read as a request
         // of its own (request smuggling).
@@ -302,41 +299,51 @@ impl<'a> ClientConnection<'a> {
         session: Option<&Session>,
         tries: &mut Tries,
     ) -> Option<Attempt<'a>> {
-        let lb: &'a LoadBalancer = self.lb;
-        loop {
-            if tries.count > lb.settings.retries {
-                return None;
-            }
+        while tries.count <= self.lb.settings.retries {
             let pick = self.choose(&tries.tried, session)?;
-            let decision = if lb.settings.explain {
-                self.explain(&pick, session, &tries.tried)
-            } else {
-                String::new()
-            };
-            if let Some(session) = session {
-                session.follow(pick.index);
-            }
-            let set_cookie = session.and_then(|s| s.set_cookie(pick.index));
+            let attempt = self.attempt_on(&pick, session, &tries.tried);
             tries.tried.push(pick.index);
-            let backend = &lb.backends[pick.index];
-            if !backend.health().admit() {
-                // Another request took this backend's one trial after its fail-timeout.
-                continue;
+            // Another request may have taken this backend's one trial after its fail-timeout.
+            if attempt.backend.health().admit() {
+                self.count_try(head, attempt.backend, tries);
+                return Some(attempt);
             }
-            if tries.count > 0 {
-                self.count_retry(head, backend);
-            }
-            tries.count += 1;
-            return Some(Attempt {
-                backend,
-                decision,
-                set_cookie,
-            });
+        }
+        None
+    }
+
+    /// A try on the picked backend, and what it adds to the request: the `X-Lb-Decision` line
+    /// with `--explain` (else nothing), and a new sticky session's cookie, the session
+    /// following the chosen backend (phase 4).
+    fn attempt_on(
+        &self,
+        pick: &balance::Pick,
+        session: Option<&Session>,
+        tried: &[usize],
+    ) -> Attempt<'a> {
+        let lb: &'a LoadBalancer = self.lb;
+        let decision = if lb.settings.explain {
+            self.explain(pick, session, tried)
+        } else {
+            String::new()
+        };
+        if let Some(session) = session {
+            session.follow(pick.index);
+        }
+        Attempt {
+            backend: &lb.backends[pick.index],
+            decision,
+            set_cookie: session.and_then(|s| s.set_cookie(pick.index)),
         }
     }
 
-    /// Counts and logs a request sent on to `backend` after another failed it.
-    fn count_retry(&self, head: &RequestHead, backend: &Backend) {
+    /// Counts a request sent to `backend`; one sent on after another backend failed it is a
+    /// retry, counted and logged.
+    fn count_try(&self, head: &RequestHead, backend: &Backend, tries: &mut Tries) {
+        tries.count += 1;
+        if tries.count == 1 {
+            return;
+        }
         self.lb.stats.count_retry();
         log::debug!(
             "{} {} {}: retrying on {}",
@@ -347,17 +354,18 @@ impl<'a> ClientConnection<'a> {
         );
     }
 
-    /// Whether a failed try may go on to the next backend: `Ok` with why this one failed the
-    /// request (`None` when nothing reached it), or `Err` with the failure that ends it.
+    /// Whether a failed try may go on to the next backend: `Ok` when it may (with why this one
+    /// failed the request in `tries`, when it reached it), or `Err` with the failure that ends it.
     fn may_retry(
         &self,
         err: TryError,
         request: &OutgoingRequest,
         backend: &Backend,
-    ) -> Result<Option<Failure>, Failure> {
+        tries: &mut Tries,
+    ) -> Result<(), Failure> {
         match err {
             // Nothing reached the backend, so the next one may safely get the request.
-            TryError::Unreachable => Ok(None),
+            TryError::Unreachable => Ok(()),
             // The backend broke the exchange before any byte of the answer reached the
             // client (a timeout is a 504, not a broken exchange).
             TryError::Failed(Failure::Answer(err @ ProxyError::BadGateway(_)))
@@ -370,7 +378,8 @@ impl<'a> ClientConnection<'a> {
                     request.head.target(),
                     backend.name(),
                 );
-                Ok(Some(Failure::Answer(err)))
+                tries.failed = Some(Failure::Answer(err));
+                Ok(())
             }
             TryError::Failed(failure) => Err(failure),
         }
@@ -399,16 +408,13 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
-    /// Chooses a backend among those available and not yet tried: the session's own backend
-    /// when it is one of them, else whichever the balancer picks.
+    /// Chooses among the backends available and not yet tried: the session's own, when it is
+    /// one of them, else the balancer's pick.
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
         let backends = &self.lb.backends;
         let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
-        if let Some(index) = session.and_then(|s| s.backend).filter(|&i| is_candidate(i)) {
-            return Some(balance::Pick {
-                index,
-                reason: String::new(),
-            });
+        if let Some(pick) = session.and_then(|s| s.choice(&is_candidate)) {
+            return Some(pick);
         }
         let request = balance::Request {
             client_ip: self.client_ip,
@@ -455,15 +461,6 @@ struct Tries {
     count: usize,
     /// Why the last backend tried failed the request, if another one may take it over.
     failed: Option<Failure>,
-}
-
-/// One try: the backend, and what it adds to the request.
-struct Attempt<'a> {
-    backend: &'a Backend,
-    /// The `X-Lb-Decision` value; empty unless `--explain`.
-    decision: String,
-    /// A new sticky session's cookie.
-    set_cookie: Option<String>,
 }
 
 /// The request's id for the backend and the log: the client's own `X-Request-Id` is kept

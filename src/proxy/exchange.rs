@@ -1,21 +1,21 @@
 //! One try against one backend: a connection from the pool or a new one, the request sent, the
-//! response head read and the response relayed, the connection given back to the pool. What
-//! can go wrong on the way is sorted here: safe to try again, the backend's fault, or the
-//! client's.
+//! response head read and the response relayed, the connection given back to the pool.
 
+use std::net::TcpStream;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::backend::{report_health, Backend, Connection, FirstExchange};
 use crate::descriptors;
 use crate::error::ProxyError;
-use crate::http::{
-    self, BodyLength, BufferedStream, HeadError, Headers, RelayError, ResponseHead, Sink, Version,
-};
+use crate::http::{self, BodyLength, BufferedStream, Headers, ResponseHead, Sink, Version};
 use crate::warnings::RepeatedWarning;
 
 use super::connection::ClientConnection;
-use super::outcome::{abort, bad_gateway, ExchangeError, Failure, Flow, TryError};
+use super::outcome::{
+    abort, backend_verdict, bad_gateway, no_response, relay_failure, request_body_failure,
+    send_failure, unasked_switch, ExchangeError, Exchanged, Failure, Flow, TryError,
+};
 use super::request::{
     push_upgrade_fields, write_request_head, write_response_head, OutgoingRequest,
 };
@@ -23,25 +23,19 @@ use super::request::{
 /// Between two tries at connecting to a backend while the process is out of descriptors.
 const DESCRIPTOR_WAIT: Duration = Duration::from_millis(10);
 
-/// What one exchange gave: how the client connection goes on and the response status.
-type Exchanged = Result<(Flow, u16), ExchangeError>;
-
 static UNREACHABLE: RepeatedWarning = RepeatedWarning::new(module_path!());
 static OUT_OF_DESCRIPTORS: RepeatedWarning = RepeatedWarning::new(module_path!());
 
 impl ClientConnection<'_> {
-    /// Sends the request to one backend, once more on a fresh connection if a pooled one turns
-    /// out to have been closed by the backend.
+    /// Sends the request to one backend and relays its answer; once more on a fresh connection
+    /// if a pooled one turns out to have been closed by the backend.
     pub(super) fn try_backend(
         &mut self,
         backend: &Backend,
         request: &OutgoingRequest,
         started: Instant,
     ) -> Result<Flow, TryError> {
-        // A body that will be streamed cannot be sent twice, so it never risks a pooled
-        // connection that may turn out closed.
-        // A request to switch protocols is not sent twice either (see `may_go_elsewhere`).
-        let may_reuse = request.rest == BodyLength::Empty && !request.upgrade;
+        let may_reuse = request.may_reuse_a_connection();
         let connection = self.open_connection(backend, may_reuse)?;
         backend.stats().count_request();
         let out = self.request_bytes(backend, request);
@@ -49,21 +43,26 @@ impl ClientConnection<'_> {
         if matches!(result, Err(ExchangeError::Stale)) {
             result = self.resend_on_fresh(backend, &out, request, started)?;
         }
-        // A client that went away or sent a broken body is not the backend's error.
-        let verdict = backend_verdict(&result);
+        self.account(backend, request, &result, started);
+        Ok(result?.0)
+    }
+
+    /// Counts and logs how the try went, and tells the health checks. A client that went away
+    /// or sent a broken body is not the backend's error.
+    fn account(
+        &self,
+        backend: &Backend,
+        request: &OutgoingRequest,
+        result: &Exchanged,
+        started: Instant,
+    ) {
+        let verdict = backend_verdict(result);
         backend
             .stats()
             .record(started.elapsed(), verdict == Some(false));
         self.observe(backend, verdict);
-        match result {
-            Ok((flow, status)) => {
-                self.log_exchange(backend, request, status, started);
-                Ok(flow)
-            }
-            Err(ExchangeError::Stale) => Err(TryError::Failed(Failure::Answer(
-                ProxyError::BadGateway("connection closed".into()),
-            ))),
-            Err(ExchangeError::Failed(failure)) => Err(TryError::Failed(failure)),
+        if let Ok((_, status)) = result {
+            self.log_exchange(backend, request, *status, started);
         }
     }
 
@@ -87,30 +86,35 @@ impl ClientConnection<'_> {
         Ok(self.exchange(backend, fresh, out, request))
     }
 
-    /// A connection to `backend`: from the idle pool when `may_reuse`, else a new one. A backend
-    /// that cannot be reached counts an error and is reported to the health checks.
+    /// A connection to `backend`: from the idle pool when `may_reuse`, else a new one.
     fn open_connection(&self, backend: &Backend, may_reuse: bool) -> Result<Connection, TryError> {
-        match self.connect(backend, may_reuse) {
-            Ok(connection) => Ok(connection),
-            Err(err) if descriptors::is_exhausted(&err) => {
-                self.wait_for_a_descriptor(backend, may_reuse)
-            }
-            Err(err) => Err(self.unreachable(backend, &err)),
+        self.connect(backend, may_reuse)
+            .or_else(|err| self.cannot_connect(backend, may_reuse, &err))
+    }
+
+    /// No connection: out of file descriptors, a wait for one; else the backend is unreachable,
+    /// which counts an error and is reported to the health checks.
+    fn cannot_connect(
+        &self,
+        backend: &Backend,
+        may_reuse: bool,
+        err: &std::io::Error,
+    ) -> Result<Connection, TryError> {
+        if descriptors::is_exhausted(err) {
+            self.wait_for_a_descriptor(backend, may_reuse)
+        } else {
+            Err(self.unreachable(backend, err))
         }
     }
 
+    /// Opens a connection, or takes one from the pool when `may_reuse`.
     fn connect(&self, backend: &Backend, may_reuse: bool) -> std::io::Result<Connection> {
         let settings = &self.lb.settings;
         if may_reuse {
             return backend.connection(settings.connect_timeout, settings.backend_timeout);
         }
-        backend
-            .connect(settings.connect_timeout, settings.backend_timeout)
-            .map(|stream| Connection {
-                stream,
-                reused: false,
-                opening: false,
-            })
+        let fresh = backend.connect(settings.connect_timeout, settings.backend_timeout);
+        fresh.map(new_connection)
     }
 
     /// Out of file descriptors: the balancer's trouble, not the backend's, so it is not counted
@@ -214,23 +218,18 @@ impl ClientConnection<'_> {
         }
     }
 
-    /// The request as the backend gets it: the head rewritten for the next hop, then whatever
-    /// part of the body already arrived with it.
+    /// The request as the backend gets it: the head rewritten for the next hop, then the part
+    /// of the body that arrived with it.
     fn request_bytes(&self, backend: &Backend, request: &OutgoingRequest) -> Vec<u8> {
         let mut out = Vec::with_capacity(512 + request.prefix.len());
-        write_request_head(
-            &mut out,
-            request,
-            &self.client_ip_text,
-            self.scheme,
-            backend.name(),
-        );
+        let (client_ip, scheme) = (&self.client_ip_text, self.scheme);
+        write_request_head(&mut out, request, client_ip, scheme, backend.name());
         out.extend_from_slice(request.prefix);
         out
     }
 
-    /// One request and response over one backend connection. Returns how the client connection
-    /// goes on and the response status.
+    /// One request and response over one backend connection: how the client connection goes
+    /// on, and the response status.
     fn exchange(
         &mut self,
         backend: &Backend,
@@ -239,20 +238,13 @@ impl ClientConnection<'_> {
         request: &OutgoingRequest,
     ) -> Exchanged {
         let reused = connection.reused;
-        if reused && !request.can_resend() && connection.closed_while_idle() {
-            // Nothing was sent: a fresh connection takes the request instead.
+        if is_stale(&connection, request) {
             return Err(ExchangeError::Stale);
         }
         let first_exchange = FirstExchange::new(backend, &connection);
         let mut upstream = BufferedStream::with_buffer(connection.stream, self.lb.buffers.take());
-        if let Err(err) = std::io::Write::write_all(&mut upstream.socket(), out) {
-            // Everything sent is still in `out`, and the client's bytes are still buffered.
-            return Err(if reused {
-                ExchangeError::Stale
-            } else {
-                bad_gateway(&format!("sending the request: {err}"))
-            });
-        }
+        std::io::Write::write_all(&mut upstream.socket(), out)
+            .map_err(|err| send_failure(err, reused))?;
         self.send_rest_of_body(&mut upstream, request)?;
         let response = self.read_response(&mut upstream, request, reused)?;
         let relayed = self.relay_response(backend, upstream, request, response);
@@ -298,27 +290,23 @@ impl ClientConnection<'_> {
         loop {
             let head = match http::read_response_head(upstream) {
                 Ok(Some(head)) => head,
-                Ok(None) => return Err(no_response(None, may_resend)),
-                Err(err) => return Err(no_response(Some(err), may_resend)),
+                nothing => return Err(no_response(nothing.err(), may_resend)),
             };
             match head.status {
-                101 if request.upgrade => return Ok(head),
-                101 => {
-                    return Err(bad_gateway(
-                        "a 101 to a request that did not ask to switch protocols",
-                    ))
-                }
-                100..=199 => {
-                    // Interim responses (such as 103 Early Hints) go to HTTP/1.1 clients as they are.
-                    if request.head.version == Version::Http11 {
-                        let mut interim = Vec::new();
-                        write_response_head(&mut interim, &head);
-                        interim.extend_from_slice(b"\r\n");
-                        let _ = std::io::Write::write_all(self.client.get_mut(), &interim);
-                    }
-                }
+                101 if !request.upgrade => return Err(unasked_switch()),
+                100 | 102..=199 => self.pass_interim(&head, request),
                 _ => return Ok(head),
             }
+        }
+    }
+
+    /// An interim response (such as 103 Early Hints) goes to an HTTP/1.1 client as it is.
+    fn pass_interim(&mut self, head: &ResponseHead, request: &OutgoingRequest) {
+        if request.head.version == Version::Http11 {
+            let mut interim = Vec::new();
+            write_response_head(&mut interim, head);
+            interim.extend_from_slice(b"\r\n");
+            let _ = std::io::Write::write_all(self.client.get_mut(), &interim);
         }
     }
 
@@ -334,7 +322,6 @@ impl ClientConnection<'_> {
         if response.status == 101 {
             return self.switch_protocols(upstream, request, &response);
         }
-        let status = response.status;
         let body = http::response_body_length(request.head.method(), &response)
             .map_err(|why| bad_gateway(&why))?;
         // Without a length, the end of the body can only be shown by closing the connection;
@@ -345,23 +332,13 @@ impl ClientConnection<'_> {
             && !self.shutdown.load(Ordering::SeqCst)
             && body != BodyLength::UntilClose
             && !dechunk;
-
         let head = self.client_response_head(request, &response, body, dechunk, keep_alive);
         let mut sink = Sink::new(self.client.get_mut(), head);
         let relayed =
             http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
-        if let Err(err) = relayed {
-            return Err(relay_failure(err, sink.written() == 0));
-        }
+        relayed.map_err(|err| relay_failure(err, sink.written() == 0))?;
         self.release(backend, upstream, &response, body);
-        Ok((
-            if keep_alive {
-                Flow::KeepAlive
-            } else {
-                Flow::Close
-            },
-            status,
-        ))
+        Ok((Flow::keep_alive_if(keep_alive), response.status))
     }
 
     /// The response head as the client gets it: the backend's end-to-end fields, then the
@@ -437,8 +414,8 @@ impl ClientConnection<'_> {
         Ok((Flow::Switch(socket), 101))
     }
 
-    /// After a complete response, returns the read buffer for reuse and the backend connection
-    /// to the pool, if the backend keeps it open and nothing unexpected follows the response.
+    /// After a complete response: the read buffer back for reuse, and the backend connection to
+    /// the pool if the backend keeps it open and nothing unexpected follows the response.
     fn release(
         &self,
         backend: &Backend,
@@ -460,73 +437,17 @@ impl ClientConnection<'_> {
     }
 }
 
-/// What a response head that did not come means (`None`: the backend closed the connection
-/// first): a stale pooled connection when the request `may_resend` on a fresh one, a 504 for a
-/// backend that went quiet, else a 502.
-fn no_response(err: Option<HeadError>, may_resend: bool) -> ExchangeError {
-    match err {
-        None | Some(HeadError::Io(_)) if may_resend => ExchangeError::Stale,
-        None => bad_gateway("the backend closed the connection without a response"),
-        Some(HeadError::TimedOut) => {
-            ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
-        }
-        Some(HeadError::Io(err)) => bad_gateway(&format!("reading the response: {err}")),
-        Some(HeadError::TooLarge | HeadError::LineTooLong) => {
-            bad_gateway("the response head is too large")
-        }
-        Some(HeadError::Malformed(why) | HeadError::UnsupportedVersion(why)) => {
-            bad_gateway(&format!("malformed response: {why}"))
-        }
-        Some(HeadError::Truncated) => bad_gateway("the response head was cut short"),
+/// A freshly opened connection, not from the pool.
+fn new_connection(stream: TcpStream) -> Connection {
+    Connection {
+        stream,
+        reused: false,
+        opening: false,
     }
 }
 
-/// What a request body that could not be passed on means: the backend's fault when writing to
-/// it failed (502), the client's otherwise (400 for broken chunks, or the end of the connection).
-fn request_body_failure(err: RelayError) -> ExchangeError {
-    match err {
-        RelayError::Write(err) => bad_gateway(&format!("sending the request body: {err}")),
-        RelayError::Malformed(why) => {
-            ExchangeError::Failed(Failure::Answer(ProxyError::BadRequest(why.to_string())))
-        }
-        RelayError::Read(err) => abort(&format!("reading the request body: {err}")),
-        RelayError::Truncated => abort("the client closed during the request body"),
-    }
-}
-
-/// What a response cut short means for the client: an error answer while nothing of the
-/// response was sent yet (504 for a backend that went quiet, 502 otherwise), else the end of the
-/// connection.
-fn relay_failure(err: RelayError, nothing_sent: bool) -> ExchangeError {
-    match err {
-        RelayError::Read(e) if nothing_sent && http::is_timeout(&e) => {
-            ExchangeError::Failed(Failure::Answer(ProxyError::GatewayTimeout))
-        }
-        RelayError::Read(_) | RelayError::Truncated | RelayError::Malformed(_) if nothing_sent => {
-            bad_gateway("the response body was cut short")
-        }
-        RelayError::Write(e) => abort(&format!("writing the response: {e}")),
-        other => ExchangeError::Failed(Failure::Abort {
-            why: format!("relaying the response: {other:?}"),
-            by_backend: true,
-        }),
-    }
-}
-
-/// How an exchange counts for passive health checks (the contract's failed request): a 502,
-/// 503 or 504 from the backend, or an exchange it broke or let time out, is a failure; any
-/// other answer is a success; a client that went away or sent a malformed body says nothing
-/// about the backend.
-fn backend_verdict(result: &Exchanged) -> Option<bool> {
-    match result {
-        Ok((_, status)) => Some(!matches!(status, 502..=504)),
-        Err(ExchangeError::Stale) => Some(false),
-        Err(ExchangeError::Failed(Failure::Answer(
-            ProxyError::BadGateway(_) | ProxyError::GatewayTimeout,
-        ))) => Some(false),
-        Err(ExchangeError::Failed(Failure::Answer(_))) => None,
-        Err(ExchangeError::Failed(Failure::Abort { by_backend, .. })) => {
-            by_backend.then_some(false)
-        }
-    }
+/// Whether a pooled connection turned out closed before a request that cannot be sent twice
+/// went out on it: nothing was sent, and a fresh connection takes the request instead.
+fn is_stale(connection: &Connection, request: &OutgoingRequest) -> bool {
+    connection.reused && !request.can_resend() && connection.closed_while_idle()
 }

@@ -12,19 +12,23 @@
 //! |---|---|
 //! | `mod.rs` | [`LoadBalancer`], what every connection shares: backends, algorithm, sessions, settings |
 //! | `connection.rs` | [`ClientConnection`]: the loop over requests, choosing a backend, retries, error answers |
-//! | `request.rs` | checking a request and writing the heads the backend and the client see |
+//! | `checks.rs` | what is refused before a backend is chosen: `CONNECT`, a bad target or `Host`, ambiguous framing |
+//! | `request.rs` | the heads each side sees: the request head the backend gets, the response head the client gets |
 //! | `exchange.rs` | one try against one backend: connect or reuse, send, read and relay the response, release |
-//! | `outcome.rs` | how a request, a try and an exchange end: `Flow`, `Failure`, `TryError`, `ExchangeError` |
+//! | `outcome.rs` | how a request, a try and an exchange end (`Flow`, `Failure`, `TryError`, `ExchangeError`), and what each failure means |
 //! | `session.rs` | the sticky-session view of a request (phase 4) |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
 //!
-//! To follow one request, read `connection.rs` from `serve` to `forward`, then `request.rs`
-//! (`check_request`, `write_request_head`), then `exchange.rs` from `try_backend` to
-//! `relay_response`. [`ClientConnection`] is declared in `connection.rs`; `exchange.rs` (one
-//! try) and `tunnel.rs` (after a `101`) continue its `impl`, each with the steps of its own part
-//! of the path. They share no types but the connection and `outcome.rs`, so none of the three
-//! imports another that imports it back.
+//! To follow one request, read `connection.rs` (`serve`, `handle`, `forward`, `next_attempt`,
+//! `choose`), then `exchange.rs` (`try_backend`, `open_connection`, `connect`, `request_bytes`,
+//! `exchange`, `read_response`, `relay_response`, `client_response_head`, `release`) with
+//! `request.rs` for the heads it writes; `src/lib.rs` lists the whole walk, and the side rooms
+//! it skips. [`ClientConnection`] is declared in `connection.rs`; `exchange.rs` (one try) and
+//! `tunnel.rs` (after a `101`) continue its `impl`, each with the steps of its own part of the
+//! path. They share no types but the connection and `outcome.rs`, so none of the three imports
+//! another that imports it back.
 
+mod checks;
 mod connection;
 mod exchange;
 mod outcome;

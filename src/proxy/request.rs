@@ -1,10 +1,12 @@
-//! Checking a request, and writing the heads each side sees: the request head the backend gets
-//! (hop-by-hop fields removed, proxy fields added) and the response head the client gets.
+//! The heads each side sees: the request head the backend gets (hop-by-hop fields removed, proxy
+//! fields added) and the response head the client gets.
 
 use std::io::Write as _;
 
-use crate::error::ProxyError;
+use crate::backend::Backend;
 use crate::http::{self, BodyLength, Headers, RequestHead, ResponseHead, Version};
+
+use super::checks::split_absolute;
 
 /// What is needed to send one request to a backend.
 pub(super) struct OutgoingRequest<'r> {
@@ -24,11 +26,48 @@ pub(super) struct OutgoingRequest<'r> {
     pub(super) upgrade: bool,
 }
 
-impl OutgoingRequest<'_> {
+/// One try: the backend, and what it adds to the request.
+pub(super) struct Attempt<'a> {
+    pub(super) backend: &'a Backend,
+    /// The `X-Lb-Decision` value; empty unless `--explain`.
+    pub(super) decision: String,
+    /// A new sticky session's cookie.
+    pub(super) set_cookie: Option<String>,
+}
+
+impl<'r> OutgoingRequest<'r> {
+    /// The request as one `attempt` sends it: `body` is the whole body's framing, `prefix` the
+    /// part of it that came with the head and `rest` the framing of what is still to be read.
+    pub(super) fn new(
+        head: &'r RequestHead,
+        body: BodyLength,
+        (prefix, rest): (&'r [u8], BodyLength),
+        request_id: Option<&'r str>,
+        attempt: &'r Attempt,
+    ) -> Self {
+        OutgoingRequest {
+            head,
+            body,
+            prefix,
+            rest,
+            request_id,
+            reason: &attempt.decision,
+            set_cookie: attempt.set_cookie.as_deref(),
+            upgrade: is_upgrade(head),
+        }
+    }
+
     /// Whether sending the request a second time is harmless if the first try got no answer:
     /// an idempotent method (RFC 9110 §9.2.2) or no body at all.
     pub(super) fn can_resend(&self) -> bool {
         self.head.is_idempotent() || self.body == BodyLength::Empty
+    }
+
+    /// Whether a pooled connection may take the request. A body that will be streamed cannot
+    /// be sent twice, so it never risks a pooled connection that may turn out closed; nor does
+    /// a request to switch protocols.
+    pub(super) fn may_reuse_a_connection(&self) -> bool {
+        self.rest == BodyLength::Empty && !self.upgrade
     }
 
     /// Whether the request may go on to another backend after one broke the exchange before
@@ -66,62 +105,6 @@ pub(super) fn push_upgrade_fields(out: &mut Vec<u8>, head: &impl Headers) {
     }
 }
 
-/// Refuses requests a balancer must not forward, and says how the body is framed.
-pub(super) fn check_request(head: &RequestHead) -> Result<BodyLength, ProxyError> {
-    if head.method() == "CONNECT" {
-        return Err(ProxyError::NotImplemented(head.method().to_string()));
-    }
-    check_target_and_host(head).map_err(|why| ProxyError::BadRequest(why.into()))?;
-    http::request_body_length(head).map_err(ProxyError::BadRequest)
-}
-
-/// RFC 9112 §3.2 and §3.2.2: the target is a path, an absolute URI (as sent to a proxy) or `*`
-/// for `OPTIONS`; an HTTP/1.1 request has exactly one `Host` field, and a valid one. A second
-/// `Host`, or one the backend would read differently from the balancer, is how requests are
-/// sent to a site they were not meant for; nginx answers 400 to both.
-fn check_target_and_host(head: &RequestHead) -> Result<(), &'static str> {
-    let target = head.target();
-    let origin_or_asterisk =
-        target.starts_with('/') || (target == "*" && head.method() == "OPTIONS");
-    if !origin_or_asterisk {
-        let (authority, _) =
-            split_absolute(target).ok_or("the request target is not a path or an absolute URI")?;
-        if !is_valid_host(authority.as_bytes()) {
-            return Err("invalid host in the request target");
-        }
-    }
-    let mut hosts = head.headers.values("host");
-    match (hosts.next(), hosts.next()) {
-        (_, Some(_)) => Err("more than one Host header"),
-        (None, _) if head.version == Version::Http11 => Err("missing Host header"),
-        (Some(host), _) if !is_valid_host(host) => Err("invalid Host header"),
-        _ => Ok(()),
-    }
-}
-
-/// Whether `host` is a host name or address with an optional port (RFC 3986 `host [":" port]`):
-/// no spaces, slashes, `@` or other bytes that would make it mean something else.
-fn is_valid_host(host: &[u8]) -> bool {
-    !host.is_empty()
-        && host
-            .iter()
-            .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
-}
-
-/// The authority and the path of an absolute-form target (`http://host:port/path?query`); the
-/// path may be empty or start with `?`. `None` for any other target: for the usual path, at
-/// once, since every request is written through here.
-fn split_absolute(target: &str) -> Option<(&str, &str)> {
-    if target.starts_with('/') {
-        return None;
-    }
-    let (scheme, rest) = target.split_once("://")?;
-    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
-        return None;
-    }
-    Some(rest.split_at(rest.find(['/', '?']).unwrap_or(rest.len())))
-}
-
 /// Writes the request line and headers for the backend: hop-by-hop fields removed, the client
 /// added to X-Forwarded-For, X-Forwarded-Proto saying whether it came over HTTPS (`scheme`), an
 /// X-Request-Id added when missing, and the framing stated once.
@@ -133,24 +116,53 @@ pub(super) fn write_request_head(
     backend_name: &str,
 ) {
     let head = request.head;
-    // An absolute-form target (sent to a proxy) goes to the backend as a path, and its host
-    // replaces the Host field, as RFC 9112 §3.2.2 has an origin server do and as nginx does.
     let absolute = split_absolute(head.target());
     write_request_line(out, head, absolute);
     copy_end_to_end_fields(out, head, absolute.is_some());
+    push_forwarded_fields(out, head, client_ip, scheme);
+    push_balancer_fields(out, request, absolute, backend_name);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The fields the balancer writes itself beside X-Forwarded-*: Host when the client's is not
+/// passed on, an X-Request-Id, the fields of a request to switch protocols, and the framing.
+fn push_balancer_fields(
+    out: &mut Vec<u8>,
+    request: &OutgoingRequest,
+    absolute: Option<(&str, &str)>,
+    backend_name: &str,
+) {
+    push_host(out, request.head, absolute, backend_name);
+    if let Some(id) = request.request_id {
+        http::push_header(out, "X-Request-Id", id.as_bytes());
+    }
+    if request.upgrade {
+        push_upgrade_fields(out, request.head);
+    }
+    push_framing(out, request.body);
+}
+
+/// The Host field, when the client's is not passed on as it is: an absolute-form target (sent
+/// to a proxy) goes to the backend as a path, and its host replaces the Host field, as RFC 9112
+/// §3.2.2 has an origin server do and as nginx does; an HTTP/1.0 request without one gets the
+/// backend's name.
+fn push_host(
+    out: &mut Vec<u8>,
+    head: &RequestHead,
+    absolute: Option<(&str, &str)>,
+    backend_name: &str,
+) {
     if let Some((authority, _)) = absolute {
         http::push_header(out, "Host", authority.as_bytes());
     } else if head.header("host").is_none() {
         http::push_header(out, "Host", backend_name.as_bytes());
     }
-    push_forwarded_fields(out, head, client_ip, scheme);
-    if let Some(id) = request.request_id {
-        http::push_header(out, "X-Request-Id", id.as_bytes());
-    }
-    if request.upgrade {
-        push_upgrade_fields(out, head);
-    }
-    match request.body {
+}
+
+/// The body's framing, stated once: the client's own Content-Length and Transfer-Encoding
+/// fields are not passed on, so that the backend cannot read them differently.
+fn push_framing(out: &mut Vec<u8>, body: BodyLength) {
+    match body {
         BodyLength::Fixed(length) => {
             // Writing into a Vec cannot fail.
             let _ = write!(out, "Content-Length: {length}\r\n");
@@ -158,7 +170,6 @@ pub(super) fn write_request_head(
         BodyLength::Chunked => http::push_header(out, "Transfer-Encoding", b"chunked"),
         BodyLength::Empty | BodyLength::UntilClose => {}
     }
-    out.extend_from_slice(b"\r\n");
 }
 
 /// The request line, always HTTP/1.1 to the backend; an absolute-form target as its path.
@@ -166,15 +177,19 @@ fn write_request_line(out: &mut Vec<u8>, head: &RequestHead, absolute: Option<(&
     out.extend_from_slice(head.method().as_bytes());
     out.push(b' ');
     match absolute {
-        Some((_, path)) => {
-            if !path.starts_with('/') {
-                out.push(b'/');
-            }
-            out.extend_from_slice(path.as_bytes());
-        }
+        Some((_, path)) => push_path(out, path),
         None => out.extend_from_slice(head.target().as_bytes()),
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
+}
+
+/// The path of an absolute-form target, which may be empty or start with `?`, as an
+/// origin-form target: `/` first.
+fn push_path(out: &mut Vec<u8>, path: &str) {
+    if !path.starts_with('/') {
+        out.push(b'/');
+    }
+    out.extend_from_slice(path.as_bytes());
 }
 
 /// Copies the client's end-to-end fields, leaving out the hop-by-hop ones and those the
@@ -182,17 +197,23 @@ fn write_request_line(out: &mut Vec<u8>, head: &RequestHead, absolute: Option<(&
 fn copy_end_to_end_fields(out: &mut Vec<u8>, head: &RequestHead, host_replaced: bool) {
     let hop_by_hop = http::HopByHop::of(head);
     for (name, value) in head.headers.pairs() {
-        // The client's own X-Forwarded-Proto is replaced: only the balancer knows whether the
-        // request came over TLS, and a backend trusting the field must not be told otherwise.
-        let rewritten = name.eq_ignore_ascii_case(b"x-forwarded-for")
-            || name.eq_ignore_ascii_case(b"x-forwarded-proto")
-            || name.eq_ignore_ascii_case(b"content-length")
-            || (name.eq_ignore_ascii_case(b"host") && host_replaced)
-            || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"));
-        if !rewritten && !hop_by_hop.contains(name) {
+        if !hop_by_hop.contains(name) && !is_rewritten(name, head, host_replaced) {
             http::push_field(out, name, value);
         }
     }
+}
+
+/// Whether the balancer writes the field `name` itself rather than copying the client's: the
+/// X-Forwarded-* fields, the framing, the Host of an absolute-form target (`host_replaced`),
+/// and an `Expect: 100-continue` the balancer answers. The client's own X-Forwarded-Proto is
+/// replaced: only the balancer knows whether the request came over TLS, and a backend trusting
+/// the field must not be told otherwise.
+fn is_rewritten(name: &[u8], head: &RequestHead, host_replaced: bool) -> bool {
+    name.eq_ignore_ascii_case(b"x-forwarded-for")
+        || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+        || name.eq_ignore_ascii_case(b"content-length")
+        || (name.eq_ignore_ascii_case(b"host") && host_replaced)
+        || (name.eq_ignore_ascii_case(b"expect") && head.has_token("expect", "100-continue"))
 }
 
 /// X-Forwarded-For, which lists every hop so far (the values the client sent, then the

@@ -2,6 +2,7 @@
 //! session belongs to, and the cookie its response gets. Sessions live in this balancer's table
 //! (the chapter's way), or in a signed cookie that names the backend itself (`--sticky-secret`).
 
+use crate::balance;
 use crate::http::RequestHead;
 use crate::sticky::signed::{SignedCookies, Verdict};
 use crate::sticky::{SessionTable, Sticky};
@@ -59,6 +60,15 @@ impl<'t> Session<'t> {
             kind: Kind::Table { table, id },
             backend,
         }
+    }
+
+    /// The session's own backend, as the choice for this request when it is a candidate.
+    pub(super) fn choice(&self, is_candidate: &dyn Fn(usize) -> bool) -> Option<balance::Pick> {
+        let index = self.backend.filter(|&i| is_candidate(i))?;
+        Some(balance::Pick {
+            index,
+            reason: String::new(),
+        })
     }
 
     /// The `Set-Cookie` value the response carries when the request goes to `backend`, if any.

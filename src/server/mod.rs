@@ -9,23 +9,11 @@
 //! }
 //! ```
 //!
-//! Here the loop runs inside each client thread rather than in `main`: `Context::client_thread`
-//! accepts a connection and serves it itself (`Context::serve_one`: one OS thread, blocking
-//! I/O, the request loop of [`ClientConnection`]), then goes back to `accept`. Nothing is handed
-//! from an accepting thread to a serving one. With `--tls-listen`, a second listener serves
-//! HTTPS beside the plain one; each thread performs its own connection's TLS handshake, bounded
-//! as a whole by `--client-timeout`, so a client that never finishes it holds a thread for that
-//! long at most.
-//!
-//! The rest of the folder is how threads are kept and reused, and how they stop; a first
-//! reading can skip it:
-//!
-//! | file | owns |
-//! |---|---|
-//! | `mod.rs` | [`Server`]: binding, serving, shutting down; a client thread's loop and one connection |
-//! | `pool.rs` | the leader/followers pool: which thread waits in `accept`, growth, idle threads ending |
-//! | `socket.rs` | what the kernel is told: `TCP_DEFER_ACCEPT`, `SCHED_BATCH`, `--reuse-port`, limits |
-//! | `drain.rs` | graceful stop: the registry of open connections, the listen queues emptied, the drain |
+//! Here each client thread runs the loop itself (`Context::client_thread`) and goes back to
+//! `accept` after serving its client: nothing is handed from one thread to another. The rest of
+//! the folder, how threads are kept and reused and how they stop, a first reading skips:
+//! `pool.rs` (which thread waits in `accept`, growth, idle threads ending), `socket.rs` (what
+//! the kernel is told) and `drain.rs` (graceful stop).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -85,16 +73,6 @@ struct Context {
     shared: Arc<Shared>,
     listeners: Arc<[Listener]>,
     lb: Arc<LoadBalancer>,
-}
-
-/// How one wait in `accept` ended, for the client thread's loop.
-enum Accept {
-    /// A connection was accepted and served.
-    Served,
-    /// Nothing came, or accepting failed: the thread goes on.
-    Nothing,
-    /// The thread ends: it waited `THREAD_KEEP` while others wait on the same listener.
-    End,
 }
 
 impl Server {
@@ -197,63 +175,55 @@ impl Context {
     /// A client thread: accepts a connection, serves it, and goes back to `accept`, until
     /// shutdown or until it has waited `THREAD_KEEP` while others wait on the same listener.
     fn client_thread(&self, first: FirstTasks) {
-        if self.shared.cpu_scheduling == CpuScheduling::Batch {
-            schedule_as_batch();
-        }
-        self.start_threads(first.more_threads);
-        // A new thread was sent to `accept` by the pool; one started for a connection accepted
-        // for it at shutdown was not.
-        let mut sent = if first.accepted.is_none() {
-            Sent::New
-        } else {
-            Sent::No
-        };
-        if let Some((stream, peer, index)) = first.accepted {
-            self.serve_one(stream, peer, index);
-        }
+        let mut sent = self.begin_thread(first);
         let pool = &self.shared.pool;
         let mut idle_since = Instant::now();
         while let Some(index) = pool.next_listener(std::mem::replace(&mut sent, Sent::No)) {
-            match self.accept_and_serve(index, idle_since) {
-                Accept::Served => idle_since = Instant::now(),
-                Accept::Nothing => {}
-                Accept::End => return,
+            match self.listeners[index].socket.accept() {
+                // A connection accepted as shutdown begins is served all the same.
+                Ok((stream, peer)) => {
+                    pool.took_connection(index);
+                    self.serve_one(stream, peer, index);
+                    idle_since = Instant::now();
+                }
+                Err(err) if self.accept_failed(index, &err, idle_since) => return,
+                Err(_) => {}
             }
         }
     }
 
-    /// Waits in `accept` on listener `index` and serves the connection it gets.
-    fn accept_and_serve(&self, index: usize, idle_since: Instant) -> Accept {
-        let pool = &self.shared.pool;
-        match self.listeners[index].socket.accept() {
-            // A connection accepted as shutdown begins is served all the same.
-            Ok((stream, peer)) => {
-                pool.took_connection(index);
-                self.serve_one(stream, peer, index);
-                Accept::Served
-            }
-            // The listener's timeout, `ACCEPT_TICK`: a look at the shutdown flag and the time
-            // this thread has waited.
-            Err(err)
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                if pool.end_accept_idle(index, idle_since.elapsed()) {
-                    Accept::End
-                } else {
-                    Accept::Nothing
-                }
-            }
-            Err(err) => {
-                pool.end_accept(index);
-                if let Some(pause) = pause_after_failed_accept(&err, &self.lb) {
-                    self.shared.open.wait_for_a_close(pause);
-                }
-                Accept::Nothing
-            }
+    /// A new thread's first tasks, given by the pool: more threads to start, and a connection
+    /// accepted for it at shutdown. Says whether the pool sent it to `accept` (a thread started
+    /// for such a connection was not).
+    fn begin_thread(&self, first: FirstTasks) -> Sent {
+        if self.shared.cpu_scheduling == CpuScheduling::Batch {
+            schedule_as_batch();
         }
+        self.start_threads(first.more_threads);
+        let Some((stream, peer, index)) = first.accepted else {
+            return Sent::New;
+        };
+        self.serve_one(stream, peer, index);
+        Sent::No
+    }
+
+    /// After `accept` on listener `index` gave no connection: whether the thread ends, having
+    /// waited `THREAD_KEEP` while others wait on the same listener.
+    fn accept_failed(&self, index: usize, err: &io::Error, idle_since: Instant) -> bool {
+        let pool = &self.shared.pool;
+        // The listener's timeout, `ACCEPT_TICK`: a look at the shutdown flag and the time this
+        // thread has waited.
+        if matches!(
+            err.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            return pool.end_accept_idle(index, idle_since.elapsed());
+        }
+        pool.end_accept(index);
+        if let Some(pause) = pause_after_failed_accept(err, &self.lb) {
+            self.shared.open.wait_for_a_close(pause);
+        }
+        false
     }
 
     /// Serves one connection accepted on listener `index`, then takes it off the list of open
@@ -271,24 +241,26 @@ impl Context {
         let _open = lb.stats().open_connection();
         let tls = self.listeners[index].tls.as_ref();
         let stream = match shared.client_stream(lb, stream, tls, accepted, peer) {
-            Ok(stream) => stream,
-            Err(stream) => {
-                shared.open.finish(id);
-                drop(stream);
-                return;
+            Ok(stream) => {
+                let shutdown = shared.pool.shutdown_flag();
+                let mut connection = ClientConnection::new(lb, stream, peer, &state, shutdown);
+                contain_panic(peer, || connection.serve());
+                connection.into_stream()
             }
+            // A failed TLS handshake gave the socket back.
+            Err(socket) => ClientStream::Plain(socket),
         };
-        let shutdown = shared.pool.shutdown_flag();
-        let mut connection = ClientConnection::new(lb, stream, peer, &state, shutdown);
-        // A panic unwinds only what the request owned; the connection itself survives it.
-        let served = panic::catch_unwind(AssertUnwindSafe(|| connection.serve()));
-        if served.is_err() {
-            // The panic message was already printed by the panic hook; the server goes on.
-            log::error!("the thread serving {peer} panicked; its connection was closed");
-        }
-        let stream = connection.into_stream();
         shared.open.finish(id);
         drop(stream);
+    }
+}
+
+/// Runs `serve`, and when it panics, logs it and goes on: a panic unwinds only what the request
+/// owned, the connection itself survives it, and the server goes on.
+fn contain_panic(peer: SocketAddr, serve: impl FnOnce()) {
+    if panic::catch_unwind(AssertUnwindSafe(serve)).is_err() {
+        // The panic message was already printed by the panic hook.
+        log::error!("the thread serving {peer} panicked; its connection was closed");
     }
 }
 
@@ -304,8 +276,9 @@ impl ShutdownHandle {
 
 impl Shared {
     /// The client's stream: the socket itself, or a TLS connection over it once the handshake
-    /// is done (within `--client-timeout` of `accepted`). A failed handshake gives the socket
-    /// back (to be closed after `finish`).
+    /// is done (within `--client-timeout` of `accepted`). Each thread performs its own client's
+    /// handshake, bounded as a whole, so a client that never finishes it holds a thread for
+    /// that long at most. A failed handshake gives the socket back (to be closed after `finish`).
     fn client_stream(
         &self,
         lb: &LoadBalancer,
