@@ -306,6 +306,9 @@ fn statistics_and_metrics_count_tunnels() {
         .iter()
         .position(|n| *n == backend_name)
         .unwrap();
+    // The 101 and the backend's greeting may reach the client a moment before the balancer's
+    // thread counts the tunnel open.
+    assert!(eventually(WAIT, || stats_json(&lb)["tunnels"] == 1));
     let stats = stats_json(&lb);
     assert_eq!(stats["tunnels"], 1, "{stats}");
     assert_eq!(stats["tunnels_total"], 1, "{stats}");
