@@ -15,7 +15,7 @@
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
-//! | all | [`cli`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
+//! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
 //! | all | [`descriptors`], [`warnings`] | the file-descriptor budget, warnings limited to one a second |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -53,6 +53,7 @@ pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod descriptors;
 pub mod error;
