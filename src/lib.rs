@@ -15,7 +15,8 @@
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
-//! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
+//! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
+//! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
 //! | all | [`descriptors`], [`warnings`] | the file-descriptor budget, warnings limited to one a second |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -60,9 +61,11 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod proxy;
+pub mod reload;
 pub mod report;
 pub mod server;
 pub mod settings;
+pub mod signals;
 pub mod simulate;
 pub mod startup;
 pub mod stats;

@@ -2,7 +2,8 @@
 //!
 //! Every phase binary builds its [`LoadBalancer`] (which algorithm, which health checks) and
 //! hands it to [`run`], which does what all phases share: bind the port, start demo backends
-//! when asked, log the statistics periodically, and shut down gracefully on SIGINT or SIGTERM.
+//! when asked, log the statistics periodically, reload on SIGHUP, and shut down gracefully on
+//! SIGINT or SIGTERM.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,17 +17,24 @@ use crate::cli::{AdminAddr, CommonArgs, TlsArgs};
 use crate::demo::{self, DemoBackend};
 use crate::descriptors::{self, Budget};
 use crate::error::StartError;
-use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
+use crate::reload::{Rebuild, Reloader};
 use crate::report;
 use crate::server::Server;
 use crate::settings::Settings;
+use crate::signals;
 use crate::stats::events::EventKind;
 use crate::tls;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
-pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
+/// SIGHUP and `POST /reload` build the balancer again with `rebuild` and apply it.
+pub fn run(
+    phase: &str,
+    lb: LoadBalancer,
+    args: &CommonArgs,
+    rebuild: Rebuild,
+) -> Result<(), StartError> {
     tune_allocator();
     args.check_listeners()?;
     let mut settings = lb.settings().clone();
@@ -41,7 +49,14 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
         Vec::new()
     };
     let lb = Arc::new(lb);
-    stop_on_signal(&server, &lb)?;
+    let reloader = Arc::new(Reloader::new(rebuild, args.clone()));
+    let reloads = Arc::downgrade(&lb);
+    let reload = Arc::clone(&reloader);
+    lb.set_reload(Box::new(move || match reloads.upgrade() {
+        Some(lb) => reload.reload(&lb),
+        None => Err("shutting down".to_string()),
+    }));
+    handle_signals(&server, &lb)?;
 
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
@@ -56,13 +71,13 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     log_banner(phase, &lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_housekeeping(Arc::clone(&lb), settings.stats_interval, stats_stopped);
-    let checker = start_active_checks(&lb)?;
+    reloader
+        .restart_checks(&lb.backends(), lb.health_config().active.as_ref())
+        .map_err(|err| StartError(format!("cannot start health checks: {err}")))?;
 
     server.serve(Arc::clone(&lb));
 
-    if let Some(checker) = checker {
-        checker.stop();
-    }
+    reloader.stop_checks();
     drop(stop_stats);
     if let Some(admin) = admin {
         admin.stop();
@@ -94,21 +109,43 @@ fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartE
     Ok(server)
 }
 
-/// Makes Ctrl-C and SIGTERM begin a graceful shutdown of `server`.
-fn stop_on_signal(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartError> {
+/// SIGINT (Ctrl-C) and SIGTERM begin a graceful shutdown of `server`; SIGHUP reloads the
+/// configuration (and never exits); SIGUSR1 would reopen the access log, of which there is none
+/// yet, so it is only logged. Each is one line of the list below.
+fn handle_signals(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartError> {
     let on_signal = server
         .shutdown_handle()
         .map_err(|err| StartError(err.to_string()))?;
-    let signalled = Arc::clone(lb);
-    ctrlc::set_handler(move || {
+    let stopping = Arc::clone(lb);
+    let stop: signals::Action = Box::new(move || {
         let message = "shutting down: no new connections, letting requests in flight finish";
         log::info!("{message}");
-        signalled
+        stopping
             .stats()
             .push_event(EventKind::Stop, message.to_string());
         on_signal.shutdown();
-    })
-    .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))
+    });
+    let stop = Arc::new(stop);
+    let on_term = Arc::clone(&stop);
+    let reloading = Arc::clone(lb);
+    signals::start(vec![
+        (signals::SIGINT, Box::new(move || stop())),
+        (signals::SIGTERM, Box::new(move || on_term())),
+        (
+            signals::SIGHUP,
+            Box::new(move || {
+                log::info!("SIGHUP: reloading the configuration");
+                // The outcome is logged, counted and shown by the reload itself.
+                let _ = reloading.reload();
+            }),
+        ),
+        (
+            signals::SIGUSR1,
+            Box::new(|| log::info!("SIGUSR1: no access log to reopen; ignored")),
+        ),
+    ])
+    .map(drop)
+    .map_err(|err| StartError(format!("cannot handle signals: {err}")))
 }
 
 /// Logs which phase this is, then where the balancer listens and over which backends (also the
@@ -138,7 +175,7 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
     };
     let message = format!(
         "load balancer listening on {listen}{https}, {} over {} backend{}: {}",
-        lb.balancer().name(),
+        lb.snapshot().balancer().name(),
         backends.len(),
         if backends.len() == 1 { "" } else { "s" },
         backends.join(", ")
@@ -296,16 +333,6 @@ fn start_demo_backends(lb: &LoadBalancer) -> Result<Vec<DemoBackend>, StartError
                 .map_err(|err| StartError(format!("--demo: {err}")))
         })
         .collect()
-}
-
-/// Starts the active health checker when the balancer's health configuration asks for it.
-fn start_active_checks(lb: &LoadBalancer) -> Result<Option<ActiveChecker>, StartError> {
-    let Some(policy) = &lb.health_config().active else {
-        return Ok(None);
-    };
-    ActiveChecker::start(lb.backends(), policy)
-        .map(Some)
-        .map_err(|err| StartError(format!("cannot start health checks: {err}")))
 }
 
 /// How often idle backend connections past their time are closed.

@@ -16,6 +16,7 @@ use lb::balance::Algorithm;
 use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs, StickyArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
+use lb::reload;
 use lb::simulate::{self, SimulateArgs};
 
 /// The phases this binary is: the first line of `--help` and of the start-up log.
@@ -179,7 +180,15 @@ fn check_config(file: &std::path::Path) -> ExitCode {
 /// Builds the load balancer the flags describe and serves until Ctrl-C.
 fn run(cli: Cli) -> Result<(), StartError> {
     let lb = build(&cli)?;
-    lb::startup::run(PHASE, lb, &cli.common)
+    // SIGHUP and POST /reload read the flags and the configuration file again, with the checks
+    // of a start-up.
+    let rebuild: reload::Rebuild = Box::new(|| {
+        let (cli, matches) = cli::parse_again::<Cli>().map_err(|err| err.to_string())?;
+        check_combinations(&cli, &matches)?;
+        let lb = build(&cli).map_err(|err| err.to_string())?;
+        Ok((lb, cli.common))
+    });
+    lb::startup::run(PHASE, lb, &cli.common, rebuild)
 }
 
 /// The load balancer the flags (and the configuration file under them) describe.

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
@@ -14,11 +15,14 @@ use crate::stream::ClientStream;
 use super::outcome::{Failure, Flow, TryError};
 use super::request::{check_request, is_upgrade, OutgoingRequest};
 use super::session::Session;
-use super::{ConnectionState, LoadBalancer};
+use super::{BackendSet, ConnectionState, LoadBalancer};
 
 /// One client connection: its socket, who it is, and the state its requests share.
 pub struct ClientConnection<'a> {
     pub(super) lb: &'a LoadBalancer,
+    /// The backend set of the current request: read once per request, so that a reload
+    /// reaches keep-alive connections at their next request and never one request halfway.
+    pub(super) set: Arc<BackendSet>,
     pub(super) client: BufferedStream<ClientStream>,
     pub(super) client_ip: IpAddr,
     /// The client's address as text, written once per connection rather than per request.
@@ -43,6 +47,7 @@ impl<'a> ClientConnection<'a> {
         shutdown: &'a AtomicBool,
     ) -> Self {
         ClientConnection {
+            set: lb.snapshot(),
             lb,
             scheme: if stream.is_tls() { "https" } else { "http" },
             // The buffer is taken when the first bytes arrive (see `serve`).
@@ -69,7 +74,7 @@ impl<'a> ClientConnection<'a> {
                 }
             }
             // The whole head must arrive within the client timeout of this moment.
-            let timeout = self.lb.settings.client_timeout;
+            let timeout = self.set.settings.client_timeout;
             let deadline = Instant::now() + timeout;
             // Between requests the connection holds no read buffer: it waits for the client's
             // next bytes (up to the client timeout, the socket's), and only they take a buffer.
@@ -82,6 +87,7 @@ impl<'a> ClientConnection<'a> {
             }
             let head = http::read_request_head_until(&mut self.client, deadline, timeout);
             self.state.idle.store(false, Ordering::SeqCst);
+            self.set = self.lb.snapshot();
             let flow = match head {
                 Ok(Some(head)) => self.handle(head),
                 Ok(None) => Flow::Close,
@@ -125,7 +131,7 @@ impl<'a> ClientConnection<'a> {
         let started = Instant::now();
         self.lb.stats.count_request();
         if let Some(port) = self
-            .lb
+            .set
             .settings
             .redirect_https
             .filter(|_| self.scheme == "http")
@@ -242,13 +248,10 @@ impl<'a> ClientConnection<'a> {
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = request_id(head, &mut id_text);
         let (prefix, rest) = self.take_body_prefix(body);
-        let session = self
-            .lb
-            .sticky
-            .as_ref()
-            .map(|sticky| Session::of(sticky, head));
+        let set = Arc::clone(&self.set);
+        let session = set.sticky.as_ref().map(|sticky| Session::of(sticky, head));
         let mut tries = Tries::default();
-        while let Some(attempt) = self.next_attempt(head, session.as_ref(), &mut tries) {
+        while let Some(attempt) = self.next_attempt(&set, head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest {
@@ -278,7 +281,7 @@ impl<'a> ClientConnection<'a> {
         }
         Err(tries.failed.unwrap_or_else(|| {
             Failure::Answer(ProxyError::NoBackend {
-                retry_after: self.lb.retry_after(),
+                retry_after: set.retry_after(),
             })
         }))
     }
@@ -296,13 +299,13 @@ impl<'a> ClientConnection<'a> {
 
     /// The next backend to try and what the try adds to the request, or `None` once the
     /// retries are used up or no backend is left.
-    fn next_attempt(
+    fn next_attempt<'s>(
         &self,
+        lb: &'s BackendSet,
         head: &RequestHead,
         session: Option<&Session>,
         tries: &mut Tries,
-    ) -> Option<Attempt<'a>> {
-        let lb: &'a LoadBalancer = self.lb;
+    ) -> Option<Attempt<'s>> {
         loop {
             if tries.count > lb.settings.retries {
                 return None;
@@ -402,7 +405,7 @@ impl<'a> ClientConnection<'a> {
     /// Chooses a backend among those available and not yet tried: the session's own backend
     /// when it is one of them, else whichever the balancer picks.
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
-        let backends = &self.lb.backends;
+        let backends = &self.set.backends;
         let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
         if let Some(index) = session.and_then(|s| s.backend).filter(|&i| is_candidate(i)) {
             return Some(balance::Pick {
@@ -412,15 +415,15 @@ impl<'a> ClientConnection<'a> {
         }
         let request = balance::Request {
             client_ip: self.client_ip,
-            explain: self.lb.settings.explain,
+            explain: self.set.settings.explain,
         };
-        self.lb.balancer.pick(backends, &request, &is_candidate)
+        self.set.balancer.pick(backends, &request, &is_candidate)
     }
 
     /// The `X-Lb-Decision` line: the sticky verdict, the algorithm's reason, the backends left
     /// out as unavailable and those already tried for this request, then the choice.
     fn explain(&self, pick: &balance::Pick, session: Option<&Session>, tried: &[usize]) -> String {
-        let backends = &self.lb.backends;
+        let backends = &self.set.backends;
         let name = |i: usize| backends[i].name();
         let mut parts = Vec::new();
         if let Some(session) = session {

@@ -39,6 +39,16 @@ impl Snapshot {
                 (None, None) => String::new(),
             }
         );
+        if let Some(last) = &self.last_reload {
+            let _ = writeln!(
+                page,
+                "<p class=\"summary\">last reload: {} ({} applied, {} refused): {}</p>",
+                if last.ok { "applied" } else { "refused" },
+                self.reloads.0,
+                self.reloads.1,
+                escape_html(&last.message)
+            );
+        }
         self.html_table(&mut page);
         self.html_charts(&mut page);
         self.html_events(&mut page);

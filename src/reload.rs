@@ -1,0 +1,269 @@
+//! Reload: the configuration read again and applied without a restart (`SIGHUP`,
+//! `POST /reload`), the way nginx reloads: check everything first, apply only what is valid,
+//! keep the old configuration when the new one is wrong.
+//!
+//! The new configuration is built exactly as at start-up (the binary's own `build`, over the
+//! flags and the file as they are now), which checks every value. Only then is it applied, as
+//! one step: a new [`BackendSet`] replaces the current one. Backends that stay (the same
+//! address) are the very same objects, so their statistics, health, pooled connections and
+//! sticky sessions carry over; added ones wait for their first passing active check when active
+//! checks run; removed ones drain (requests and tunnels that hold them finish). What cannot
+//! change without a restart (addresses, thread limits) is a warning naming the setting.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::backend::Backend;
+use crate::cli::{self, CommonArgs};
+use crate::error::StartError;
+use crate::health::ActiveChecker;
+use crate::proxy::{BackendSet, LoadBalancer};
+use crate::settings::Settings;
+use crate::stats::events::EventKind;
+use crate::sticky::Sticky;
+
+/// Builds the balancer again from the command line and the configuration file as they are now,
+/// with the command-line arguments it was built from; `Err` is one line saying why not.
+pub type Rebuild = Box<dyn Fn() -> Result<(LoadBalancer, CommonArgs), String> + Send + Sync>;
+
+/// A [`Rebuild`] for a binary whose flags are `A` and whose balancer `build` makes.
+pub fn rebuild<A: clap::Parser + 'static>(
+    build: impl Fn(&A) -> Result<(LoadBalancer, CommonArgs), StartError> + Send + Sync + 'static,
+) -> Rebuild {
+    Box::new(move || {
+        let (args, _) = cli::parse_again::<A>().map_err(|err| err.to_string())?;
+        build(&args).map_err(|err| err.to_string())
+    })
+}
+
+/// What reloads need beyond the balancer: how to build it again, the flags it started with,
+/// and the active checker (which a reload restarts over the new backends).
+pub struct Reloader {
+    rebuild: Rebuild,
+    started_with: CommonArgs,
+    checker: Mutex<Option<ActiveChecker>>,
+    /// One reload at a time (a `SIGHUP` and a `POST /reload` together).
+    one_at_a_time: Mutex<()>,
+}
+
+impl Reloader {
+    /// A reloader for a balancer started with `started_with`.
+    pub fn new(rebuild: Rebuild, started_with: CommonArgs) -> Self {
+        Reloader {
+            rebuild,
+            started_with,
+            checker: Mutex::new(None),
+            one_at_a_time: Mutex::new(()),
+        }
+    }
+
+    /// Reads the configuration again and applies it to `lb`; logs the outcome in one line,
+    /// records it as an event and in the reload counters. `Ok` says what changed, `Err` why the
+    /// old configuration stays.
+    pub fn reload(&self, lb: &LoadBalancer) -> Result<String, String> {
+        let _one = lock(&self.one_at_a_time);
+        let outcome = (self.rebuild)().and_then(|(new, args)| self.apply(lb, new, &args));
+        let message = match &outcome {
+            Ok(changes) => {
+                let message = format!("reloaded: {changes}");
+                log::info!("{message}");
+                message
+            }
+            Err(why) => {
+                let message = format!("reload refused, the configuration in use stays: {why}");
+                log::error!("{message}");
+                message
+            }
+        };
+        lb.stats().push_event(EventKind::Reload, message);
+        lb.stats()
+            .reloads()
+            .record(outcome.is_ok(), outcome.as_ref().unwrap_or_else(|e| e));
+        outcome
+    }
+
+    /// Applies a balancer built from the new configuration to the running one, as one step.
+    fn apply(
+        &self,
+        lb: &LoadBalancer,
+        new: LoadBalancer,
+        args: &CommonArgs,
+    ) -> Result<String, String> {
+        let mut changes = self.restart_only(args);
+        let old = lb.snapshot();
+        let fresh = new.into_set();
+        changes.extend(setting_changes(&old, &fresh));
+        let (backends, old_index_to_new) = merge_backends(&old, &fresh, &mut changes);
+        let set = fresh.with_backends(backends);
+        carry_sessions(&old, &set, &old_index_to_new);
+        let removed: Vec<Arc<Backend>> = old
+            .backends()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| old_index_to_new[*i].is_none())
+            .map(|(_, b)| Arc::clone(b))
+            .collect();
+        let policy = set.health_config().active.clone();
+        let backends = set.backends().to_vec();
+        drop(old);
+        lb.replace(set);
+        for backend in &removed {
+            // Requests and tunnels holding it finish; pooled connections would only wait.
+            backend.close_idle();
+            changes.push(format!(
+                "removed {} (draining {} in flight)",
+                backend.name(),
+                backend.stats().active()
+            ));
+        }
+        self.restart_checks(&backends, policy.as_ref())
+            .map_err(|err| format!("cannot restart health checks: {err}"))?;
+        if changes.is_empty() {
+            return Ok("nothing changed".to_string());
+        }
+        Ok(changes.join("; "))
+    }
+
+    /// Warnings for the settings that take a restart to change; the rest of the reload applies.
+    fn restart_only(&self, new: &CommonArgs) -> Vec<String> {
+        let old = &self.started_with;
+        let differs = [
+            ("listen", old.listen != new.listen),
+            ("admin", old.admin != new.admin),
+            (
+                "max-connections",
+                old.max_connections != new.max_connections,
+            ),
+            ("reuse-port", old.reuse_port != new.reuse_port),
+            ("cpu-scheduling", old.cpu_scheduling != new.cpu_scheduling),
+            ("tls-listen", old.tls.tls_listen != new.tls.tls_listen),
+            ("demo", old.demo != new.demo),
+            ("stats-interval", old.stats_interval != new.stats_interval),
+        ];
+        differs
+            .into_iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(name, _)| {
+                let message = format!("--{name} changed: it takes a restart, the rest applies");
+                log::warn!("reload: {message}");
+                format!("{name} unchanged (takes a restart)")
+            })
+            .collect()
+    }
+
+    /// Starts the active checks over `backends` (at start-up and after each reload), stopping
+    /// the checks running before.
+    pub fn restart_checks(
+        &self,
+        backends: &[Arc<Backend>],
+        policy: Option<&crate::health::ActivePolicy>,
+    ) -> std::io::Result<()> {
+        let mut checker = lock(&self.checker);
+        if let Some(running) = checker.take() {
+            running.stop();
+        }
+        if let Some(policy) = policy {
+            *checker = Some(ActiveChecker::start(backends, policy)?);
+        }
+        Ok(())
+    }
+
+    /// Stops the active checks (shutting down).
+    pub fn stop_checks(&self) {
+        if let Some(running) = lock(&self.checker).take() {
+            running.stop();
+        }
+    }
+}
+
+/// The new list of backends: each backend of `fresh` that `old` already has is the old one
+/// (its weight and health settings updated), the others are new. Also returns, for each old
+/// backend, its position in the new list, if it stays.
+fn merge_backends(
+    old: &BackendSet,
+    fresh: &BackendSet,
+    changes: &mut Vec<String>,
+) -> (Vec<Arc<Backend>>, Vec<Option<usize>>) {
+    let mut old_index_to_new = vec![None; old.backends().len()];
+    let active = fresh.health_config().active.is_some();
+    let backends = fresh
+        .backends()
+        .iter()
+        .enumerate()
+        .map(|(new_index, backend)| {
+            let kept = old.backends().iter().position(|b| b.is_same(backend));
+            let Some(old_index) = kept else {
+                if active {
+                    backend.health().hold_until_checked();
+                }
+                changes.push(format!("added {}", backend.name()));
+                return Arc::clone(backend);
+            };
+            old_index_to_new[old_index] = Some(new_index);
+            let kept = &old.backends()[old_index];
+            if kept.weight() != backend.weight() {
+                changes.push(format!(
+                    "weight of {} {} -> {}",
+                    kept.name(),
+                    kept.weight(),
+                    backend.weight()
+                ));
+                kept.set_weight(backend.weight());
+            }
+            kept.health().configure(fresh.health_config().clone());
+            Arc::clone(kept)
+        })
+        .collect();
+    (backends, old_index_to_new)
+}
+
+/// Sessions kept in a table follow their backends to their new positions; those of removed
+/// backends are forgotten (their next request is balanced anew). Signed cookies name their
+/// backend by address, so they need nothing.
+fn carry_sessions(old: &BackendSet, new: &BackendSet, old_index_to_new: &[Option<usize>]) {
+    if let (Some(Sticky::Table(before)), Some(Sticky::Table(after))) = (old.sticky(), new.sticky())
+    {
+        after.carry_over(before, |i| old_index_to_new.get(i).copied().flatten());
+    }
+}
+
+/// What a reload changes besides the backends: the algorithm, timeouts, health checks.
+fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
+    let mut changes = Vec::new();
+    if old.balancer().name() != new.balancer().name() {
+        changes.push(format!(
+            "algorithm {} -> {}",
+            old.balancer().name(),
+            new.balancer().name()
+        ));
+    }
+    let (a, b): (&Settings, &Settings) = (old.settings(), new.settings());
+    let durations = [
+        ("connect-timeout", a.connect_timeout, b.connect_timeout),
+        ("backend-timeout", a.backend_timeout, b.backend_timeout),
+        ("client-timeout", a.client_timeout, b.client_timeout),
+        ("tunnel-timeout", a.tunnel_timeout, b.tunnel_timeout),
+    ];
+    for (name, before, after) in durations {
+        if before != after {
+            changes.push(format!("{name} {before:?} -> {after:?}"));
+        }
+    }
+    if a.retries != b.retries {
+        changes.push(format!("retries {} -> {}", a.retries, b.retries));
+    }
+    if a.explain != b.explain {
+        changes.push(format!("explain {} -> {}", a.explain, b.explain));
+    }
+    if old.health_config() != new.health_config() {
+        changes.push(format!(
+            "health checks {} -> {}",
+            old.health_config().mode(),
+            new.health_config().mode()
+        ));
+    }
+    changes
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
