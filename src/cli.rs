@@ -13,6 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser};
 
 use crate::backend::Backend;
+use crate::dns::{self, Resolver};
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::settings::{CpuScheduling, Settings};
@@ -47,6 +48,21 @@ pub struct CommonArgs {
     /// Start demo backends in-process on the --backend addresses.
     #[arg(long)]
     pub demo: bool,
+
+    /// How often backends given by name are resolved again (each address is a backend); 0
+    /// resolves them at start-up (and reload) only.
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30s",
+        value_parser = parse_duration,
+    )]
+    pub resolve_interval: Duration,
+
+    /// Resolves backend names: the system's resolver, or a test's.
+    #[arg(skip)]
+    pub resolver: Resolver,
 
     /// Statistics listener address, or `off` [default: 127.0.0.1:8404, or the next free port up
     /// to 8413 when it is in use].
@@ -153,30 +169,76 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The backends to balance over: the `--backend` flags, or the three defaults with
     /// `default_weights` (phase 2's weighted binary uses 5, 3, 2 as the chapter does).
+    ///
+    /// A backend given by name is one backend per address the name resolves to, shown as
+    /// `app:8000 (10.0.0.3)`; a name that does not resolve now is left out with a warning (the
+    /// names are resolved again every `--resolve-interval`).
     pub fn backends(&self, default_weights: &[u32; 3]) -> Vec<Backend> {
+        let mut backends = Vec::new();
+        for spec in self.backend_specs(default_weights) {
+            match self.addresses(&spec) {
+                Ok(addrs) if spec.addr.is_some() => {
+                    backends.extend(
+                        addrs
+                            .into_iter()
+                            .map(|addr| Backend::new(spec.name.clone(), addr, spec.weight)),
+                    );
+                }
+                Ok(addrs) => backends.extend(addrs.into_iter().map(|addr| {
+                    Backend::new(dns::display_name(&spec.name, addr), addr, spec.weight)
+                })),
+                Err(err) => log::warn!(
+                    "backend {} does not resolve ({err}); it is left out until it does",
+                    spec.name
+                ),
+            }
+        }
+        backends
+    }
+
+    /// The backends as given (`--backend`, or the three defaults with `default_weights`).
+    pub fn backend_specs(&self, default_weights: &[u32; 3]) -> Vec<BackendSpec> {
         if self.backends.is_empty() {
             DEFAULT_BACKENDS
                 .iter()
                 .zip(default_weights)
                 .filter_map(|(addr, &weight)| {
-                    parse_backend_spec(addr).ok().map(|spec| (spec, weight))
+                    let spec = parse_backend_spec(addr).ok()?;
+                    Some(BackendSpec { weight, ..spec })
                 })
-                .map(|(spec, weight)| Backend::new(spec.name, spec.addr, weight))
                 .collect()
         } else {
-            self.backends
-                .iter()
-                .map(|spec| Backend::new(spec.name.clone(), spec.addr, spec.weight))
-                .collect()
+            self.backends.clone()
         }
     }
 
-    /// How many backends the balancer has: those given, or the three defaults.
-    fn backend_count(&self) -> usize {
+    /// The addresses `spec` stands for now: its own, or those its name resolves to.
+    pub fn addresses(&self, spec: &BackendSpec) -> std::io::Result<Vec<SocketAddr>> {
+        match spec.addr {
+            Some(addr) => Ok(vec![addr]),
+            None => self.resolver.addresses(&spec.host, spec.port),
+        }
+    }
+
+    /// The names among the backends given that resolve to nothing now.
+    pub fn unresolved(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .filter(|spec| self.addresses(spec).is_err())
+            .map(|spec| spec.name.clone())
+            .collect()
+    }
+
+    /// How many other backends a request may go on to, by default: one less than the
+    /// backends given, or, when a name stands for as many backends as it has addresses, each
+    /// backend once (the proxy never tries one twice).
+    fn default_retries(&self) -> usize {
         if self.backends.is_empty() {
-            DEFAULT_BACKENDS.len()
+            DEFAULT_BACKENDS.len() - 1
+        } else if self.backends.iter().all(|spec| spec.addr.is_some()) {
+            self.backends.len() - 1
         } else {
-            self.backends.len()
+            usize::MAX
         }
     }
 
@@ -189,9 +251,7 @@ impl CommonArgs {
             backend_timeout: self.backend_timeout,
             client_timeout: self.client_timeout,
             tunnel_timeout: self.tunnel_timeout,
-            retries: self
-                .retries
-                .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
+            retries: self.retries.unwrap_or_else(|| self.default_retries()),
             stats_interval: self.stats_interval,
             explain: self.explain,
             reuse_port: self.reuse_port,
@@ -445,13 +505,18 @@ pub fn parse_secret(text: &str) -> Result<Secret, String> {
     Ok(Secret::new(text))
 }
 
-/// One `--backend HOST:PORT[=WEIGHT]` flag, resolved at start-up.
+/// One `--backend HOST:PORT[=WEIGHT]` flag: a literal address, or a name resolved later (at
+/// start-up, by each reload and every `--resolve-interval`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendSpec {
     /// The address as the user wrote it, used in logs and statistics.
     pub name: String,
-    /// The resolved socket address.
-    pub addr: SocketAddr,
+    /// The socket address when the user wrote an IP address; `None` for a name.
+    pub addr: Option<SocketAddr>,
+    /// The host part: an IP address or a name.
+    pub host: String,
+    /// The port.
+    pub port: u16,
     /// Relative share of traffic for weighted algorithms; at least 1.
     pub weight: u32,
 }
@@ -466,7 +531,8 @@ pub struct AdminAddr(pub Option<SocketAddr>);
 /// use lb::cli::parse_backend_spec;
 ///
 /// let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
-/// assert_eq!((spec.addr.port(), spec.weight), (8001, 5));
+/// assert_eq!((spec.port, spec.weight), (8001, 5));
+/// assert_eq!(parse_backend_spec("app:8000").unwrap().addr, None, "a name, resolved later");
 /// assert!(parse_backend_spec("127.0.0.1:8001=0").is_err());
 /// ```
 pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
@@ -482,10 +548,28 @@ pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
         }
         None => (text, 1),
     };
-    let addr = parse_addr(address)?;
+    let not_an_address = || format!("'{address}' is not a HOST:PORT address");
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(BackendSpec {
+            name: address.to_string(),
+            addr: Some(addr),
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            weight,
+        });
+    }
+    let (host, port) = address.rsplit_once(':').ok_or_else(not_an_address)?;
+    let port: u16 = port.parse().map_err(|_| not_an_address())?;
+    // A name: letters, digits, `-`, `_` and dots (an IPv6 address goes in brackets).
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if host.is_empty() || !host.chars().all(is_name_char) {
+        return Err(not_an_address());
+    }
     Ok(BackendSpec {
         name: address.to_string(),
-        addr,
+        addr: None,
+        host: host.to_string(),
+        port,
         weight,
     })
 }
@@ -848,7 +932,7 @@ mod tests {
     #[test]
     fn backend_specs_take_an_optional_weight() {
         let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
-        assert_eq!(spec.addr, "127.0.0.1:8001".parse().unwrap());
+        assert_eq!(spec.addr, Some("127.0.0.1:8001".parse().unwrap()));
         assert_eq!(spec.weight, 5);
         assert_eq!(spec.name, "127.0.0.1:8001");
         assert_eq!(parse_backend_spec("127.0.0.1:8002").unwrap().weight, 1);

@@ -11,6 +11,7 @@
 //! | 1 | [`tls`], [`stream`] | HTTPS: certificates, the TLS listener's configuration, the client's stream |
 //! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
 //! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
+//! | 1 | [`dns`] | backends named by DNS: every address a backend, resolved again |
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
@@ -57,6 +58,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod descriptors;
+pub mod dns;
 pub mod error;
 pub mod health;
 pub mod http;

@@ -10,7 +10,11 @@
 //! checks run; removed ones drain (requests and tunnels that hold them finish). What cannot
 //! change without a restart (addresses, thread limits) is a warning naming the setting.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::net::SocketAddr;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread;
+use std::time::Duration;
 
 use crate::backend::Backend;
 use crate::cli::{self, CommonArgs};
@@ -40,7 +44,11 @@ pub fn rebuild<A: clap::Parser + 'static>(
 pub struct Reloader {
     rebuild: Rebuild,
     started_with: CommonArgs,
+    /// The flags of the configuration in use: the names to resolve again.
+    in_use: Mutex<CommonArgs>,
     checker: Mutex<Option<ActiveChecker>>,
+    /// Dropped to stop the thread that resolves names again.
+    stop_watching: Mutex<Option<mpsc::Sender<()>>>,
     /// One reload at a time (a `SIGHUP` and a `POST /reload` together).
     one_at_a_time: Mutex<()>,
 }
@@ -50,10 +58,21 @@ impl Reloader {
     pub fn new(rebuild: Rebuild, started_with: CommonArgs) -> Self {
         Reloader {
             rebuild,
+            in_use: Mutex::new(started_with.clone()),
             started_with,
             checker: Mutex::new(None),
+            stop_watching: Mutex::new(None),
             one_at_a_time: Mutex::new(()),
         }
+    }
+
+    /// Makes `lb.reload()` (SIGHUP, `POST /reload`) reload with this reloader.
+    pub fn install(self: &Arc<Self>, lb: &Arc<LoadBalancer>) {
+        let (reloader, weak) = (Arc::clone(self), Arc::downgrade(lb));
+        lb.set_reload(Box::new(move || match weak.upgrade() {
+            Some(lb) => reloader.reload(&lb),
+            None => Err("shutting down".to_string()),
+        }));
     }
 
     /// Reads the configuration again and applies it to `lb`; logs the outcome in one line,
@@ -117,6 +136,8 @@ impl Reloader {
         }
         self.restart_checks(&backends, policy.as_ref())
             .map_err(|err| format!("cannot restart health checks: {err}"))?;
+        lb.stats().set_unresolved(args.unresolved());
+        *lock(&self.in_use) = args.clone();
         if changes.is_empty() {
             return Ok("nothing changed".to_string());
         }
@@ -167,12 +188,85 @@ impl Reloader {
         Ok(())
     }
 
-    /// Stops the active checks (shutting down).
+    /// Stops the active checks and the resolving of names (shutting down).
     pub fn stop_checks(&self) {
         if let Some(running) = lock(&self.checker).take() {
             running.stop();
         }
+        lock(&self.stop_watching).take();
     }
+
+    /// Resolves the backend names again every `--resolve-interval` on a thread of its own (a
+    /// slow resolver stalls nobody), and reloads when the addresses changed: new ones become
+    /// backends, those gone drain. Nothing to do when no backend is given by name or the
+    /// interval is 0.
+    pub fn watch_names(self: &Arc<Self>, lb: &Arc<LoadBalancer>) -> std::io::Result<()> {
+        let args = lock(&self.in_use).clone();
+        let (mut seen, unresolved) = resolve_names(&args);
+        lb.stats().set_unresolved(unresolved);
+        let interval = args.resolve_interval;
+        if interval.is_zero() || args.backends.iter().all(|spec| spec.addr.is_some()) {
+            return Ok(());
+        }
+        let (stop, stopped) = mpsc::channel::<()>();
+        *lock(&self.stop_watching) = Some(stop);
+        let (reloader, lb) = (Arc::clone(self), Arc::downgrade(lb));
+        thread::Builder::new()
+            .name("resolve".into())
+            .spawn(move || reloader.resolve_every(interval, &lb, &stopped, &mut seen))
+            .map(drop)
+    }
+
+    fn resolve_every(
+        &self,
+        interval: Duration,
+        lb: &Weak<LoadBalancer>,
+        stopped: &mpsc::Receiver<()>,
+        seen: &mut Vec<(String, Vec<SocketAddr>)>,
+    ) {
+        while let Err(mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(interval) {
+            let Some(lb) = lb.upgrade() else {
+                return;
+            };
+            let args = lock(&self.in_use).clone();
+            let (mut now, unresolved) = resolve_names(&args);
+            // A name that fails to resolve keeps the addresses it had: a resolver out for a
+            // moment must not empty the list (a reload during the outage does leave it out).
+            for (name, addrs) in &mut now {
+                if addrs.is_empty() {
+                    if let Some((_, before)) = seen.iter().find(|(n, _)| n == name) {
+                        addrs.clone_from(before);
+                    }
+                }
+            }
+            lb.stats().set_unresolved(unresolved);
+            if now != *seen {
+                log::info!("backend names resolve to other addresses now: reloading");
+                if lb.reload().is_ok() {
+                    *seen = now;
+                }
+            }
+        }
+    }
+}
+
+/// Each backend name of `args` with the addresses it resolves to now (none when it does not),
+/// and the names that do not resolve.
+fn resolve_names(args: &CommonArgs) -> (Vec<(String, Vec<SocketAddr>)>, Vec<String>) {
+    let mut unresolved = Vec::new();
+    let resolved = args
+        .backends
+        .iter()
+        .filter(|spec| spec.addr.is_none())
+        .map(|spec| {
+            let addrs = args.addresses(spec).unwrap_or_else(|_| {
+                unresolved.push(spec.name.clone());
+                Vec::new()
+            });
+            (spec.name.clone(), addrs)
+        })
+        .collect();
+    (resolved, unresolved)
 }
 
 /// The new list of backends: each backend of `fresh` that `old` already has is the old one
@@ -248,7 +342,7 @@ fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
             changes.push(format!("{name} {before:?} -> {after:?}"));
         }
     }
-    if a.retries != b.retries {
+    if a.retries != b.retries && a.retries.max(b.retries) != usize::MAX {
         changes.push(format!("retries {} -> {}", a.retries, b.retries));
     }
     if a.explain != b.explain {

@@ -50,12 +50,7 @@ pub fn run(
     };
     let lb = Arc::new(lb);
     let reloader = Arc::new(Reloader::new(rebuild, args.clone()));
-    let reloads = Arc::downgrade(&lb);
-    let reload = Arc::clone(&reloader);
-    lb.set_reload(Box::new(move || match reloads.upgrade() {
-        Some(lb) => reload.reload(&lb),
-        None => Err("shutting down".to_string()),
-    }));
+    reloader.install(&lb);
     handle_signals(&server, &lb)?;
 
     // The admin port is bound before anything is announced, so that a port in use is the one
@@ -74,6 +69,9 @@ pub fn run(
     reloader
         .restart_checks(&lb.backends(), lb.health_config().active.as_ref())
         .map_err(|err| StartError(format!("cannot start health checks: {err}")))?;
+    reloader
+        .watch_names(&lb)
+        .map_err(|err| StartError(format!("cannot start resolving names: {err}")))?;
 
     server.serve(Arc::clone(&lb));
 

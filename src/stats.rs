@@ -37,6 +37,8 @@ pub struct Stats {
     tls: TlsCounters,
     events: EventLog,
     reloads: Reloads,
+    /// Backend names that resolve to nothing now.
+    unresolved: std::sync::Mutex<Vec<String>>,
 }
 
 /// Reloads of the configuration: how many applied and refused, and the last one.
@@ -102,7 +104,21 @@ impl Stats {
             active_connections: AtomicU64::new(0),
             events: EventLog::default(),
             reloads: Reloads::default(),
+            unresolved: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Notes which backend names resolve to nothing now (the statistics page says so).
+    pub fn set_unresolved(&self, names: Vec<String>) {
+        *self.unresolved.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// The backend names that resolved to nothing at the last try.
+    pub fn unresolved(&self) -> Vec<String> {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Reloads of the configuration.

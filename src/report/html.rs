@@ -39,6 +39,14 @@ impl Snapshot {
                 (None, None) => String::new(),
             }
         );
+        if !self.unresolved.is_empty() {
+            let _ = writeln!(
+                page,
+                "<p class=\"summary\">waiting for DNS: {} resolve to no address yet; \
+                 requests they would take get 503 until they do</p>",
+                escape_html(&self.unresolved.join(", "))
+            );
+        }
         if let Some(last) = &self.last_reload {
             let _ = writeln!(
                 page,

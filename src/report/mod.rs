@@ -60,6 +60,8 @@ pub struct Snapshot {
     pub sessions: Option<(usize, usize)>,
     /// How sticky sessions are kept: `"table"`, `"signed"` (cookies, no table), or none.
     pub sticky: Option<&'static str>,
+    /// Backend names that resolve to nothing now (their backends are missing).
+    pub unresolved: Vec<String>,
     /// Reloads of the configuration applied and refused so far.
     pub reloads: (u64, u64),
     /// The last reload, if any: when, whether applied, what changed or why not.
@@ -174,6 +176,7 @@ impl Snapshot {
                 Sticky::Table(_) => "table",
                 Sticky::Signed(_) => "signed",
             }),
+            unresolved: stats.unresolved(),
             reloads: stats.reloads().counts(),
             last_reload: stats.reloads().last(),
             backends,
@@ -340,6 +343,7 @@ mod tests {
             tls_handshake_failures: 2,
             sessions: Some((3, 100)),
             sticky: Some("table"),
+            unresolved: vec!["app:8000".to_string()],
             reloads: (1, 1),
             last_reload: Some(crate::stats::LastReload {
                 unix_time: 1_796_080_000.0,
