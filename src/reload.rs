@@ -24,6 +24,7 @@ use crate::proxy::{BackendSet, LoadBalancer};
 use crate::settings::Settings;
 use crate::stats::events::EventKind;
 use crate::sticky::Sticky;
+use crate::tls;
 
 /// Builds the balancer again from the command line and the configuration file as they are now,
 /// with the command-line arguments it was built from; `Err` is one line saying why not.
@@ -47,6 +48,8 @@ pub struct Reloader {
     /// The flags of the configuration in use: the names to resolve again.
     in_use: Mutex<CommonArgs>,
     checker: Mutex<Option<ActiveChecker>>,
+    /// The HTTPS listener's certificates, which a reload reads again.
+    certificates: Option<Arc<tls::Certificates>>,
     /// Dropped to stop the thread that resolves names again.
     stop_watching: Mutex<Option<mpsc::Sender<()>>>,
     /// One reload at a time (a `SIGHUP` and a `POST /reload` together).
@@ -63,7 +66,14 @@ impl Reloader {
             checker: Mutex::new(None),
             stop_watching: Mutex::new(None),
             one_at_a_time: Mutex::new(()),
+            certificates: None,
         }
+    }
+
+    /// The same reloader, reading the HTTPS listener's certificates again at each reload.
+    pub fn with_certificates(mut self, certificates: Option<Arc<tls::Certificates>>) -> Self {
+        self.certificates = certificates;
+        self
     }
 
     /// Makes `lb.reload()` (SIGHUP, `POST /reload`) reload with this reloader.
@@ -107,6 +117,13 @@ impl Reloader {
         new: LoadBalancer,
         args: &CommonArgs,
     ) -> Result<String, String> {
+        // Everything is read and checked before anything changes.
+        let certificates = match &self.certificates {
+            Some(_) if !args.tls.tls_cert.is_empty() => {
+                Some(tls::load_all(&args.tls.tls_cert, &args.tls.tls_key).map_err(|e| e.0)?)
+            }
+            _ => None,
+        };
         let mut changes = self.restart_only(args);
         let old = lb.snapshot();
         let fresh = new.into_set();
@@ -138,6 +155,11 @@ impl Reloader {
             .map_err(|err| format!("cannot restart health checks: {err}"))?;
         lb.stats().set_unresolved(args.unresolved());
         *lock(&self.in_use) = args.clone();
+        if let (Some(store), Some(certificates)) = (&self.certificates, certificates) {
+            // New handshakes get them; open connections keep the certificate they were shown.
+            store.replace(certificates);
+            changes.push("certificates read again".to_string());
+        }
         if changes.is_empty() {
             return Ok("nothing changed".to_string());
         }

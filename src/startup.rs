@@ -42,14 +42,14 @@ pub fn run(
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
-    let server = bind(&settings, &args.tls, args.demo)?;
+    let (server, certificates) = bind(&settings, &args.tls, args.demo)?;
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?
     } else {
         Vec::new()
     };
     let lb = Arc::new(lb);
-    let reloader = Arc::new(Reloader::new(rebuild, args.clone()));
+    let reloader = Arc::new(Reloader::new(rebuild, args.clone()).with_certificates(certificates));
     reloader.install(&lb);
     handle_signals(&server, &lb)?;
 
@@ -90,7 +90,11 @@ pub fn run(
 
 /// Binds the listeners. Certificates are read before any port is bound: a bad file is the one
 /// line the user sees.
-fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartError> {
+fn bind(
+    settings: &Settings,
+    tls: &TlsArgs,
+    demo: bool,
+) -> Result<(Server, Option<Arc<tls::Certificates>>), StartError> {
     let tls = match tls.tls_listen {
         Some(addr) => Some((addr, tls_config(tls, demo, addr)?)),
         None => None,
@@ -99,12 +103,14 @@ fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartE
         let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
         StartError(format!("--listen {listen}: {err}"))
     })?;
-    if let Some((addr, config)) = tls {
+    let mut certificates = None;
+    if let Some((addr, (config, store))) = tls {
         server
             .add_tls_listener(addr, config, settings)
             .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
+        certificates = Some(store);
     }
-    Ok(server)
+    Ok((server, certificates))
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM begin a graceful shutdown of `server`; SIGHUP reloads the
@@ -216,7 +222,7 @@ fn tls_config(
     args: &TlsArgs,
     demo: bool,
     addr: SocketAddr,
-) -> Result<Arc<rustls::ServerConfig>, StartError> {
+) -> Result<(Arc<rustls::ServerConfig>, Arc<tls::Certificates>), StartError> {
     if args.tls_cert.is_empty() && args.tls_key.is_empty() && demo {
         let path = std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()));
         let certificate = tls::self_signed(&path)?;
@@ -227,27 +233,9 @@ fn tls_config(
             path = path.display(),
             port = addr.port()
         );
-        return tls::server_config(vec![certificate]);
+        return tls::server_config_with_store(vec![certificate]);
     }
-    if args.tls_cert.is_empty() {
-        return Err(StartError(
-            "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),
-        ));
-    }
-    if args.tls_cert.len() != args.tls_key.len() {
-        return Err(StartError(format!(
-            "{} --tls-cert but {} --tls-key: give one key per certificate, in the same order",
-            args.tls_cert.len(),
-            args.tls_key.len()
-        )));
-    }
-    let certificates = args
-        .tls_cert
-        .iter()
-        .zip(&args.tls_key)
-        .map(|(cert, key)| tls::load(cert, key))
-        .collect::<Result<Vec<_>, _>>()?;
-    tls::server_config(certificates)
+    tls::server_config_with_store(tls::load_all(&args.tls_cert, &args.tls_key)?)
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`

@@ -300,3 +300,45 @@ fn reload_writes_come_from_this_machine_and_its_own_pages_only() {
     let (status, _) = post_reload(admin, "");
     assert_eq!(status, 200);
 }
+
+#[test]
+fn a_certificate_replaced_on_disk_is_shown_to_new_connections_after_a_reload() {
+    let a = DemoBackend::start("a");
+    let old = common::TestCertificate::new(&["localhost"]);
+    let config = ConfigFile::new(
+        "tls",
+        &format!(
+            "backend = [{:?}]\ntls-listen = \"127.0.0.1:0\"\ntls-cert = [{:?}]\ntls-key = [{:?}]\n",
+            a.spec(),
+            old.cert(),
+            old.key()
+        ),
+    );
+    let lb = Balancer::start(lb_bin(), &["--config", config.path()]);
+    let tls_addr = lb.tls_addr.expect("HTTPS listener");
+    let mut open = Client::connect_tls(tls_addr, "localhost", &[&old.cert_pem]);
+    assert_eq!(open.get("/").status, 200);
+
+    // The same files, a new certificate and key in them.
+    let new = common::TestCertificate::new(&["localhost"]);
+    std::fs::write(&old.cert_path, &new.cert_pem).unwrap();
+    std::fs::write(&old.key_path, &new.key_pem).unwrap();
+    send(&lb, "HUP");
+    assert!(
+        eventually(WAIT, || lb.log().contains("certificates read again")),
+        "{}",
+        lb.log()
+    );
+
+    let mut fresh = Client::connect_tls(tls_addr, "localhost", &[&new.cert_pem]);
+    assert_eq!(fresh.get("/").status, 200);
+    assert!(
+        Client::try_connect_tls(tls_addr, "localhost", &[&old.cert_pem]).is_err(),
+        "the old certificate is no longer shown"
+    );
+    assert_eq!(
+        open.get("/").status,
+        200,
+        "an open keep-alive connection keeps working"
+    );
+}
