@@ -129,3 +129,36 @@ fn every_phase_binary_takes_a_config_file() {
         assert!(err.contains(":1:10: invalid value"), "{bin}: {err}");
     }
 }
+
+#[test]
+fn the_commented_example_in_the_docs_is_valid() {
+    let page =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/config.md")).unwrap();
+    let start = page.find("```toml\n# lb.toml").expect("the example") + "```toml\n".len();
+    let end = start + page[start..].find("```").unwrap();
+    let path = write_config("example", &page[start..end]);
+    let output = Command::new(lb_bin())
+        .arg("check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{output:?}");
+    // Every flag of `loadbalancer` appears in the example (commented out or not).
+    let help = Command::new(lb_bin()).arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    // The flags are the words starting with `--` on the lines that start with a dash.
+    let flags = help
+        .lines()
+        .filter(|line| line.trim_start().starts_with('-'))
+        .filter_map(|line| line.split_whitespace().find_map(|w| w.strip_prefix("--")));
+    for flag in flags {
+        let key = flag.trim_end_matches([',', '.']);
+        if ["help", "version", "config"].contains(&key) || key.is_empty() {
+            continue;
+        }
+        assert!(
+            page[start..end].contains(&format!("{key} =")),
+            "docs/config.md's example has no '{key}'"
+        );
+    }
+}

@@ -342,3 +342,51 @@ fn a_certificate_replaced_on_disk_is_shown_to_new_connections_after_a_reload() {
         "an open keep-alive connection keeps working"
     );
 }
+
+#[test]
+fn sessions_stay_an_added_backend_waits_for_its_check_and_the_algorithm_changes() {
+    let a = DemoBackend::start("a");
+    let b = DemoBackend::start("b");
+    let settings = "sticky = true\nhealth-check = \"active\"\nhealth-interval = \"100ms\"\n";
+    let config = ConfigFile::new(
+        "sessions",
+        &format!("{settings}backend = [{:?}]\n", a.spec()),
+    );
+    let lb = Balancer::start(
+        lb_bin(),
+        &["--config", config.path(), "--admin", "127.0.0.1:0"],
+    );
+    let first = get(lb.addr, "/");
+    let cookie = common::session_cookie(&first).expect("a session cookie");
+    assert_eq!(first.header("x-backend"), Some("a"));
+
+    config.write(&format!(
+        "{settings}algorithm = \"least-conn\"\nbackend = [{:?}, {:?}]\n",
+        b.spec(),
+        a.spec()
+    ));
+    let (status, body) = post_reload(lb.admin.unwrap(), "");
+    assert_eq!(status, 200, "{body}");
+    let changes = body["changes"].as_str().unwrap();
+    assert!(
+        changes.contains("algorithm round-robin -> least-conn"),
+        "{changes}"
+    );
+    // Added while active checks run: out of rotation until its first check passes.
+    assert!(
+        eventually(WAIT, || lb
+            .log()
+            .contains(&format!("backend {} is back", b.spec()))),
+        "{}",
+        lb.log()
+    );
+    assert!(eventually(WAIT, || count(&common::backends_hit(
+        lb.addr, 4
+    ))
+    .contains_key("b")));
+    // The session made before the reload still goes to its backend, now second in the list.
+    for _ in 0..4 {
+        let response = common::get_with(lb.addr, &format!("Cookie: SESSION_ID={cookie}\r\n"));
+        assert_eq!(response.header("x-backend"), Some("a"));
+    }
+}

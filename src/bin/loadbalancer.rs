@@ -159,6 +159,9 @@ fn check_config(file: &std::path::Path) -> ExitCode {
                 .check_listeners()
                 .map_err(|err| err.to_string())?;
             build(&cli).map_err(|err| err.to_string())?;
+            for name in cli.common.unresolved() {
+                eprintln!("warning: backend {name} does not resolve now; it would be left out until it does");
+            }
             Ok(matches)
         });
     match checked {
