@@ -87,7 +87,7 @@ impl<'a> ClientConnection<'a> {
             }
             let head = http::read_request_head_until(&mut self.client, deadline, timeout);
             self.state.idle.store(false, Ordering::SeqCst);
-            self.set = self.lb.snapshot();
+            self.lb.refresh(&mut self.set);
             let flow = match head {
                 Ok(Some(head)) => self.handle(head),
                 Ok(None) => Flow::Close,

@@ -208,6 +208,16 @@ impl LoadBalancer {
         self.current.load_full()
     }
 
+    /// Brings a connection's `set` up to date with the current one, at the start of a request.
+    /// While nothing was reloaded this only compares two pointers (an `ArcSwap` load, no write
+    /// to the set's shared reference count, which every client thread would contend for).
+    pub fn refresh(&self, set: &mut Arc<BackendSet>) {
+        let current = self.current.load();
+        if !Arc::ptr_eq(set, &current) {
+            *set = arc_swap::Guard::into_inner(current);
+        }
+    }
+
     /// Makes `set` the current backend set, as one step: requests already running keep the set
     /// they read (and the backends in it: a removed backend lives on while they hold it).
     pub fn replace(&self, set: BackendSet) -> Arc<BackendSet> {
