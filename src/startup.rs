@@ -37,7 +37,7 @@ pub fn run(
 ) -> Result<(), StartError> {
     tune_allocator();
     args.check_listeners()?;
-    let mut settings = lb.settings().clone();
+    let mut settings = lb.startup_settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);

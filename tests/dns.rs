@@ -75,7 +75,7 @@ fn addresses_appearing_and_disappearing_add_and_drain_backends() {
     });
     let reloader = Arc::new(Reloader::new(rebuild, args.clone()));
     reloader.install(&lb);
-    let server = Server::bind(lb.settings()).unwrap();
+    let server = Server::bind(lb.startup_settings()).unwrap();
     let addr: SocketAddr = server.local_addr().unwrap();
     let shutdown = server.shutdown_handle().unwrap();
     let serving = {

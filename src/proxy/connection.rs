@@ -301,17 +301,17 @@ impl<'a> ClientConnection<'a> {
     /// retries are used up or no backend is left.
     fn next_attempt<'s>(
         &self,
-        lb: &'s BackendSet,
+        set: &'s BackendSet,
         head: &RequestHead,
         session: Option<&Session>,
         tries: &mut Tries,
     ) -> Option<Attempt<'s>> {
         loop {
-            if tries.count > lb.settings.retries {
+            if tries.count > set.settings.retries {
                 return None;
             }
             let pick = self.choose(&tries.tried, session)?;
-            let decision = if lb.settings.explain {
+            let decision = if set.settings.explain {
                 self.explain(&pick, session, &tries.tried)
             } else {
                 String::new()
@@ -321,7 +321,7 @@ impl<'a> ClientConnection<'a> {
             }
             let set_cookie = session.and_then(|s| s.set_cookie(pick.index));
             tries.tried.push(pick.index);
-            let backend = &lb.backends[pick.index];
+            let backend = &set.backends[pick.index];
             if !backend.health().admit() {
                 // Another request took this backend's one trial after its fail-timeout.
                 continue;

@@ -67,8 +67,9 @@ pub struct LoadBalancer {
     stats: Stats,
     buffers: BufferPool,
     /// The settings at start-up: what a reload cannot change (addresses, thread limits) is
-    /// read from here.
-    settings: Settings,
+    /// read from here. (Named so that code reading `lb.settings` for a request fails to
+    /// compile: a request reads its [`BackendSet`]'s.)
+    startup_settings: Settings,
     reload: OnceLock<Box<ReloadFn>>,
 }
 
@@ -150,7 +151,7 @@ impl LoadBalancer {
             }),
             stats: Stats::new(),
             buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
-            settings,
+            startup_settings: settings,
             reload: OnceLock::new(),
         }
     }
@@ -184,7 +185,7 @@ impl LoadBalancer {
             current,
             stats,
             buffers,
-            settings,
+            startup_settings,
             reload,
         } = self;
         let mut set = unshared(current);
@@ -193,7 +194,7 @@ impl LoadBalancer {
             current: ArcSwap::from_pointee(set),
             stats,
             buffers,
-            settings,
+            startup_settings,
             reload,
         }
     }
@@ -239,9 +240,10 @@ impl LoadBalancer {
         &self.stats
     }
 
-    /// The settings at start-up; a request reads the current ones from its [`BackendSet`].
-    pub fn settings(&self) -> &Settings {
-        &self.settings
+    /// The settings at start-up (where to listen, how many clients): a request reads the
+    /// current ones from its [`BackendSet`].
+    pub fn startup_settings(&self) -> &Settings {
+        &self.startup_settings
     }
 
     /// Sets what a reload does (start-up sets it, once).
