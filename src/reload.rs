@@ -91,22 +91,22 @@ impl Reloader {
     pub fn reload(&self, lb: &LoadBalancer) -> Result<String, String> {
         let _one = lock(&self.one_at_a_time);
         let outcome = (self.rebuild)().and_then(|(new, args)| self.apply(lb, new, &args));
-        let message = match &outcome {
-            Ok(changes) => {
-                let message = format!("reloaded: {changes}");
-                log::info!("{message}");
-                message
-            }
-            Err(why) => {
-                let message = format!("reload refused, the configuration in use stays: {why}");
-                log::error!("{message}");
-                message
-            }
-        };
-        lb.stats().push_event(EventKind::Reload, message);
+        // Counted before it is logged, so that whoever reads the log line finds it counted.
         lb.stats()
             .reloads()
             .record(outcome.is_ok(), outcome.as_ref().unwrap_or_else(|e| e));
+        match &outcome {
+            Ok(changes) => {
+                let message = format!("reloaded: {changes}");
+                lb.stats().push_event(EventKind::Reload, message.clone());
+                log::info!("{message}");
+            }
+            Err(why) => {
+                let message = format!("reload refused, the configuration in use stays: {why}");
+                lb.stats().push_event(EventKind::Reload, message.clone());
+                log::error!("{message}");
+            }
+        }
         outcome
     }
 
@@ -151,6 +151,7 @@ impl Reloader {
                 backend.stats().active()
             ));
         }
+        watch_drain(removed, lb.stats_handle());
         self.restart_checks(&backends, policy.as_ref())
             .map_err(|err| format!("cannot restart health checks: {err}"))?;
         lb.stats().set_unresolved(args.unresolved());
@@ -289,6 +290,37 @@ fn resolve_names(args: &CommonArgs) -> (Vec<(String, Vec<SocketAddr>)>, Vec<Stri
         })
         .collect();
     (resolved, unresolved)
+}
+
+/// How often a removed backend is looked at until its last request or tunnel ends.
+const DRAIN_POLL: Duration = Duration::from_millis(100);
+
+/// Says (in the log and the events) when each of the `removed` backends has no request or
+/// tunnel left, on a thread of its own that looks every [`DRAIN_POLL`]; it ends then, or when
+/// nothing but it holds them any more (the requests holding them ended with a failure).
+fn watch_drain(removed: Vec<Arc<Backend>>, stats: Arc<crate::stats::Stats>) {
+    if removed.is_empty() {
+        return;
+    }
+    let spawned = thread::Builder::new().name("drain".into()).spawn(move || {
+        let mut left = removed;
+        while !left.is_empty() {
+            left.retain(|backend| {
+                let busy = backend.stats().active() > 0 || backend.stats().tunnels().active() > 0;
+                if busy && Arc::strong_count(backend) > 1 {
+                    return true;
+                }
+                let message = format!("removed backend {} drained: dropped", backend.name());
+                log::info!("{message}");
+                stats.push_event(EventKind::Reload, message);
+                false
+            });
+            thread::sleep(DRAIN_POLL);
+        }
+    });
+    if let Err(err) = spawned {
+        log::warn!("removed backends are dropped without a word when drained: {err}");
+    }
 }
 
 /// The new list of backends: each backend of `fresh` that `old` already has is the old one

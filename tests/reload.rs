@@ -216,6 +216,9 @@ fn a_removed_backend_finishes_its_slow_requests_then_gets_no_more() {
         assert_eq!(response.header("x-backend"), Some("slow"));
     }
     assert_eq!(common::backends_hit(lb.addr, 3), ["fast", "fast", "fast"]);
+    assert!(eventually(WAIT, || lb
+        .log()
+        .contains(&format!("removed backend {} drained", slow.spec()))));
     let stats = stats_json(&lb);
     assert_eq!(stats["config_reloads"]["ok"], 1);
     assert_eq!(stats["last_reload"]["result"], "ok");

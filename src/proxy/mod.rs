@@ -64,7 +64,7 @@ const SPARE_BUFFERS: usize = 256;
 /// end, so it never sees half a reload. Statistics and buffers live on across reloads.
 pub struct LoadBalancer {
     current: ArcSwap<BackendSet>,
-    stats: Stats,
+    stats: Arc<Stats>,
     buffers: BufferPool,
     /// The settings at start-up: what a reload cannot change (addresses, thread limits) is
     /// read from here. (Named so that code reading `lb.settings` for a request fails to
@@ -149,7 +149,7 @@ impl LoadBalancer {
                 health: HealthConfig::default(),
                 sticky: None,
             }),
-            stats: Stats::new(),
+            stats: Arc::new(Stats::new()),
             buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
             startup_settings: settings,
             reload: OnceLock::new(),
@@ -238,6 +238,11 @@ impl LoadBalancer {
     /// The balancer's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The balancer's counters, for a thread that outlives a borrow of the balancer.
+    pub fn stats_handle(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
     }
 
     /// The settings at start-up (where to listen, how many clients): a request reads the
