@@ -291,6 +291,40 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
 mod tests {
     use super::*;
 
+    /// The head of `request` as the admin listener reads it, over a real socket.
+    fn head_of(request: &str) -> RequestHead {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(request.as_bytes()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut reader = BufferedStream::new(server, 1024);
+        http::read_request_head_within(&mut reader, CLIENT_TIMEOUT, MAX_HEAD)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_come_from_loopback_without_a_foreign_origin() {
+        let plain = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\n\r\n");
+        let loopback = Some("127.0.0.1:50000".parse().unwrap());
+        let v6_loopback = Some("[::1]:50000".parse().unwrap());
+        let remote = Some("192.0.2.7:50000".parse().unwrap());
+        assert_eq!(may_write(&plain, loopback), Ok(()));
+        assert_eq!(may_write(&plain, v6_loopback), Ok(()));
+        assert!(may_write(&plain, remote).is_err());
+        assert!(may_write(&plain, None).is_err());
+        let own = head_of(
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://127.0.0.1:8404\r\n\r\n",
+        );
+        assert_eq!(may_write(&own, loopback), Ok(()));
+        let foreign = head_of(
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://evil.example\r\n\r\n",
+        );
+        assert!(may_write(&foreign, loopback).is_err());
+        let null = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: null\r\n\r\n");
+        assert!(may_write(&null, loopback).is_err());
+    }
+
     #[test]
     fn responses_state_their_length_and_close() {
         let text = String::from_utf8(response(404, "text/plain", b"gone\n", false)).unwrap();
