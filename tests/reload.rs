@@ -393,3 +393,37 @@ fn sessions_stay_an_added_backend_waits_for_its_check_and_the_algorithm_changes(
         assert_eq!(response.header("x-backend"), Some("a"));
     }
 }
+
+#[test]
+fn weights_and_timeouts_change_and_what_takes_a_restart_is_named() {
+    let a = DemoBackend::start("a");
+    let config = ConfigFile::new(
+        "weights",
+        &format!("algorithm = \"weighted\"\nbackend = [\"{}=1\"]\n", a.spec()),
+    );
+    let lb = Balancer::start(
+        lb_bin(),
+        &["--config", config.path(), "--admin", "127.0.0.1:0"],
+    );
+    config.write(&format!(
+        "algorithm = \"weighted\"\nbackend = [\"{}=4\"]\nconnect-timeout = \"1s\"\nmax-connections = 7\n",
+        a.spec()
+    ));
+    let (status, body) = post_reload(lb.admin.unwrap(), "");
+    assert_eq!(status, 200, "{body}");
+    let changes = body["changes"].as_str().unwrap();
+    assert!(
+        changes.contains(&format!("weight of {} 1 -> 4", a.spec())),
+        "{changes}"
+    );
+    assert!(changes.contains("connect-timeout 2s -> 1s"), "{changes}");
+    assert!(
+        changes.contains("max-connections unchanged (takes a restart)"),
+        "{changes}"
+    );
+    assert!(lb
+        .log()
+        .contains("--max-connections changed: it takes a restart"));
+    assert_eq!(stats_json(&lb)["backends"][0]["weight"], 4);
+    assert_eq!(get(lb.addr, "/").status, 200);
+}
