@@ -19,6 +19,7 @@ use lb::balance::SmoothWeighted;
 use lb::cli::{self, CommonArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
+use lb::reload;
 
 /// The phase this binary is and what it adds: the first line of `--help` and of the start-up
 /// log.
@@ -47,11 +48,19 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), StartError> {
+    let lb = build(&args)?;
+    // SIGHUP and POST /reload build it again from the flags and the configuration file.
+    let rebuild = reload::rebuild(|args: &Args| Ok((build(args)?, args.common.clone())));
+    lb::startup::run(PHASE, lb, &args.common, rebuild)
+}
+
+/// The balancer the flags describe.
+fn build(args: &Args) -> Result<LoadBalancer, StartError> {
     let backends = args.common.backends(&DEFAULT_WEIGHTS);
     // Each pick raises every current weight by its weight and takes the largest.
     let balancer = SmoothWeighted::new();
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings());
-    lb::startup::run(PHASE, lb, &args.common)
+    Ok(lb)
 }
 
 #[cfg(test)]

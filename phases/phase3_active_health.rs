@@ -21,6 +21,7 @@ use lb::cli::{self, CommonArgs, HealthArgs};
 use lb::error::StartError;
 use lb::health::HealthMode;
 use lb::proxy::LoadBalancer;
+use lb::reload;
 
 /// The phase this binary is and what it adds: the first line of `--help` and of the start-up
 /// log.
@@ -48,12 +49,20 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), StartError> {
+    let lb = build(&args)?;
+    // SIGHUP and POST /reload build it again from the flags and the configuration file.
+    let rebuild = reload::rebuild(|args: &Args| Ok((build(args)?, args.common.clone())));
+    lb::startup::run(PHASE, lb, &args.common, rebuild)
+}
+
+/// The balancer the flags describe.
+fn build(args: &Args) -> Result<LoadBalancer, StartError> {
     let backends = args.common.backends(&[1, 1, 1]);
     let balancer = RoundRobin::new();
     // What phase 3 adds: probes decide which backends round robin may choose.
     let lb = LoadBalancer::new(backends, Box::new(balancer), args.common.settings())
         .with_health(args.health.config(HealthMode::Active));
-    lb::startup::run(PHASE, lb, &args.common)
+    Ok(lb)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use lb::balance::RoundRobin;
 use lb::cli::{self, CommonArgs, SessionArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
+use lb::reload;
 
 /// The phase this binary is and what it adds: the first line of `--help` and of the start-up
 /// log.
@@ -53,6 +54,14 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> Result<(), StartError> {
+    let lb = build(&args)?;
+    // SIGHUP and POST /reload build it again from the flags and the configuration file.
+    let rebuild = reload::rebuild(|args: &Args| Ok((build(args)?, args.common.clone())));
+    lb::startup::run(PHASE, lb, &args.common, rebuild)
+}
+
+/// The balancer the flags describe.
+fn build(args: &Args) -> Result<LoadBalancer, StartError> {
     let backends = args.common.backends(&[1, 1, 1]);
     let balancer = RoundRobin::new();
     // `--sticky-secret` (beyond the chapter): the cookie itself names the backend, signed.
@@ -63,7 +72,7 @@ fn run(args: Args) -> Result<(), StartError> {
         Some(signed) => lb.with_signed_sessions(signed),
         None => lb.with_sessions(args.session.session_table()),
     };
-    lb::startup::run(PHASE, lb, &args.common)
+    Ok(lb)
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! connection is one request answered and closed, heads are bounded in size and time, and at
 //! most a few connections are served at once, so a misbehaving client of the admin port cannot
 //! slow the balancer down. It serves `/stats` (HTML), `/stats.json` and `/metrics` (Prometheus),
-//! all rendered by [`crate::report`].
+//! all rendered by [`crate::report`]. One write so far: `POST /reload` reads the configuration
+//! again (see [`crate::reload`]); writes are taken from loopback clients only, and never with a
+//! foreign `Origin` (a web page in the operator's browser must not reload the balancer).
 //!
 //! When `--admin` is not given, the listener takes the first free port of [`DEFAULT_PORTS`], so
 //! that a second balancer started beside the first (a learner comparing two phases) keeps its
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use crate::http::{self, BufferedStream, HeadError, RequestHead};
+use crate::http::{self, BufferedStream, HeadError, Headers, RequestHead};
 use crate::proxy::LoadBalancer;
 use crate::report::Snapshot;
 
@@ -136,6 +138,7 @@ fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &Atomic
 
 /// Answers the one request of an admin connection.
 fn serve(stream: TcpStream, lb: &LoadBalancer) {
+    let peer = stream.peer_addr().ok();
     if stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
         || stream.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err()
     {
@@ -145,7 +148,7 @@ fn serve(stream: TcpStream, lb: &LoadBalancer) {
     // trickling one byte at a time is still cut off.
     let mut reader = BufferedStream::new(stream, 1024);
     let answer = match http::read_request_head_within(&mut reader, CLIENT_TIMEOUT, MAX_HEAD) {
-        Ok(Some(head)) => route(&head, lb),
+        Ok(Some(head)) => route(&head, lb, peer),
         // The client closed, stalled or broke the connection before a whole head arrived.
         Ok(None) | Err(HeadError::Truncated | HeadError::TimedOut | HeadError::Io(_)) => return,
         Err(HeadError::TooLarge | HeadError::LineTooLong) => {
@@ -184,17 +187,20 @@ fn linger(stream: &mut TcpStream) {
 }
 
 /// The response to an admin request: one of the three views, 404 or 405.
-fn route(request: &RequestHead, lb: &LoadBalancer) -> Vec<u8> {
+fn route(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) -> Vec<u8> {
     let method = request.method();
     let head_only = method == "HEAD";
-    if method != "GET" && !head_only {
-        return response(405, "text/plain", b"only GET and HEAD\n", false);
-    }
     let path = request
         .target()
         .split(['?', '#'])
         .next()
         .unwrap_or_default();
+    if method == "POST" && path == "/reload" {
+        return reload(request, lb, peer);
+    }
+    if method != "GET" && !head_only {
+        return response(405, "text/plain", b"only GET and HEAD\n", false);
+    }
     let (content_type, body) = match path {
         "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
         "/stats.json" => ("application/json", Snapshot::of(lb).to_json()),
@@ -207,13 +213,60 @@ fn route(request: &RequestHead, lb: &LoadBalancer) -> Vec<u8> {
     response(200, content_type, body.as_bytes(), head_only)
 }
 
+/// `POST /reload`: reads the configuration again and applies it, answering in JSON what
+/// changed (200) or why the configuration in use stays (422).
+fn reload(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) -> Vec<u8> {
+    if let Err(why) = may_write(request, peer) {
+        let body = serde_json::json!({ "result": "refused", "error": why }).to_string();
+        return response(403, "application/json", body.as_bytes(), false);
+    }
+    let (status, body) = match lb.reload() {
+        Ok(changes) => (
+            200,
+            serde_json::json!({ "result": "ok", "changes": changes }),
+        ),
+        Err(why) => (422, serde_json::json!({ "result": "error", "error": why })),
+    };
+    response(
+        status,
+        "application/json",
+        body.to_string().as_bytes(),
+        false,
+    )
+}
+
+/// Whether this request may change the balancer: it comes from this machine (until the admin
+/// token of the run-time control issue, loopback only), and no other site's page sent it (a
+/// browser's `Origin` must name the admin listener itself).
+fn may_write(request: &RequestHead, peer: Option<SocketAddr>) -> Result<(), &'static str> {
+    if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
+        return Err("admin writes are taken from loopback clients only");
+    }
+    let text = |name| {
+        request
+            .header(name)
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    match (text("origin"), text("host")) {
+        (None, _) => Ok(()),
+        (Some(origin), Some(host))
+            if origin == format!("http://{host}") || origin == format!("https://{host}") =>
+        {
+            Ok(())
+        }
+        _ => Err("a foreign Origin may not write to the admin listener"),
+    }
+}
+
 /// A whole response that closes the connection; `head_only` leaves the body out (for HEAD).
 fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
@@ -237,6 +290,40 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The head of `request` as the admin listener reads it, over a real socket.
+    fn head_of(request: &str) -> RequestHead {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        client.write_all(request.as_bytes()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut reader = BufferedStream::new(server, 1024);
+        http::read_request_head_within(&mut reader, CLIENT_TIMEOUT, MAX_HEAD)
+            .unwrap()
+            .unwrap()
+    }
+
+    #[test]
+    fn writes_come_from_loopback_without_a_foreign_origin() {
+        let plain = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\n\r\n");
+        let loopback = Some("127.0.0.1:50000".parse().unwrap());
+        let v6_loopback = Some("[::1]:50000".parse().unwrap());
+        let remote = Some("192.0.2.7:50000".parse().unwrap());
+        assert_eq!(may_write(&plain, loopback), Ok(()));
+        assert_eq!(may_write(&plain, v6_loopback), Ok(()));
+        assert!(may_write(&plain, remote).is_err());
+        assert!(may_write(&plain, None).is_err());
+        let own = head_of(
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://127.0.0.1:8404\r\n\r\n",
+        );
+        assert_eq!(may_write(&own, loopback), Ok(()));
+        let foreign = head_of(
+            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://evil.example\r\n\r\n",
+        );
+        assert!(may_write(&foreign, loopback).is_err());
+        let null = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: null\r\n\r\n");
+        assert!(may_write(&null, loopback).is_err());
+    }
 
     #[test]
     fn responses_state_their_length_and_close() {

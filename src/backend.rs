@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -47,7 +48,8 @@ const OPENING_TIME: Duration = Duration::from_secs(1);
 pub struct Backend {
     name: String,
     addr: SocketAddr,
-    weight: u32,
+    /// An atomic, so that a reload that changes it keeps the backend (and its statistics).
+    weight: AtomicU32,
     stats: BackendStats,
     health: Health,
     pool: Mutex<Pool>,
@@ -164,7 +166,7 @@ impl Backend {
         Backend {
             name,
             addr,
-            weight: weight.max(1),
+            weight: AtomicU32::new(weight.max(1)),
             stats: BackendStats::default(),
             health: Health::default(),
             pool: Mutex::new(Pool::default()),
@@ -184,7 +186,18 @@ impl Backend {
 
     /// The backend's relative share of traffic for weighted algorithms.
     pub fn weight(&self) -> u32 {
-        self.weight
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Changes the weight (a reload); the balancers built for the new backend set read it.
+    pub fn set_weight(&self, weight: u32) {
+        self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether `other` is the same backend: the same address, written the same way. A reload
+    /// keeps such a backend, with its statistics, health and pooled connections.
+    pub fn is_same(&self, other: &Backend) -> bool {
+        self.addr == other.addr && self.name == other.name
     }
 
     /// The backend's counters.

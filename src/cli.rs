@@ -13,6 +13,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser};
 
 use crate::backend::Backend;
+use crate::dns::{self, Resolver};
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::plural;
@@ -26,6 +27,11 @@ pub const DEFAULT_BACKENDS: [&str; 3] = ["127.0.0.1:8001", "127.0.0.1:8002", "12
 /// Flags common to every load-balancer binary (see the contract's table).
 #[derive(Args, Debug, Clone)]
 pub struct CommonArgs {
+    /// A TOML file of settings under the flags' own names (see docs/config.md); flags given on
+    /// the command line win over it. SIGHUP or POST /reload reads it again.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Where clients connect; `off` for HTTPS only (with --tls-listen).
     #[arg(
         long,
@@ -43,6 +49,21 @@ pub struct CommonArgs {
     /// Start demo backends in-process on the --backend addresses.
     #[arg(long)]
     pub demo: bool,
+
+    /// How often backends given by name are resolved again (each address is a backend); 0
+    /// resolves them at start-up (and reload) only.
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "30s",
+        value_parser = parse_duration,
+    )]
+    pub resolve_interval: Duration,
+
+    /// Resolves backend names: the system's resolver, or a test's.
+    #[arg(skip)]
+    pub resolver: Resolver,
 
     /// Statistics listener address, or `off` [default: 127.0.0.1:8404, or the next free port up
     /// to 8413 when it is in use].
@@ -149,30 +170,76 @@ pub struct CommonArgs {
 impl CommonArgs {
     /// The backends to balance over: the `--backend` flags, or the three defaults with
     /// `default_weights` (phase 2's weighted binary uses 5, 3, 2 as the chapter does).
+    ///
+    /// A backend given by name is one backend per address the name resolves to, shown as
+    /// `app:8000 (10.0.0.3)`; a name that does not resolve now is left out with a warning (the
+    /// names are resolved again every `--resolve-interval`).
     pub fn backends(&self, default_weights: &[u32; 3]) -> Vec<Backend> {
+        let mut backends = Vec::new();
+        for spec in self.backend_specs(default_weights) {
+            match self.addresses(&spec) {
+                Ok(addrs) if spec.addr.is_some() => {
+                    backends.extend(
+                        addrs
+                            .into_iter()
+                            .map(|addr| Backend::new(spec.name.clone(), addr, spec.weight)),
+                    );
+                }
+                Ok(addrs) => backends.extend(addrs.into_iter().map(|addr| {
+                    Backend::new(dns::display_name(&spec.name, addr), addr, spec.weight)
+                })),
+                Err(err) => log::warn!(
+                    "backend {} does not resolve ({err}); it is left out until it does",
+                    spec.name
+                ),
+            }
+        }
+        backends
+    }
+
+    /// The backends as given (`--backend`, or the three defaults with `default_weights`).
+    pub fn backend_specs(&self, default_weights: &[u32; 3]) -> Vec<BackendSpec> {
         if self.backends.is_empty() {
             DEFAULT_BACKENDS
                 .iter()
                 .zip(default_weights)
                 .filter_map(|(addr, &weight)| {
-                    parse_backend_spec(addr).ok().map(|spec| (spec, weight))
+                    let spec = parse_backend_spec(addr).ok()?;
+                    Some(BackendSpec { weight, ..spec })
                 })
-                .map(|(spec, weight)| Backend::new(spec.name, spec.addr, weight))
                 .collect()
         } else {
-            self.backends
-                .iter()
-                .map(|spec| Backend::new(spec.name.clone(), spec.addr, spec.weight))
-                .collect()
+            self.backends.clone()
         }
     }
 
-    /// How many backends the balancer has: those given, or the three defaults.
-    fn backend_count(&self) -> usize {
+    /// The addresses `spec` stands for now: its own, or those its name resolves to.
+    pub fn addresses(&self, spec: &BackendSpec) -> std::io::Result<Vec<SocketAddr>> {
+        match spec.addr {
+            Some(addr) => Ok(vec![addr]),
+            None => self.resolver.addresses(&spec.host, spec.port),
+        }
+    }
+
+    /// The names among the backends given that resolve to nothing now.
+    pub fn unresolved(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .filter(|spec| self.addresses(spec).is_err())
+            .map(|spec| spec.name.clone())
+            .collect()
+    }
+
+    /// How many other backends a request may go on to, by default: one less than the
+    /// backends given, or, when a name stands for as many backends as it has addresses, each
+    /// backend once (the proxy never tries one twice).
+    fn default_retries(&self) -> usize {
         if self.backends.is_empty() {
-            DEFAULT_BACKENDS.len()
+            DEFAULT_BACKENDS.len() - 1
+        } else if self.backends.iter().all(|spec| spec.addr.is_some()) {
+            self.backends.len() - 1
         } else {
-            self.backends.len()
+            usize::MAX
         }
     }
 
@@ -185,9 +252,7 @@ impl CommonArgs {
             backend_timeout: self.backend_timeout,
             client_timeout: self.client_timeout,
             tunnel_timeout: self.tunnel_timeout,
-            retries: self
-                .retries
-                .unwrap_or_else(|| self.backend_count().saturating_sub(1)),
+            retries: self.retries.unwrap_or_else(|| self.default_retries()),
             stats_interval: self.stats_interval,
             explain: self.explain,
             reuse_port: self.reuse_port,
@@ -441,13 +506,18 @@ pub fn parse_secret(text: &str) -> Result<Secret, String> {
     Ok(Secret::new(text))
 }
 
-/// One `--backend HOST:PORT[=WEIGHT]` flag, resolved at start-up.
+/// One `--backend HOST:PORT[=WEIGHT]` flag: a literal address, or a name resolved later (at
+/// start-up, by each reload and every `--resolve-interval`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendSpec {
     /// The address as the user wrote it, used in logs and statistics.
     pub name: String,
-    /// The resolved socket address.
-    pub addr: SocketAddr,
+    /// The socket address when the user wrote an IP address; `None` for a name.
+    pub addr: Option<SocketAddr>,
+    /// The host part: an IP address or a name.
+    pub host: String,
+    /// The port.
+    pub port: u16,
     /// Relative share of traffic for weighted algorithms; at least 1.
     pub weight: u32,
 }
@@ -462,7 +532,8 @@ pub struct AdminAddr(pub Option<SocketAddr>);
 /// use lb::cli::parse_backend_spec;
 ///
 /// let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
-/// assert_eq!((spec.addr.port(), spec.weight), (8001, 5));
+/// assert_eq!((spec.port, spec.weight), (8001, 5));
+/// assert_eq!(parse_backend_spec("app:8000").unwrap().addr, None, "a name, resolved later");
 /// assert!(parse_backend_spec("127.0.0.1:8001=0").is_err());
 /// ```
 pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
@@ -478,10 +549,28 @@ pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
         }
         None => (text, 1),
     };
-    let addr = parse_addr(address)?;
+    let not_an_address = || format!("'{address}' is not a HOST:PORT address");
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Ok(BackendSpec {
+            name: address.to_string(),
+            addr: Some(addr),
+            host: addr.ip().to_string(),
+            port: addr.port(),
+            weight,
+        });
+    }
+    let (host, port) = address.rsplit_once(':').ok_or_else(not_an_address)?;
+    let port: u16 = port.parse().map_err(|_| not_an_address())?;
+    // A name: letters, digits, `-`, `_` and dots (an IPv6 address goes in brackets).
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || "-._".contains(c);
+    if host.is_empty() || !host.chars().all(is_name_char) {
+        return Err(not_an_address());
+    }
     Ok(BackendSpec {
         name: address.to_string(),
-        addr,
+        addr: None,
+        host: host.to_string(),
+        port,
         weight,
     })
 }
@@ -605,20 +694,96 @@ pub fn parse_positive(text: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses the command line; on a bad flag prints clap's one-line error and returns exit code 2.
-/// `--help` and `--version` print as usual and return exit code 0.
+/// Parses the command line, with the settings of `--config FILE` under it; on a bad flag or a
+/// bad file prints a one-line error and returns exit code 2. `--help` and `--version` print as
+/// usual and return exit code 0.
 pub fn parse<A: Parser>() -> Result<A, ExitCode> {
-    A::try_parse().map_err(report)
+    let matches = matches_with_config(A::command(), std::env::args_os().collect())
+        .map_err(ParseFailure::report)?;
+    A::from_arg_matches(&matches).map_err(report)
 }
 
 /// Parses the command line like [`parse`], for a binary whose default backends carry
 /// `default_weights` (the weights it hands to [`CommonArgs::backends`]), so that its `--help`
 /// shows the default backends as the binary uses them.
 pub fn parse_with_default_weights<A: Parser>(default_weights: &[u32; 3]) -> Result<A, ExitCode> {
-    let matches = command_with_default_weights::<A>(default_weights)
-        .try_get_matches()
-        .map_err(report)?;
+    let command = command_with_default_weights::<A>(default_weights);
+    let matches = matches_with_config(command, std::env::args_os().collect())
+        .map_err(ParseFailure::report)?;
     A::from_arg_matches(&matches).map_err(report)
+}
+
+/// Why the command line and its configuration file could not be parsed.
+#[derive(Debug)]
+pub enum ParseFailure {
+    /// A bad flag, or `--help` / `--version` (which are not failures of the user's).
+    Flags(clap::Error),
+    /// The configuration file cannot be read or holds a bad setting: one line, naming the file
+    /// (and the line and column, when the problem is in a setting).
+    File(String),
+}
+
+impl ParseFailure {
+    /// Prints the failure as one line and returns exit code 2 (0 for help and version).
+    pub fn report(self) -> ExitCode {
+        match self {
+            ParseFailure::Flags(err) => report(err),
+            ParseFailure::File(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ParseFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseFailure::Flags(err) => {
+                let rendered = err.to_string();
+                let first = rendered.lines().next().unwrap_or("bad arguments");
+                f.write_str(first.strip_prefix("error: ").unwrap_or(first))
+            }
+            ParseFailure::File(message) => f.write_str(message),
+        }
+    }
+}
+
+impl From<clap::Error> for ParseFailure {
+    fn from(err: clap::Error) -> Self {
+        ParseFailure::Flags(err)
+    }
+}
+
+/// Clap's matches for `argv` with the settings of its `--config FILE` added for the flags the
+/// command line does not give (a flag, or its environment variable, wins over the file). A
+/// subcommand's command line takes no file.
+pub fn matches_with_config(
+    command: clap::Command,
+    argv: Vec<std::ffi::OsString>,
+) -> Result<ArgMatches, ParseFailure> {
+    let matches = command.clone().try_get_matches_from(&argv)?;
+    if matches.subcommand().is_some() {
+        return Ok(matches);
+    }
+    let Some(path) = matches.try_get_one::<PathBuf>("config").ok().flatten() else {
+        return Ok(matches);
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|err| ParseFailure::File(format!("{}: {err}", path.display())))?;
+    let given = |arg: &clap::Arg| {
+        matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let from_file =
+        crate::config::file_args(&command, path, &text, given).map_err(ParseFailure::File)?;
+    let mut all = argv;
+    let rest = all.split_off(1.min(all.len()));
+    all.extend(from_file);
+    all.extend(rest);
+    Ok(command.try_get_matches_from(all)?)
 }
 
 /// The clap command of `A` with the `--backend` help naming the default backends with
@@ -643,9 +808,61 @@ pub fn command_with_default_weights<A: Parser>(default_weights: &[u32; 3]) -> cl
 /// Parses the command line like [`parse`], and also returns clap's matches, so that a binary can
 /// ask which flags were given explicitly (see [`given`]).
 pub fn parse_with_matches<A: Parser>() -> Result<(A, ArgMatches), ExitCode> {
-    let matches = A::command().try_get_matches().map_err(report)?;
-    let args = A::from_arg_matches(&matches).map_err(report)?;
+    parse_again::<A>().map_err(ParseFailure::report)
+}
+
+/// The command line and its configuration file parsed again, as a reload does: the file may
+/// have changed since start-up.
+pub fn parse_again<A: Parser>() -> Result<(A, ArgMatches), ParseFailure> {
+    let matches = matches_with_config(A::command(), std::env::args_os().collect())?;
+    let args = A::from_arg_matches(&matches)?;
     Ok((args, matches))
+}
+
+/// The effective configuration `matches` holds, as a configuration file would say it: every
+/// setting with a value (defaults included), one a line, under its flag's name. A secret is not
+/// printed.
+pub fn effective_config(command: &clap::Command, matches: &ArgMatches) -> String {
+    let mut lines = Vec::new();
+    for arg in command.get_arguments() {
+        let (Some(long), id) = (arg.get_long(), arg.get_id().as_str()) else {
+            continue;
+        };
+        if matches!(
+            arg.get_action(),
+            clap::ArgAction::Help | clap::ArgAction::Version
+        ) || long == "config"
+        {
+            continue;
+        }
+        let Some(values) = matches.get_raw(id) else {
+            continue;
+        };
+        let values: Vec<String> = values.map(|v| v.to_string_lossy().into_owned()).collect();
+        // Numbers bare, the rest as TOML strings.
+        let quoted = |v: &String| match v.parse::<u64>() {
+            Ok(_) => v.clone(),
+            Err(_) => format!("{v:?}"),
+        };
+        let line = if arg.is_hide_env_values_set() {
+            format!("{long} = \"(hidden)\"")
+        } else if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            format!(
+                "{long} = {}",
+                values.first().map_or("false", String::as_str)
+            )
+        } else if matches!(arg.get_action(), clap::ArgAction::Append) {
+            let items: Vec<String> = values.iter().map(quoted).collect();
+            format!("{long} = [{}]", items.join(", "))
+        } else {
+            format!(
+                "{long} = {}",
+                values.first().map(quoted).unwrap_or_default()
+            )
+        };
+        lines.push(line);
+    }
+    lines.join("\n")
 }
 
 /// Whether the flag with clap id `id` was written on the command line (not just defaulted).
@@ -716,7 +933,7 @@ mod tests {
     #[test]
     fn backend_specs_take_an_optional_weight() {
         let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
-        assert_eq!(spec.addr, "127.0.0.1:8001".parse().unwrap());
+        assert_eq!(spec.addr, Some("127.0.0.1:8001".parse().unwrap()));
         assert_eq!(spec.weight, 5);
         assert_eq!(spec.name, "127.0.0.1:8001");
         assert_eq!(parse_backend_spec("127.0.0.1:8002").unwrap().weight, 1);

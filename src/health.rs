@@ -8,7 +8,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::plural;
@@ -136,7 +136,8 @@ pub struct Transition {
 /// lock is ever held across I/O.
 #[derive(Debug)]
 pub struct Health {
-    config: OnceLock<HealthConfig>,
+    /// Which checks judge the backend; a reload may change it.
+    config: arc_swap::ArcSwapOption<HealthConfig>,
     /// The origin of the millisecond timestamps below.
     born: Instant,
     /// The active checks' verdict; true when active checks are off. Backends start healthy, as
@@ -167,7 +168,7 @@ struct CheckCounts {
 impl Default for Health {
     fn default() -> Self {
         Health {
-            config: OnceLock::new(),
+            config: arc_swap::ArcSwapOption::empty(),
             born: Instant::now(),
             active_up: AtomicBool::new(true),
             passive_out: AtomicBool::new(false),
@@ -181,16 +182,29 @@ impl Default for Health {
 }
 
 impl Health {
-    /// Sets which checks judge this backend. Only the first call counts: the configuration is
-    /// fixed before the balancer starts serving.
+    /// Sets which checks judge this backend: before the balancer starts serving, and again when
+    /// a reload changes the health settings (a backend kept by the reload keeps its state).
     pub fn configure(&self, config: HealthConfig) {
-        let _ = self.config.set(config);
+        self.config.store(Some(Arc::new(config)));
+    }
+
+    /// For a backend a reload adds while active checks run: out of rotation until its first
+    /// passing check (one pass brings it in), so that no request meets a backend nobody has
+    /// seen answer yet.
+    pub fn hold_until_checked(&self) {
+        let Some(policy) = self.active_policy() else {
+            return;
+        };
+        let mut counts = self.counts();
+        counts.successes = policy.rise.saturating_sub(1);
+        self.active_up.store(false, Ordering::Release);
     }
 
     /// Which checks judge this backend.
     pub fn mode(&self) -> HealthMode {
         self.config
-            .get()
+            .load()
+            .as_deref()
             .map_or(HealthMode::None, HealthConfig::mode)
     }
 
@@ -428,12 +442,12 @@ impl Health {
         })
     }
 
-    fn active_policy(&self) -> Option<&ActivePolicy> {
-        self.config.get()?.active.as_ref()
+    fn active_policy(&self) -> Option<ActivePolicy> {
+        self.config.load().as_deref()?.active.clone()
     }
 
-    fn passive_policy(&self) -> Option<&PassivePolicy> {
-        self.config.get()?.passive.as_ref()
+    fn passive_policy(&self) -> Option<PassivePolicy> {
+        self.config.load().as_deref()?.passive.clone()
     }
 
     fn counts(&self) -> MutexGuard<'_, CheckCounts> {

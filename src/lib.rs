@@ -11,11 +11,13 @@
 //! | 1 | [`tls`], [`stream`] | HTTPS: certificates, the TLS listener's configuration, the client's stream |
 //! | 1 | [`balance`] (`RoundRobin`) | choosing a backend |
 //! | 1 | [`backend`], [`stats`] | the backends, their connection pools and counters |
+//! | 1 | [`dns`] | backends named by DNS: every address a backend, resolved again |
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
-//! | all | [`cli`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
+//! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
+//! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -65,16 +67,20 @@ pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod config;
 pub mod demo;
 pub mod descriptors;
+pub mod dns;
 pub mod error;
 pub mod health;
 pub mod http;
 pub mod plural;
 pub mod proxy;
+pub mod reload;
 pub mod report;
 pub mod server;
 pub mod settings;
+pub mod signals;
 pub mod simulate;
 pub mod startup;
 pub mod stats;

@@ -2,7 +2,8 @@
 //!
 //! Every phase binary builds its [`LoadBalancer`] (which algorithm, which health checks) and
 //! hands it to [`run`], which does what all phases share: bind the port, start demo backends
-//! when asked, log the statistics periodically, and shut down gracefully on SIGINT or SIGTERM.
+//! when asked, log the statistics periodically, reload on SIGHUP, and shut down gracefully on
+//! SIGINT or SIGTERM.
 
 use std::io;
 use std::net::SocketAddr;
@@ -16,32 +17,41 @@ use crate::cli::{AdminAddr, CommonArgs, TlsArgs};
 use crate::demo::{self, DemoBackend};
 use crate::descriptors::{self, Budget};
 use crate::error::StartError;
-use crate::health::ActiveChecker;
 use crate::proxy::LoadBalancer;
+use crate::reload::{Rebuild, Reloader};
 use crate::report;
 use crate::server::Server;
 use crate::settings::Settings;
+use crate::signals;
 use crate::stats::events::EventKind;
 use crate::tls;
 
 /// Serves clients with `lb` until Ctrl-C or SIGTERM, then logs the final statistics. `phase`
 /// is the binary's one line on which phase of the chapter it is, logged before the banner.
-pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
+/// SIGHUP and `POST /reload` build the balancer again with `rebuild` and apply it.
+pub fn run(
+    phase: &str,
+    lb: LoadBalancer,
+    args: &CommonArgs,
+    rebuild: Rebuild,
+) -> Result<(), StartError> {
     tune_allocator();
     args.check_listeners()?;
-    let mut settings = lb.settings().clone();
+    let mut settings = lb.startup_settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
-    let server = bind(&settings, &args.tls, args.demo)?;
+    let (server, certificates) = bind(&settings, &args.tls, args.demo)?;
     let _demo_backends = if args.demo {
         start_demo_backends(&lb)?
     } else {
         Vec::new()
     };
     let lb = Arc::new(lb);
-    stop_on_signal(&server, &lb)?;
+    let reloader = Arc::new(Reloader::new(rebuild, args.clone()).with_certificates(certificates));
+    reloader.install(&lb);
+    handle_signals(&server, &lb)?;
 
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
@@ -56,13 +66,16 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     log_banner(phase, &lb, &server);
     let (stop_stats, stats_stopped) = mpsc::channel::<()>();
     let stats_logger = start_housekeeping(Arc::clone(&lb), settings.stats_interval, stats_stopped);
-    let checker = start_active_checks(&lb)?;
+    reloader
+        .restart_checks(&lb.backends(), lb.health_config().active.as_ref())
+        .map_err(|err| StartError(format!("cannot start health checks: {err}")))?;
+    reloader
+        .watch_names(&lb)
+        .map_err(|err| StartError(format!("cannot start resolving names: {err}")))?;
 
     server.serve(Arc::clone(&lb));
 
-    if let Some(checker) = checker {
-        checker.stop();
-    }
+    reloader.stop_checks();
     drop(stop_stats);
     if let Some(admin) = admin {
         admin.stop();
@@ -77,7 +90,11 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
 
 /// Binds the listeners. Certificates are read before any port is bound: a bad file is the one
 /// line the user sees.
-fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartError> {
+fn bind(
+    settings: &Settings,
+    tls: &TlsArgs,
+    demo: bool,
+) -> Result<(Server, Option<Arc<tls::Certificates>>), StartError> {
     let tls = match tls.tls_listen {
         Some(addr) => Some((addr, tls_config(tls, demo, addr)?)),
         None => None,
@@ -86,29 +103,53 @@ fn bind(settings: &Settings, tls: &TlsArgs, demo: bool) -> Result<Server, StartE
         let listen = settings.listen.map(|a| a.to_string()).unwrap_or_default();
         StartError(format!("--listen {listen}: {err}"))
     })?;
-    if let Some((addr, config)) = tls {
+    let mut certificates = None;
+    if let Some((addr, (config, store))) = tls {
         server
             .add_tls_listener(addr, config, settings)
             .map_err(|err| StartError(format!("--tls-listen {addr}: {err}")))?;
+        certificates = Some(store);
     }
-    Ok(server)
+    Ok((server, certificates))
 }
 
-/// Makes Ctrl-C and SIGTERM begin a graceful shutdown of `server`.
-fn stop_on_signal(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartError> {
+/// SIGINT (Ctrl-C) and SIGTERM begin a graceful shutdown of `server`; SIGHUP reloads the
+/// configuration (and never exits); SIGUSR1 would reopen the access log, of which there is none
+/// yet, so it is only logged. Each is one line of the list below.
+fn handle_signals(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartError> {
     let on_signal = server
         .shutdown_handle()
         .map_err(|err| StartError(err.to_string()))?;
-    let signalled = Arc::clone(lb);
-    ctrlc::set_handler(move || {
+    let stopping = Arc::clone(lb);
+    let stop: signals::Action = Box::new(move || {
         let message = "shutting down: no new connections, letting requests in flight finish";
         log::info!("{message}");
-        signalled
+        stopping
             .stats()
             .push_event(EventKind::Stop, message.to_string());
         on_signal.shutdown();
-    })
-    .map_err(|err| StartError(format!("cannot handle Ctrl-C: {err}")))
+    });
+    let stop = Arc::new(stop);
+    let on_term = Arc::clone(&stop);
+    let reloading = Arc::clone(lb);
+    signals::start(vec![
+        (signals::SIGINT, Box::new(move || stop())),
+        (signals::SIGTERM, Box::new(move || on_term())),
+        (
+            signals::SIGHUP,
+            Box::new(move || {
+                log::info!("SIGHUP: reloading the configuration");
+                // The outcome is logged, counted and shown by the reload itself.
+                let _ = reloading.reload();
+            }),
+        ),
+        (
+            signals::SIGUSR1,
+            Box::new(|| log::info!("SIGUSR1: no access log to reopen; ignored")),
+        ),
+    ])
+    .map(drop)
+    .map_err(|err| StartError(format!("cannot handle signals: {err}")))
 }
 
 /// Logs which phase this is, then where the balancer listens and over which backends (also the
@@ -138,7 +179,7 @@ fn log_banner(phase: &str, lb: &LoadBalancer, server: &Server) {
     };
     let message = format!(
         "load balancer listening on {listen}{https}, {} over {} backend{}: {}",
-        lb.balancer().name(),
+        lb.snapshot().balancer().name(),
         backends.len(),
         if backends.len() == 1 { "" } else { "s" },
         backends.join(", ")
@@ -181,7 +222,7 @@ fn tls_config(
     args: &TlsArgs,
     demo: bool,
     addr: SocketAddr,
-) -> Result<Arc<rustls::ServerConfig>, StartError> {
+) -> Result<(Arc<rustls::ServerConfig>, Arc<tls::Certificates>), StartError> {
     if args.tls_cert.is_empty() && args.tls_key.is_empty() && demo {
         let path = std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()));
         let certificate = tls::self_signed(&path)?;
@@ -192,27 +233,9 @@ fn tls_config(
             path = path.display(),
             port = addr.port()
         );
-        return tls::server_config(vec![certificate]);
+        return tls::server_config_with_store(vec![certificate]);
     }
-    if args.tls_cert.is_empty() {
-        return Err(StartError(
-            "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),
-        ));
-    }
-    if args.tls_cert.len() != args.tls_key.len() {
-        return Err(StartError(format!(
-            "{} --tls-cert but {} --tls-key: give one key per certificate, in the same order",
-            args.tls_cert.len(),
-            args.tls_key.len()
-        )));
-    }
-    let certificates = args
-        .tls_cert
-        .iter()
-        .zip(&args.tls_key)
-        .map(|(cert, key)| tls::load(cert, key))
-        .collect::<Result<Vec<_>, _>>()?;
-    tls::server_config(certificates)
+    tls::server_config_with_store(tls::load_all(&args.tls_cert, &args.tls_key)?)
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`
@@ -296,16 +319,6 @@ fn start_demo_backends(lb: &LoadBalancer) -> Result<Vec<DemoBackend>, StartError
                 .map_err(|err| StartError(format!("--demo: {err}")))
         })
         .collect()
-}
-
-/// Starts the active health checker when the balancer's health configuration asks for it.
-fn start_active_checks(lb: &LoadBalancer) -> Result<Option<ActiveChecker>, StartError> {
-    let Some(policy) = &lb.health_config().active else {
-        return Ok(None);
-    };
-    ActiveChecker::start(lb.backends(), policy)
-        .map(Some)
-        .map_err(|err| StartError(format!("cannot start health checks: {err}")))
 }
 
 /// How often idle backend connections past their time are closed.

@@ -36,6 +36,54 @@ pub struct Stats {
     tunnels: Tunnels,
     tls: TlsCounters,
     events: EventLog,
+    reloads: Reloads,
+    /// Backend names that resolve to nothing now.
+    unresolved: std::sync::Mutex<Vec<String>>,
+}
+
+/// Reloads of the configuration: how many applied and refused, and the last one.
+#[derive(Debug, Default)]
+pub struct Reloads {
+    applied: AtomicU64,
+    refused: AtomicU64,
+    last: std::sync::Mutex<Option<LastReload>>,
+}
+
+/// The last reload: when, whether it was applied, and what changed (or why not).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastReload {
+    /// Wall-clock time, in Unix seconds.
+    pub unix_time: f64,
+    /// Whether it was applied (`false`: refused, the old configuration kept).
+    pub ok: bool,
+    /// What changed, or why nothing did.
+    pub message: String,
+}
+
+impl Reloads {
+    /// Records a reload's result.
+    pub fn record(&self, ok: bool, message: &str) {
+        let counter = if ok { &self.applied } else { &self.refused };
+        counter.fetch_add(1, Relaxed);
+        let unix_time = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastReload {
+            unix_time,
+            ok,
+            message: message.to_string(),
+        });
+    }
+
+    /// Reloads applied and refused so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.applied.load(Relaxed), self.refused.load(Relaxed))
+    }
+
+    /// The last reload, if any.
+    pub fn last(&self) -> Option<LastReload> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Default for Stats {
@@ -55,7 +103,27 @@ impl Stats {
             tls: TlsCounters::default(),
             active_connections: AtomicU64::new(0),
             events: EventLog::default(),
+            reloads: Reloads::default(),
+            unresolved: std::sync::Mutex::new(Vec::new()),
         }
+    }
+
+    /// Notes which backend names resolve to nothing now (the statistics page says so).
+    pub fn set_unresolved(&self, names: Vec<String>) {
+        *self.unresolved.lock().unwrap_or_else(|e| e.into_inner()) = names;
+    }
+
+    /// The backend names that resolved to nothing at the last try.
+    pub fn unresolved(&self) -> Vec<String> {
+        self.unresolved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Reloads of the configuration.
+    pub fn reloads(&self) -> &Reloads {
+        &self.reloads
     }
 
     /// Notes an event of the balancer as a whole (its start, its stop) for the statistics page,

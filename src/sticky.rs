@@ -117,6 +117,26 @@ impl SessionTable {
         format!("{}={id}; Path=/; HttpOnly; SameSite=Lax", self.cookie_name)
     }
 
+    /// Takes over the sessions of `old` (the table before a reload), each moved to its
+    /// backend's new position by `new_index`; a session whose backend is gone is forgotten, so
+    /// its next request is balanced anew (its session moves). The least recently used come
+    /// first, so the newest sessions are the ones kept if this table is smaller.
+    pub fn carry_over(&self, old: &SessionTable, new_index: impl Fn(usize) -> Option<usize>) {
+        let entries: Vec<(u128, Entry)> = {
+            let old = old.lock();
+            old.by_use
+                .values()
+                .filter_map(|id| Some((*id, *old.by_id.get(id)?)))
+                .collect()
+        };
+        let mut sessions = self.lock();
+        for (id, entry) in entries {
+            if let Some(backend) = new_index(entry.backend) {
+                sessions.insert(id, backend, entry.last_used, self.max_sessions);
+            }
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, Sessions> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -81,6 +81,28 @@ fn pem_error(err: pem::Error, what: &str) -> String {
     }
 }
 
+/// Each of `certs` with the key in the same position (`--tls-cert`, `--tls-key`), read and
+/// checked: at start-up, and again by a reload.
+pub fn load_all(certs: &[PathBuf], keys: &[PathBuf]) -> Result<Vec<Certificate>, StartError> {
+    if certs.is_empty() {
+        return Err(StartError(
+            "--tls-listen needs a certificate: --tls-cert FILE --tls-key FILE".to_string(),
+        ));
+    }
+    if certs.len() != keys.len() {
+        return Err(StartError(format!(
+            "{} --tls-cert but {} --tls-key: give one key per certificate, in the same order",
+            certs.len(),
+            keys.len()
+        )));
+    }
+    certs
+        .iter()
+        .zip(keys)
+        .map(|(cert, key)| load(cert, key))
+        .collect()
+}
+
 /// The crypto provider: `ring`, whatever else is compiled in.
 fn provider() -> CryptoProvider {
     rustls::crypto::ring::default_provider()
@@ -88,11 +110,22 @@ fn provider() -> CryptoProvider {
 
 /// The server configuration for `certificates` (at least one; the first is the default).
 pub fn server_config(certificates: Vec<Certificate>) -> Result<Arc<ServerConfig>, StartError> {
+    server_config_with_store(certificates).map(|(config, _)| config)
+}
+
+/// The server configuration for `certificates`, and the store that holds them, through which
+/// a reload replaces them: new handshakes get the new ones, open connections keep theirs.
+pub fn server_config_with_store(
+    certificates: Vec<Certificate>,
+) -> Result<(Arc<ServerConfig>, Arc<Certificates>), StartError> {
+    let store = Arc::new(Certificates::new(certificates));
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider()))
         .with_safe_default_protocol_versions()
         .map_err(|err| StartError(format!("TLS: {err}")))?
         .with_no_client_auth()
-        .with_cert_resolver(Arc::new(ByServerName::new(certificates)));
+        .with_cert_resolver(Arc::new(ByServerName {
+            keys: Arc::clone(&store),
+        }));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     // Resumption spares a returning client the key exchange and the certificate. Tickets (TLS 1.2
     // and 1.3) carry the session encrypted under a key that rotates every six hours, so they cost
@@ -101,7 +134,27 @@ pub fn server_config(certificates: Vec<Certificate>) -> Result<Arc<ServerConfig>
     config.ticketer =
         rustls::crypto::ring::Ticketer::new().map_err(|err| StartError(format!("TLS: {err}")))?;
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_IDS);
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), store))
+}
+
+/// The certificates the HTTPS listener shows, replaced as one by a reload. Each handshake reads
+/// the current list once (an `ArcSwap` load, a few nanoseconds).
+#[derive(Debug)]
+pub struct Certificates(arc_swap::ArcSwap<Vec<Arc<CertifiedKey>>>);
+
+impl Certificates {
+    fn new(certificates: Vec<Certificate>) -> Self {
+        Certificates(arc_swap::ArcSwap::from_pointee(keys_of(certificates)))
+    }
+
+    /// From the next handshake on, `certificates` are shown (the first is the default).
+    pub fn replace(&self, certificates: Vec<Certificate>) {
+        self.0.store(Arc::new(keys_of(certificates)));
+    }
+}
+
+fn keys_of(certificates: Vec<Certificate>) -> Vec<Arc<CertifiedKey>> {
+    certificates.into_iter().map(|c| c.key).collect()
 }
 
 /// TLS 1.2 sessions kept for resumption by id; the oldest go first.
@@ -111,16 +164,10 @@ const SESSION_IDS: usize = 4096;
 /// else the first certificate.
 #[derive(Debug)]
 struct ByServerName {
-    keys: Vec<Arc<CertifiedKey>>,
+    keys: Arc<Certificates>,
 }
 
 impl ByServerName {
-    fn new(certificates: Vec<Certificate>) -> Self {
-        ByServerName {
-            keys: certificates.into_iter().map(|c| c.key).collect(),
-        }
-    }
-
     /// Whether `key`'s end-entity certificate is valid for `name`.
     fn covers(key: &CertifiedKey, name: &ServerName<'_>) -> bool {
         let Some(der) = key.cert.first() else {
@@ -134,19 +181,20 @@ impl ByServerName {
 
 impl ResolvesServerCert for ByServerName {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let keys = self.keys.0.load();
         // With one certificate there is nothing to choose, and no certificate to parse per
         // handshake.
-        if self.keys.len() > 1 {
+        if keys.len() > 1 {
             if let Some(name) = hello
                 .server_name()
                 .and_then(|name| ServerName::try_from(name).ok())
             {
-                if let Some(key) = self.keys.iter().find(|key| Self::covers(key, &name)) {
+                if let Some(key) = keys.iter().find(|key| Self::covers(key, &name)) {
                     return Some(Arc::clone(key));
                 }
             }
         }
-        self.keys.first().cloned()
+        keys.first().cloned()
     }
 }
 

@@ -16,6 +16,7 @@ use lb::balance::Algorithm;
 use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs, StickyArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
+use lb::reload;
 use lb::simulate::{self, SimulateArgs};
 
 /// The phases this binary is: the first line of `--help` and of the start-up log.
@@ -70,6 +71,12 @@ enum Command {
     /// Send synthetic clients' requests through every algorithm offline (no network) and print
     /// a table comparing them.
     Simulate(SimulateArgs),
+    /// Check a configuration file (as `nginx -t` does) and print the effective configuration:
+    /// every setting, defaults included. Exit 0 when it is valid, 2 with FILE:LINE:COLUMN when not.
+    CheckConfig {
+        /// The TOML file to check.
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -86,6 +93,7 @@ fn main() -> ExitCode {
             println!("{}", simulate::simulate(&args));
             ExitCode::SUCCESS
         }
+        Some(Command::CheckConfig { file }) => check_config(&file),
         None => {
             cli::init_logging(cli.common.verbose);
             cli::exit_code(run(cli))
@@ -132,8 +140,62 @@ fn check_combinations(cli: &Cli, matches: &ArgMatches) -> Result<(), String> {
     Ok(())
 }
 
+/// `check-config FILE`: the file read as `--config FILE` would be, every check of a start-up
+/// made short of binding a port, and the effective configuration printed.
+fn check_config(file: &std::path::Path) -> ExitCode {
+    let argv = vec![
+        "loadbalancer".into(),
+        "--config".into(),
+        file.as_os_str().to_owned(),
+    ];
+    let command = <Cli as clap::CommandFactory>::command();
+    let checked = cli::matches_with_config(command.clone(), argv)
+        .map_err(|err| err.to_string())
+        .and_then(|matches| {
+            let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+                .map_err(|err| err.to_string())?;
+            check_combinations(&cli, &matches)?;
+            cli.common
+                .check_listeners()
+                .map_err(|err| err.to_string())?;
+            build(&cli).map_err(|err| err.to_string())?;
+            for name in cli.common.unresolved() {
+                eprintln!("warning: backend {name} does not resolve now; it would be left out until it does");
+            }
+            Ok(matches)
+        });
+    match checked {
+        Ok(matches) => {
+            println!(
+                "# {}: the configuration is valid; in effect, defaults included:",
+                file.display()
+            );
+            println!("{}", cli::effective_config(&command, &matches));
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("error: {why}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 /// Builds the load balancer the flags describe and serves until Ctrl-C.
 fn run(cli: Cli) -> Result<(), StartError> {
+    let lb = build(&cli)?;
+    // SIGHUP and POST /reload read the flags and the configuration file again, with the checks
+    // of a start-up.
+    let rebuild: reload::Rebuild = Box::new(|| {
+        let (cli, matches) = cli::parse_again::<Cli>().map_err(|err| err.to_string())?;
+        check_combinations(&cli, &matches)?;
+        let lb = build(&cli).map_err(|err| err.to_string())?;
+        Ok((lb, cli.common))
+    });
+    lb::startup::run(PHASE, lb, &cli.common, rebuild)
+}
+
+/// The load balancer the flags (and the configuration file under them) describe.
+fn build(cli: &Cli) -> Result<LoadBalancer, StartError> {
     let backends = cli.common.backends(&[1, 1, 1]);
     let balancer = cli.algorithm.balancer(&backends);
     let signed = cli.sticky.session.signed_cookies(&backends)?;
@@ -144,7 +206,7 @@ fn run(cli: Cli) -> Result<(), StartError> {
     } else if let Some(sessions) = cli.sticky.session_table() {
         lb = lb.with_sessions(sessions);
     }
-    lb::startup::run(PHASE, lb, &cli.common)
+    Ok(lb)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::backend::Backend;
@@ -15,11 +16,14 @@ use super::checks::check_request;
 use super::outcome::{Failure, Flow, TryError};
 use super::request::{Attempt, OutgoingRequest};
 use super::session::Session;
-use super::{ConnectionState, LoadBalancer};
+use super::{BackendSet, ConnectionState, LoadBalancer};
 
 /// One client connection: its socket, who it is, and the state its requests share.
 pub struct ClientConnection<'a> {
     pub(super) lb: &'a LoadBalancer,
+    /// The backend set of the current request: read once per request, so that a reload
+    /// reaches keep-alive connections at their next request and never one request halfway.
+    pub(super) set: Arc<BackendSet>,
     pub(super) client: BufferedStream<ClientStream>,
     pub(super) client_ip: IpAddr,
     /// The client's address as text, written once per connection rather than per request.
@@ -44,6 +48,7 @@ impl<'a> ClientConnection<'a> {
         shutdown: &'a AtomicBool,
     ) -> Self {
         ClientConnection {
+            set: lb.snapshot(),
             lb,
             scheme: if stream.is_tls() { "https" } else { "http" },
             // The buffer is taken when the first bytes arrive (see `serve`).
@@ -64,13 +69,13 @@ impl<'a> ClientConnection<'a> {
         let mut first_owed = self.shutdown.load(Ordering::SeqCst);
         while std::mem::take(&mut first_owed) || self.idle_unless_shutting_down() {
             // The whole head must arrive within the client timeout of this moment.
-            let timeout = self.lb.settings.client_timeout;
+            let timeout = self.set.settings.client_timeout;
             let deadline = Instant::now() + timeout;
             if !self.next_request_begins() {
                 break;
             }
             let head = http::read_request_head_until(&mut self.client, deadline, timeout, MAX_HEAD);
-            self.state.idle.store(false, Ordering::SeqCst);
+            self.busy();
             let flow = match head {
                 Ok(Some(head)) => self.handle(head),
                 Ok(None) => Flow::Close,
@@ -80,6 +85,13 @@ impl<'a> ClientConnection<'a> {
                 break;
             }
         }
+    }
+
+    /// From here the connection is busy (shutdown waits for its answer), and it takes up the
+    /// backend set of the latest reload.
+    fn busy(&mut self) {
+        self.state.idle.store(false, Ordering::SeqCst);
+        self.lb.refresh(&mut self.set);
     }
 
     /// Whether the client's next request begins: between requests the connection holds no read
@@ -178,7 +190,7 @@ impl<'a> ClientConnection<'a> {
 
     /// The HTTPS port a plain-HTTP request is redirected to (`--redirect-https`), if any.
     fn redirect_port(&self) -> Option<u16> {
-        let port = self.lb.settings.redirect_https;
+        let port = self.set.settings.redirect_https;
         port.filter(|_| self.scheme == "http")
     }
 
@@ -248,9 +260,10 @@ impl<'a> ClientConnection<'a> {
         let mut id_text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let request_id = request_id(head, &mut id_text);
         let (prefix, rest) = self.take_body_prefix(body);
-        let session = self.lb.sticky.as_ref().map(|s| Session::of(s, head));
+        let set = Arc::clone(&self.set);
+        let session = set.sticky.as_ref().map(|sticky| Session::of(sticky, head));
         let mut tries = Tries::default();
-        while let Some(attempt) = self.next_attempt(head, session.as_ref(), &mut tries) {
+        while let Some(attempt) = self.next_attempt(&set, head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest::new(head, body, (&prefix, rest), request_id, &attempt);
@@ -259,7 +272,7 @@ impl<'a> ClientConnection<'a> {
                 Err(err) => self.may_retry(err, &request, backend, &mut tries)?,
             }
         }
-        Err(tries.failed.unwrap_or_else(|| self.no_backend()))
+        Err(tries.failed.unwrap_or_else(|| no_backend(&set)))
     }
 
     /// After a `101 Switching Protocols`, the connection is a tunnel to the backend until
@@ -271,13 +284,6 @@ impl<'a> ClientConnection<'a> {
         };
         self.tunnel(backend, upstream);
         Flow::Close
-    }
-
-    /// No backend was left to try: a 503 that says when to come back.
-    fn no_backend(&self) -> Failure {
-        Failure::Answer(ProxyError::NoBackend {
-            retry_after: self.lb.retry_after(),
-        })
     }
 
     /// Refuses what must not be forwarded (`checks.rs`), and says how the body is framed.
@@ -293,15 +299,16 @@ impl<'a> ClientConnection<'a> {
 
     /// The next backend to try and what the try adds to the request, or `None` once the
     /// retries are used up or no backend is left.
-    fn next_attempt(
+    fn next_attempt<'s>(
         &self,
+        set: &'s BackendSet,
         head: &RequestHead,
         session: Option<&Session>,
         tries: &mut Tries,
-    ) -> Option<Attempt<'a>> {
-        while tries.count <= self.lb.settings.retries {
+    ) -> Option<Attempt<'s>> {
+        while tries.count <= set.settings.retries {
             let pick = self.choose(&tries.tried, session)?;
-            let attempt = self.attempt_on(&pick, session, &tries.tried);
+            let attempt = self.attempt_on(set, &pick, session, &tries.tried);
             tries.tried.push(pick.index);
             // Another request may have taken this backend's one trial after its fail-timeout.
             if attempt.backend.health().admit() {
@@ -315,14 +322,14 @@ impl<'a> ClientConnection<'a> {
     /// A try on the picked backend, and what it adds to the request: the `X-Lb-Decision` line
     /// with `--explain` (else nothing), and a new sticky session's cookie, the session
     /// following the chosen backend (phase 4).
-    fn attempt_on(
+    fn attempt_on<'s>(
         &self,
+        set: &'s BackendSet,
         pick: &balance::Pick,
         session: Option<&Session>,
         tried: &[usize],
-    ) -> Attempt<'a> {
-        let lb: &'a LoadBalancer = self.lb;
-        let decision = if lb.settings.explain {
+    ) -> Attempt<'s> {
+        let decision = if set.settings.explain {
             self.explain(pick, session, tried)
         } else {
             String::new()
@@ -331,7 +338,7 @@ impl<'a> ClientConnection<'a> {
             session.follow(pick.index);
         }
         Attempt {
-            backend: &lb.backends[pick.index],
+            backend: &set.backends[pick.index],
             decision,
             set_cookie: session.and_then(|s| s.set_cookie(pick.index)),
         }
@@ -411,22 +418,22 @@ impl<'a> ClientConnection<'a> {
     /// Chooses among the backends available and not yet tried: the session's own, when it is
     /// one of them, else the balancer's pick.
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
-        let backends = &self.lb.backends;
+        let backends = &self.set.backends;
         let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
         if let Some(pick) = session.and_then(|s| s.choice(&is_candidate)) {
             return Some(pick);
         }
         let request = balance::Request {
             client_ip: self.client_ip,
-            explain: self.lb.settings.explain,
+            explain: self.set.settings.explain,
         };
-        self.lb.balancer.pick(backends, &request, &is_candidate)
+        self.set.balancer.pick(backends, &request, &is_candidate)
     }
 
     /// The `X-Lb-Decision` line: the sticky verdict, the algorithm's reason, the backends left
     /// out as unavailable and those already tried for this request, then the choice.
     fn explain(&self, pick: &balance::Pick, session: Option<&Session>, tried: &[usize]) -> String {
-        let backends = &self.lb.backends;
+        let backends = &self.set.backends;
         let name = |i: usize| backends[i].name();
         let mut parts = Vec::new();
         if let Some(session) = session {
@@ -453,6 +460,13 @@ impl<'a> ClientConnection<'a> {
 }
 
 /// The tries of one request so far.
+/// No backend was left to try: a 503 that says when to come back.
+fn no_backend(set: &BackendSet) -> Failure {
+    Failure::Answer(ProxyError::NoBackend {
+        retry_after: set.retry_after(),
+    })
+}
+
 #[derive(Default)]
 struct Tries {
     /// The backends already chosen, by index; a retry goes elsewhere.

@@ -109,7 +109,7 @@ impl ClientConnection<'_> {
 
     /// Opens a connection, or takes one from the pool when `may_reuse`.
     fn connect(&self, backend: &Backend, may_reuse: bool) -> std::io::Result<Connection> {
-        let settings = &self.lb.settings;
+        let settings = &self.set.settings;
         if may_reuse {
             return backend.connection(settings.connect_timeout, settings.backend_timeout);
         }
@@ -132,13 +132,13 @@ impl ClientConnection<'_> {
             "no file descriptor for a connection to {}: waiting",
             backend.name()
         );
-        let deadline = Instant::now() + self.lb.settings.connect_timeout;
+        let deadline = Instant::now() + self.set.settings.connect_timeout;
         // Its place in the queue for a connection to this backend, kept from one try to the next.
         let place = may_reuse.then(|| backend.queue_for_connection());
         loop {
             // A descriptor comes back when an idle connection this request cannot use is
             // closed, or when a client closes.
-            let _freed = self.lb.backends.iter().any(|other| {
+            let _freed = self.set.backends.iter().any(|other| {
                 (!may_reuse || !std::ptr::eq(&**other, backend)) && other.close_one_idle()
             });
             match self.connect(backend, false) {
@@ -214,7 +214,7 @@ impl ClientConnection<'_> {
     fn observe(&self, backend: &Backend, ok: Option<bool>) {
         let Some(ok) = ok else { return };
         if let Some(change) = backend.health().observe_request(ok) {
-            report_health(&self.lb.backends, backend, &change);
+            report_health(&self.set.backends, backend, &change);
         }
     }
 
@@ -370,7 +370,7 @@ impl ClientConnection<'_> {
     /// session's cookie, as a field of its own so that the backend's own Set-Cookie fields
     /// (already copied) all reach the client too (RFC 6265 §3: one cookie per field).
     fn push_balancer_fields(&self, out: &mut Vec<u8>, request: &OutgoingRequest) {
-        if self.lb.settings.explain {
+        if self.set.settings.explain {
             http::push_header(out, "X-Lb-Decision", request.reason.as_bytes());
         }
         if let Some(cookie) = request.set_cookie {

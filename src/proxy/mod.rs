@@ -39,7 +39,9 @@ mod tunnel;
 pub use connection::ClientConnection;
 
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use crate::backend::Backend;
@@ -60,57 +62,54 @@ const SPARE_BUFFERS: usize = 256;
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
+///
+/// What a reload may change (the backends, the algorithm, sessions, timeouts) is one
+/// [`BackendSet`], swapped whole: each request reads the current set once and uses it to the
+/// end, so it never sees half a reload. Statistics and buffers live on across reloads.
 pub struct LoadBalancer {
-    backends: Vec<Arc<Backend>>,
-    balancer: Box<dyn Balancer>,
-    stats: Stats,
-    settings: Settings,
+    current: ArcSwap<BackendSet>,
+    stats: Arc<Stats>,
     buffers: BufferPool,
-    health: HealthConfig,
-    sticky: Option<Sticky>,
+    /// The settings at start-up: what a reload cannot change (addresses, thread limits) is
+    /// read from here. (Named so that code reading `lb.settings` for a request fails to
+    /// compile: a request reads its [`BackendSet`]'s.)
+    startup_settings: Settings,
+    reload: OnceLock<Box<ReloadFn>>,
 }
 
-impl LoadBalancer {
-    /// A balancer over `backends` that chooses with `balancer`.
-    pub fn new(backends: Vec<Backend>, balancer: Box<dyn Balancer>, settings: Settings) -> Self {
-        LoadBalancer {
-            backends: backends.into_iter().map(Arc::new).collect(),
-            balancer,
-            stats: Stats::new(),
-            buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
-            settings,
-            health: HealthConfig::default(),
-            sticky: None,
-        }
+/// What `SIGHUP` and `POST /reload` call: reads the configuration again and applies it, or
+/// says why not.
+pub type ReloadFn = dyn Fn() -> Result<String, String> + Send + Sync;
+
+/// The backends and everything that goes with them, as one reload leaves them: a request reads
+/// the current set once (see [`LoadBalancer::snapshot`]) and uses it to the end.
+pub struct BackendSet {
+    pub(crate) backends: Vec<Arc<Backend>>,
+    pub(crate) balancer: Box<dyn Balancer>,
+    pub(crate) settings: Settings,
+    pub(crate) health: HealthConfig,
+    pub(crate) sticky: Option<Sticky>,
+}
+
+impl BackendSet {
+    /// The backends, in the order they were given.
+    pub fn backends(&self) -> &[Arc<Backend>] {
+        &self.backends
     }
 
-    /// Turns on the health checks of `config` for every backend (phase 3). Without it, every
-    /// backend is always considered healthy. Call it before the balancer starts serving.
-    pub fn with_health(mut self, config: HealthConfig) -> Self {
-        for backend in &self.backends {
-            backend.health().configure(config.clone());
-        }
-        self.health = config;
-        self
+    /// The balancing algorithm.
+    pub fn balancer(&self) -> &dyn Balancer {
+        self.balancer.as_ref()
+    }
+
+    /// The settings the proxy reads per request (timeouts, retries, `--explain`).
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Which health checks run, and how.
     pub fn health_config(&self) -> &HealthConfig {
         &self.health
-    }
-
-    /// The same balancer with sticky sessions: a client that sends back its session cookie
-    /// goes to its session's backend while that backend is available.
-    pub fn with_sessions(mut self, sessions: SessionTable) -> Self {
-        self.sticky = Some(Sticky::Table(sessions));
-        self
-    }
-
-    /// The same balancer with sticky sessions kept in signed cookies instead of a table
-    /// (`--sticky-secret`): every balancer with the same secret and backends honours them.
-    pub fn with_signed_sessions(mut self, cookies: SignedCookies) -> Self {
-        self.sticky = Some(Sticky::Signed(cookies));
-        self
     }
 
     /// How sticky sessions are kept, when they are on.
@@ -126,34 +125,11 @@ impl LoadBalancer {
         }
     }
 
-    /// The backends, in the order they were given.
-    pub fn backends(&self) -> &[Arc<Backend>] {
-        &self.backends
-    }
-
-    /// The balancing algorithm.
-    pub fn balancer(&self) -> &dyn Balancer {
-        self.balancer.as_ref()
-    }
-
-    /// The balancer's counters.
-    pub fn stats(&self) -> &Stats {
-        &self.stats
-    }
-
-    /// The run-time settings.
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
-    /// Closes one idle pooled connection per backend, giving descriptors back to clients (the
-    /// budget keeps them for clients first); false when no connection was idle.
-    pub fn give_back_descriptors(&self) -> bool {
-        let mut closed = false;
-        for backend in &self.backends {
-            closed |= backend.close_one_idle();
-        }
-        closed
+    /// The same set with `backends` in place of its own (a reload's kept backends, which the
+    /// balancer and sessions built for the new list by address treat as their own).
+    pub fn with_backends(mut self, backends: Vec<Arc<Backend>>) -> Self {
+        self.backends = backends;
+        self
     }
 
     /// How long until some backend could take requests again: the `Retry-After` of a 503.
@@ -164,6 +140,150 @@ impl LoadBalancer {
             .min()
             .unwrap_or(Duration::from_secs(1))
     }
+}
+
+impl LoadBalancer {
+    /// A balancer over `backends` that chooses with `balancer`.
+    pub fn new(backends: Vec<Backend>, balancer: Box<dyn Balancer>, settings: Settings) -> Self {
+        LoadBalancer {
+            current: ArcSwap::from_pointee(BackendSet {
+                backends: backends.into_iter().map(Arc::new).collect(),
+                balancer,
+                settings: settings.clone(),
+                health: HealthConfig::default(),
+                sticky: None,
+            }),
+            stats: Arc::new(Stats::new()),
+            buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
+            startup_settings: settings,
+            reload: OnceLock::new(),
+        }
+    }
+
+    /// Turns on the health checks of `config` for every backend (phase 3). Without it, every
+    /// backend is always considered healthy. Call it before the balancer starts serving.
+    pub fn with_health(self, config: HealthConfig) -> Self {
+        self.edit(|set| {
+            for backend in &set.backends {
+                backend.health().configure(config.clone());
+            }
+            set.health = config;
+        })
+    }
+
+    /// The same balancer with sticky sessions: a client that sends back its session cookie
+    /// goes to its session's backend while that backend is available.
+    pub fn with_sessions(self, sessions: SessionTable) -> Self {
+        self.edit(|set| set.sticky = Some(Sticky::Table(sessions)))
+    }
+
+    /// The same balancer with sticky sessions kept in signed cookies instead of a table
+    /// (`--sticky-secret`): every balancer with the same secret and backends honours them.
+    pub fn with_signed_sessions(self, cookies: SignedCookies) -> Self {
+        self.edit(|set| set.sticky = Some(Sticky::Signed(cookies)))
+    }
+
+    /// Changes the backend set while building, before anyone else holds it.
+    fn edit(self, change: impl FnOnce(&mut BackendSet)) -> Self {
+        let LoadBalancer {
+            current,
+            stats,
+            buffers,
+            startup_settings,
+            reload,
+        } = self;
+        let mut set = unshared(current);
+        change(&mut set);
+        LoadBalancer {
+            current: ArcSwap::from_pointee(set),
+            stats,
+            buffers,
+            startup_settings,
+            reload,
+        }
+    }
+
+    /// The backend set this balancer was built with, for a reload to apply to the running one.
+    pub fn into_set(self) -> BackendSet {
+        unshared(self.current)
+    }
+
+    /// The current backend set: read it once per request and use it to the end.
+    pub fn snapshot(&self) -> Arc<BackendSet> {
+        self.current.load_full()
+    }
+
+    /// Brings a connection's `set` up to date with the current one, at the start of a request.
+    /// While nothing was reloaded this only compares two pointers (an `ArcSwap` load, no write
+    /// to the set's shared reference count, which every client thread would contend for).
+    pub fn refresh(&self, set: &mut Arc<BackendSet>) {
+        let current = self.current.load();
+        if !Arc::ptr_eq(set, &current) {
+            *set = arc_swap::Guard::into_inner(current);
+        }
+    }
+
+    /// Makes `set` the current backend set, as one step: requests already running keep the set
+    /// they read (and the backends in it: a removed backend lives on while they hold it).
+    pub fn replace(&self, set: BackendSet) -> Arc<BackendSet> {
+        self.current.swap(Arc::new(set))
+    }
+
+    /// Which health checks run, and how (the current set's).
+    pub fn health_config(&self) -> HealthConfig {
+        self.snapshot().health.clone()
+    }
+
+    /// The backends of the current set, in the order they were given.
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        self.snapshot().backends.clone()
+    }
+
+    /// The balancer's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The balancer's counters, for a thread that outlives a borrow of the balancer.
+    pub fn stats_handle(&self) -> Arc<Stats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The settings at start-up (where to listen, how many clients): a request reads the
+    /// current ones from its [`BackendSet`].
+    pub fn startup_settings(&self) -> &Settings {
+        &self.startup_settings
+    }
+
+    /// Sets what a reload does (start-up sets it, once).
+    pub fn set_reload(&self, reload: Box<ReloadFn>) {
+        let _ = self.reload.set(reload);
+    }
+
+    /// Reads the configuration again and applies it: `Ok` with what changed, or `Err` with
+    /// why nothing did. Without a way to reload (a balancer built by a test), an error.
+    pub fn reload(&self) -> Result<String, String> {
+        match self.reload.get() {
+            Some(reload) => reload(),
+            None => Err("this balancer cannot reload".to_string()),
+        }
+    }
+
+    /// Closes one idle pooled connection per backend, giving descriptors back to clients (the
+    /// budget keeps them for clients first); false when no connection was idle.
+    pub fn give_back_descriptors(&self) -> bool {
+        let mut closed = false;
+        for backend in &self.snapshot().backends {
+            closed |= backend.close_one_idle();
+        }
+        closed
+    }
+}
+
+/// The set of a balancer still being built, which no request has read.
+fn unshared(current: ArcSwap<BackendSet>) -> BackendSet {
+    Arc::try_unwrap(current.into_inner())
+        .unwrap_or_else(|_| panic!("a balancer being built shares its backend set with no one"))
 }
 
 /// Flags a client connection shares with the server, which reads them to shut down gracefully.

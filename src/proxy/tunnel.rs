@@ -51,7 +51,7 @@ impl ClientConnection<'_> {
         let _to_backend = backend.stats().tunnels().open();
         let opened = Instant::now();
         log::debug!("{}: tunnel to {} open", self.client_ip, backend.name());
-        let idle_limit = self.lb.settings().tunnel_timeout;
+        let idle_limit = self.set.settings.tunnel_timeout;
         let carried = match self.client.get_mut() {
             ClientStream::Plain(client) => run(client, &upstream, idle_limit, self.shutdown),
             ClientStream::Tls(tls) => {

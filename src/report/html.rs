@@ -40,6 +40,24 @@ impl Snapshot {
                 (None, None) => String::new(),
             }
         );
+        if !self.unresolved.is_empty() {
+            let _ = writeln!(
+                page,
+                "<p class=\"summary\">waiting for DNS: {} resolve to no address yet; \
+                 requests they would take get 503 until they do</p>",
+                escape_html(&self.unresolved.join(", "))
+            );
+        }
+        if let Some(last) = &self.last_reload {
+            let _ = writeln!(
+                page,
+                "<p class=\"summary\">last reload: {} ({} applied, {} refused): {}</p>",
+                if last.ok { "applied" } else { "refused" },
+                self.reloads.0,
+                self.reloads.1,
+                escape_html(&last.message)
+            );
+        }
         self.html_table(&mut page);
         self.html_charts(&mut page);
         self.html_events(&mut page);

@@ -34,6 +34,13 @@ impl Snapshot {
                     .collect::<serde_json::Map<_, _>>(),
             },
             "algorithm": self.algorithm,
+            "unresolved": self.unresolved,
+            "config_reloads": { "ok": self.reloads.0, "error": self.reloads.1 },
+            "last_reload": self.last_reload.as_ref().map(|last| json!({
+                "time": round3(last.unix_time),
+                "result": if last.ok { "ok" } else { "error" },
+                "message": last.message,
+            })),
             "backends": backends,
             "history": self.history_json(),
             "events": self.events_json(),

@@ -60,6 +60,12 @@ pub struct Snapshot {
     pub sessions: Option<(usize, usize)>,
     /// How sticky sessions are kept: `"table"`, `"signed"` (cookies, no table), or none.
     pub sticky: Option<&'static str>,
+    /// Backend names that resolve to nothing now (their backends are missing).
+    pub unresolved: Vec<String>,
+    /// Reloads of the configuration applied and refused so far.
+    pub reloads: (u64, u64),
+    /// The last reload, if any: when, whether applied, what changed or why not.
+    pub last_reload: Option<crate::stats::LastReload>,
     /// One entry per backend, in the order they were given.
     pub backends: Vec<BackendSnapshot>,
     /// The wall-clock time at the start of the newest second of every backend's `history`.
@@ -143,7 +149,8 @@ impl Snapshot {
         let stats = lb.stats();
         let now = history::current_second();
         let mut events = stats.events();
-        let backends = lb
+        let set = lb.snapshot();
+        let backends = set
             .backends()
             .iter()
             .map(|backend| {
@@ -154,7 +161,7 @@ impl Snapshot {
             })
             .collect();
         Snapshot {
-            algorithm: lb.balancer().name(),
+            algorithm: set.balancer().name(),
             uptime_seconds: stats.uptime().as_secs_f64(),
             total_requests: stats.total_requests(),
             requests_per_second: stats.requests_per_second(),
@@ -164,11 +171,14 @@ impl Snapshot {
             tunnels_total: stats.tunnels().total(),
             tls_handshakes: stats.tls().by_version(),
             tls_handshake_failures: stats.tls().failures(),
-            sessions: lb.sessions().map(|s| (s.len(), s.max_sessions())),
-            sticky: lb.sticky().map(|sticky| match sticky {
+            sessions: set.sessions().map(|s| (s.len(), s.max_sessions())),
+            sticky: set.sticky().map(|sticky| match sticky {
                 Sticky::Table(_) => "table",
                 Sticky::Signed(_) => "signed",
             }),
+            unresolved: stats.unresolved(),
+            reloads: stats.reloads().counts(),
+            last_reload: stats.reloads().last(),
             backends,
             history_last: history::wall_time(now as i64),
             events: newest_events(events, stats.started()),
@@ -333,6 +343,13 @@ mod tests {
             tls_handshake_failures: 2,
             sessions: Some((3, 100)),
             sticky: Some("table"),
+            unresolved: vec!["app:8000".to_string()],
+            reloads: (1, 1),
+            last_reload: Some(crate::stats::LastReload {
+                unix_time: 1_796_080_000.0,
+                ok: false,
+                message: "lb.toml:3:1: unknown key 'x'".to_string(),
+            }),
             backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],
             history_last: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_080_000),
             events: vec![EventSnapshot {

@@ -15,8 +15,40 @@ impl Snapshot {
         self.backend_metrics(&mut out);
         self.tunnel_metrics(&mut out);
         self.tls_metrics(&mut out);
+        self.reload_metrics(&mut out);
         self.latency_histogram(&mut out);
         out
+    }
+
+    /// `lb_config_reloads_total` by result, and when the last one was and whether it applied.
+    fn reload_metrics(&self, out: &mut String) {
+        let name = "lb_config_reloads_total";
+        metric_header(
+            out,
+            name,
+            "counter",
+            "Reloads of the configuration (SIGHUP, POST /reload, names resolving anew), by result.",
+        );
+        let _ = writeln!(out, "{name}{{result=\"ok\"}} {}", self.reloads.0);
+        let _ = writeln!(out, "{name}{{result=\"error\"}} {}", self.reloads.1);
+        if let Some(last) = &self.last_reload {
+            let name = "lb_config_last_reload_timestamp_seconds";
+            metric_header(
+                out,
+                name,
+                "gauge",
+                "When the last reload was, in Unix seconds.",
+            );
+            let _ = writeln!(out, "{name} {:.3}", last.unix_time);
+            let name = "lb_config_last_reload_successful";
+            metric_header(
+                out,
+                name,
+                "gauge",
+                "1 when the last reload applied, 0 when refused.",
+            );
+            let _ = writeln!(out, "{name} {}", u8::from(last.ok));
+        }
     }
 
     /// The balancer-wide series, without labels.

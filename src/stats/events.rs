@@ -28,6 +28,8 @@ pub enum EventKind {
     Ejected,
     /// A trial request after the fail-timeout failed, so the backend stays out.
     Trial,
+    /// The configuration was read again: applied, or refused with the old one kept.
+    Reload,
 }
 
 impl EventKind {
@@ -36,7 +38,7 @@ impl EventKind {
         match self {
             EventKind::Down | EventKind::Ejected | EventKind::Trial => Some(true),
             EventKind::Up => Some(false),
-            EventKind::Start | EventKind::Stop => None,
+            EventKind::Start | EventKind::Stop | EventKind::Reload => None,
         }
     }
 }
@@ -50,6 +52,7 @@ impl fmt::Display for EventKind {
             EventKind::Up => "up",
             EventKind::Ejected => "ejected",
             EventKind::Trial => "trial",
+            EventKind::Reload => "reload",
         })
     }
 }
