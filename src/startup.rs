@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -36,6 +37,9 @@ pub fn run(
     rebuild: Rebuild,
 ) -> Result<(), StartError> {
     tune_allocator();
+    let _demo_certificate = DemoCertificateFile(
+        (args.demo && args.tls.tls_cert.is_empty()).then(demo_certificate_path),
+    );
     args.check_listeners()?;
     let mut settings = lb.startup_settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
@@ -224,7 +228,7 @@ fn tls_config(
     addr: SocketAddr,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<tls::Certificates>), StartError> {
     if args.tls_cert.is_empty() && args.tls_key.is_empty() && demo {
-        let path = std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()));
+        let path = demo_certificate_path();
         let certificate = tls::self_signed(&path)?;
         log::info!(
             "--demo: a self-signed certificate for localhost and 127.0.0.1 is in {path}; \
@@ -236,6 +240,23 @@ fn tls_config(
         return tls::server_config_with_store(vec![certificate]);
     }
     tls::server_config_with_store(tls::load_all(&args.tls_cert, &args.tls_key)?)
+}
+
+/// Where `--demo` writes its self-signed certificate, for clients to trust while it runs.
+fn demo_certificate_path() -> PathBuf {
+    std::env::temp_dir().join(format!("lb-demo-{}.pem", std::process::id()))
+}
+
+/// Removes the demo certificate's file when the balancer stops, or fails to start: it is made
+/// anew at every start, so one left behind would only pile up in the temporary directory.
+struct DemoCertificateFile(Option<PathBuf>);
+
+impl Drop for DemoCertificateFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// Raises the open-files limit as far as allowed and says how many clients it carries; `None`

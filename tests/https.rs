@@ -698,7 +698,7 @@ fn handshakes_failures_and_versions_are_in_the_statistics() {
 fn demo_without_a_certificate_makes_a_self_signed_one_and_says_how_to_trust_it() {
     let port = free_ports(1)[0];
     let backend = format!("127.0.0.1:{port}");
-    let lb = Balancer::start(
+    let mut lb = Balancer::start(
         LOADBALANCER,
         &[
             "--demo",
@@ -723,13 +723,42 @@ fn demo_without_a_certificate_makes_a_self_signed_one_and_says_how_to_trust_it()
         .and_then(|rest| rest.split_whitespace().next())
         .expect("a path after --cacert");
     let pem = std::fs::read_to_string(path).expect("the certificate file");
-    let _ = std::fs::remove_file(path);
     for name in ["localhost", "127.0.0.1"] {
         let mut client = Client::connect_tls(lb.tls_addr.unwrap(), name, &[&pem]);
         let response = client.get("/");
         assert_eq!(response.status, 200, "{name}");
         assert!(response.text().contains("Hello from"), "{name}");
     }
+    // The file goes when the balancer does: each start makes a new one.
+    lb.interrupt();
+    assert_eq!(lb.wait_exit(WAIT), Some(0));
+    assert!(
+        !std::path::Path::new(path).exists(),
+        "{path} is left behind"
+    );
+}
+
+#[test]
+fn a_demo_that_cannot_start_leaves_no_certificate_behind() {
+    // Its backend's port is taken, so --demo stops at start-up, after the certificate was made.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = taken.local_addr().unwrap().to_string();
+    let output = std::process::Command::new(LOADBALANCER)
+        .args(["--demo", "--backend", &backend, "--listen", "127.0.0.1:0"])
+        .args(["--tls-listen", "127.0.0.1:0", "--admin", "off"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let path = stderr
+        .split("--cacert ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the log names the certificate");
+    assert!(
+        !std::path::Path::new(path).exists(),
+        "{path} is left behind"
+    );
 }
 
 #[test]
