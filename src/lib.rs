@@ -16,6 +16,7 @@
 //! | 3 | [`health`] | active and passive health checks |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`settings`], [`startup`], [`error`] | flags, settings, wiring and Ctrl-C, error statuses |
+//! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -49,10 +50,12 @@
 //! every step of a request can be read top to bottom, as in the chapter's Python.
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod client_addr;
 pub mod demo;
 pub mod descriptors;
 pub mod error;

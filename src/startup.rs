@@ -29,6 +29,10 @@ use crate::tls;
 pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), StartError> {
     tune_allocator();
     args.check_listeners()?;
+    let lb = match args.access_log.open()? {
+        Some(log) => lb.with_access_log(log),
+        None => lb,
+    };
     let mut settings = lb.settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
@@ -69,6 +73,9 @@ pub fn run(phase: &str, lb: LoadBalancer, args: &CommonArgs) -> Result<(), Start
     }
     if let Some(logger) = stats_logger {
         let _ = logger.join();
+    }
+    if let Some(access_log) = lb.access_log() {
+        access_log.stop();
     }
     log::info!("{}", report::summary(&lb));
     log::info!("stopped");

@@ -11,6 +11,7 @@ use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead};
 use crate::stream::ClientStream;
 
+use super::access::Notes;
 use super::outcome::{Failure, Flow, TryError};
 use super::request::{check_request, is_upgrade, OutgoingRequest};
 use super::session::Session;
@@ -30,6 +31,11 @@ pub struct ClientConnection<'a> {
     /// Whether the current request still has body bytes unread: the connection then cannot be
     /// reused if the request ends in an error.
     pub(super) body_pending: bool,
+    /// The address the connection came from (or its PROXY header names); a request through a
+    /// trusted proxy may name another client (`client_ip`).
+    pub(super) connection_ip: IpAddr,
+    /// What the access log learns about the current request.
+    pub(super) notes: Notes,
 }
 
 impl<'a> ClientConnection<'a> {
@@ -52,6 +58,8 @@ impl<'a> ClientConnection<'a> {
             state,
             shutdown,
             body_pending: false,
+            connection_ip: peer.ip(),
+            notes: Notes::default(),
         }
     }
 
@@ -83,7 +91,7 @@ impl<'a> ClientConnection<'a> {
             let head = http::read_request_head_until(&mut self.client, deadline, timeout);
             self.state.idle.store(false, Ordering::SeqCst);
             let flow = match head {
-                Ok(Some(head)) => self.handle(head),
+                Ok(Some(head)) => self.handle_logged(head),
                 Ok(None) => Flow::Close,
                 Err(err) => self.reject_head(err),
             };
@@ -121,7 +129,7 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Forwards one request and relays its response.
-    fn handle(&mut self, head: RequestHead) -> Flow {
+    pub(super) fn handle(&mut self, head: RequestHead) -> Flow {
         let started = Instant::now();
         self.lb.stats.count_request();
         if let Some(port) = self
@@ -154,6 +162,7 @@ impl<'a> ClientConnection<'a> {
                     err.status().0,
                     started.elapsed()
                 );
+                self.note_answer(&err);
                 self.write_error(&err, close);
                 if close {
                     Flow::Close
@@ -168,6 +177,7 @@ impl<'a> ClientConnection<'a> {
                     head.method(),
                     head.target()
                 );
+                self.note_abort(&why);
                 if by_backend {
                     self.client.get_mut().reset_on_close();
                 }
@@ -216,6 +226,7 @@ impl<'a> ClientConnection<'a> {
             head.method(),
             target
         );
+        self.note_status(308);
         let client = self.client.get_mut();
         let _ = std::io::Write::write_all(client, response.as_bytes());
         if close {
@@ -250,6 +261,7 @@ impl<'a> ClientConnection<'a> {
         let mut tries = Tries::default();
         while let Some(attempt) = self.next_attempt(head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
+            self.note_sticky(session.as_ref(), backend);
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest {
                 head,

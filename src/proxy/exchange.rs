@@ -42,6 +42,7 @@ impl ClientConnection<'_> {
         // connection that may turn out closed.
         // A request to switch protocols is not sent twice either (see `may_go_elsewhere`).
         let may_reuse = request.rest == BodyLength::Empty && !request.upgrade;
+        self.note_try(backend, request);
         let connection = self.open_connection(backend, may_reuse)?;
         backend.stats().count_request();
         let out = self.request_bytes(backend, request);
@@ -49,6 +50,7 @@ impl ClientConnection<'_> {
         if matches!(result, Err(ExchangeError::Stale)) {
             result = self.resend_on_fresh(backend, &out, request, started)?;
         }
+        self.note_try_end();
         // A client that went away or sent a broken body is not the backend's error.
         let verdict = backend_verdict(&result);
         backend
@@ -347,9 +349,11 @@ impl ClientConnection<'_> {
             && !dechunk;
 
         let head = self.client_response_head(request, &response, body, dechunk, keep_alive);
+        let head_len = head.len();
         let mut sink = Sink::new(self.client.get_mut(), head);
         let relayed =
             http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
+        self.notes.response(status, sink.written(), head_len);
         if let Err(err) = relayed {
             return Err(relay_failure(err, sink.written() == 0));
         }

@@ -25,6 +25,7 @@
 //! of the path. They share no types but the connection and `outcome.rs`, so none of the three
 //! imports another that imports it back.
 
+mod access;
 mod connection;
 mod exchange;
 mod outcome;
@@ -38,8 +39,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::access_log::AccessLog;
 use crate::backend::Backend;
 use crate::balance::Balancer;
+use crate::client_addr::ClientAddresses;
 use crate::health::HealthConfig;
 use crate::http::BufferPool;
 use crate::settings::Settings;
@@ -64,6 +67,8 @@ pub struct LoadBalancer {
     buffers: BufferPool,
     health: HealthConfig,
     sticky: Option<Sticky>,
+    access_log: Option<AccessLog>,
+    client_addresses: ClientAddresses,
 }
 
 impl LoadBalancer {
@@ -74,6 +79,11 @@ impl LoadBalancer {
             balancer,
             stats: Stats::new(),
             buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
+            client_addresses: ClientAddresses::new(
+                settings.accept_proxy,
+                &settings.trusted_proxies,
+            ),
+            access_log: None,
             settings,
             health: HealthConfig::default(),
             sticky: None,
@@ -120,6 +130,22 @@ impl LoadBalancer {
             Some(Sticky::Table(table)) => Some(table),
             _ => None,
         }
+    }
+
+    /// The same balancer writing one line per request to `log` (`--access-log`).
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// The access log, when it is on. On `SIGUSR1`, call its [`AccessLog::reopen`].
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
+    }
+
+    /// How client addresses are found (`--accept-proxy`, `--trusted-proxy`).
+    pub fn client_addresses(&self) -> &ClientAddresses {
+        &self.client_addresses
     }
 
     /// The backends, in the order they were given.
