@@ -257,6 +257,12 @@ fn read_v2(stream: &TcpStream, deadline: Instant) -> Result<Option<SocketAddr>, 
             "the connection does not start with one",
         ));
     }
+    // A wrong version or command is refused before its body is waited for.
+    if fixed[12] >> 4 != 2 || fixed[12] & 0x0f > 1 {
+        return Err(HeaderError::Invalid(
+            "a version 2 header of another version or command",
+        ));
+    }
     if length > V2_MAX_BODY {
         return Err(HeaderError::Invalid("a version 2 header longer than 2 KiB"));
     }
