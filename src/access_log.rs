@@ -394,6 +394,9 @@ pub fn combined(out: &mut String, record: &Record) {
     out.push_str(" - - [");
     push_time_local(out, record.time.unwrap_or_else(SystemTime::now));
     out.push_str("] \"");
+    if record.request_line.is_empty() {
+        out.push('-');
+    }
     push_escaped(out, &record.request_line);
     out.push_str("\" ");
     match record.status {
@@ -428,12 +431,14 @@ pub fn combined(out: &mut String, record: &Record) {
 pub fn json(out: &mut String, record: &Record) {
     let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     let seconds = |d: Duration| (d.as_secs_f64() * 1000.0).round() / 1000.0;
+    // A head that could not be read has no request line.
+    let request = !record.request_line.is_empty();
     let object = serde_json::json!({
         "time": rfc3339(record.time.unwrap_or_else(SystemTime::now)),
         "client": record.client.map(|ip| ip.to_string()),
-        "method": text(record.method()),
-        "target": text(record.target()),
-        "protocol": text(record.protocol()),
+        "method": request.then(|| text(record.method())),
+        "target": request.then(|| text(record.target())),
+        "protocol": request.then(|| text(record.protocol())),
         "status": record.status,
         "body_bytes": record.body_bytes,
         "referer": record.referer.as_deref().map(text),

@@ -261,6 +261,9 @@ fn a_502_a_503_and_a_client_gone_mid_response_each_give_a_line_that_says_so() {
     };
     let lb = start(&broken.spec(), &log);
     assert_eq!(get(lb.addr, "/broken").status, 502);
+    let mut malformed = Client::connect(lb.addr);
+    malformed.send(b"NOT HTTP AT ALL\r\n\r\n");
+    assert_eq!(malformed.read_response("GET").status, 400);
     let lb_down = start(&closed, &dir.path("down.log"));
     assert_eq!(get(lb_down.addr, "/down").status, 503);
     let lb_long = start(&long.spec(), &dir.path("long.log"));
@@ -271,11 +274,19 @@ fn a_502_a_503_and_a_client_gone_mid_response_each_give_a_line_that_says_so() {
     drop(client);
 
     let pattern = combined();
-    let bad_gateway = &lines(&log, 1)[0];
+    let both = lines(&log, 2);
+    let bad_gateway = &both[0];
     let fields = pattern.captures(bad_gateway).expect("combined");
     assert_eq!(&fields["status"], "502");
     assert_eq!(&fields["backend"], broken.spec());
     assert!(fields["error"].contains("the backend"), "{bad_gateway}");
+
+    // A head that could not be read has no request line, and says why it was refused.
+    let fields = pattern.captures(&both[1]).expect("combined");
+    assert_eq!(&fields["request"], "-");
+    assert_eq!(&fields["status"], "400");
+    assert_eq!(&fields["backend"], "-");
+    assert!(fields["error"].contains("malformed request"), "{}", both[1]);
 
     let down = &lines(&dir.path("down.log"), 1)[0];
     let fields = pattern.captures(down).expect("combined");

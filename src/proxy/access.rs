@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::access_log::{Record, StickyOutcome, Tunnel};
 use crate::backend::Backend;
 use crate::error::ProxyError;
-use crate::http::{Headers, RequestHead, Version};
+use crate::http::{HeadError, Headers, RequestHead, Version};
 
 use super::connection::ClientConnection;
 use super::outcome::Flow;
@@ -94,6 +94,32 @@ impl ClientConnection<'_> {
         record.tunnel = notes.tunnel;
         record.error = notes.error;
         log.log(record);
+        flow
+    }
+
+    /// Answers a head that could not be read (`reject_head`), and logs the answer, if any.
+    pub(super) fn reject_logged(&mut self, err: HeadError) -> Flow {
+        let Some(log) = self.lb.access_log.as_ref() else {
+            return self.reject_head(err);
+        };
+        self.notes = Notes {
+            logging: true,
+            ..Notes::default()
+        };
+        let flow = self.reject_head(err);
+        let notes = std::mem::take(&mut self.notes);
+        // A client that closed or went quiet between requests was not answered: no line.
+        if notes.status.is_some() {
+            log.log(Record {
+                time: Some(SystemTime::now()),
+                client: Some(self.connection_ip),
+                status: notes.status,
+                body_bytes: notes.body_bytes,
+                tls: self.tls_version(),
+                error: notes.error,
+                ..Record::default()
+            });
+        }
         flow
     }
 

@@ -93,7 +93,7 @@ impl<'a> ClientConnection<'a> {
             let flow = match head {
                 Ok(Some(head)) => self.handle_logged(head),
                 Ok(None) => Flow::Close,
-                Err(err) => self.reject_head(err),
+                Err(err) => self.reject_logged(err),
             };
             if matches!(flow, Flow::Close) {
                 break;
@@ -110,7 +110,7 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Answers a head that could not be read, when there is anyone left to answer.
-    fn reject_head(&mut self, err: HeadError) -> Flow {
+    pub(super) fn reject_head(&mut self, err: HeadError) -> Flow {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::LineTooLong => ProxyError::UriTooLong,
@@ -124,6 +124,7 @@ impl<'a> ClientConnection<'a> {
         };
         log::debug!("{}: {answer}", self.client_ip);
         self.lb.stats.count_request();
+        self.note_answer(&answer);
         self.write_error(&answer, true);
         Flow::Close
     }
