@@ -2,9 +2,9 @@
 //! trusted proxy, from `X-Forwarded-For`), and the notes its access-log line is made of, taken
 //! as the request goes through the other files' steps and handed to the log when it ends.
 //!
-//! With the access log off, the notes are a few stores per request and nothing is copied; with
-//! it on, the client thread copies the request line, `Referer` and `User-Agent` and leaves all
-//! formatting to the log's writer thread (`access_log.rs`).
+//! With the access log off, nothing is noted, copied or allocated; with it on, the client thread
+//! copies the request line, `Referer` and `User-Agent` and leaves all formatting to the log's
+//! writer thread (`access_log.rs`).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
@@ -19,11 +19,15 @@ use super::outcome::Flow;
 use super::request::OutgoingRequest;
 use super::session::Session;
 
-/// What the access log learns about the current request while it is forwarded.
+/// What the access log learns about the current request while it is forwarded: nothing, and
+/// no memory, while the log is off; with it on, one allocation per connection, reused by each
+/// of its requests.
 #[derive(Debug, Default)]
-pub(super) struct Notes {
-    /// Whether the access log is on: without it, nothing is noted.
-    logging: bool,
+pub(super) struct Notes(Option<Box<Noted>>);
+
+/// The notes themselves.
+#[derive(Debug, Default)]
+struct Noted {
     status: Option<u16>,
     body_bytes: u64,
     backend: Option<SocketAddr>,
@@ -37,13 +41,31 @@ pub(super) struct Notes {
 }
 
 impl Notes {
+    /// Starts noting a new request.
+    fn begin(&mut self) {
+        **self.0.get_or_insert_with(Box::default) = Noted::default();
+    }
+
+    /// What was noted about the request that just ended.
+    fn take(&mut self) -> Noted {
+        self.0
+            .as_deref_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// The notes, while the access log is on.
+    fn on(&mut self) -> Option<&mut Noted> {
+        self.0.as_deref_mut()
+    }
+
     /// A response with `status` was relayed, `written` bytes of it, `head` of them its head
     /// (all of them, or as far as the client took them). A method of the notes rather than of
     /// the connection, so that it can be called while the relay borrows the client's stream.
     pub(super) fn response(&mut self, status: u16, written: u64, head: usize) {
-        if self.logging && written > 0 {
-            self.status = Some(status);
-            self.body_bytes = written.saturating_sub(head as u64);
+        if let Some(notes) = self.on().filter(|_| written > 0) {
+            notes.status = Some(status);
+            notes.body_bytes = written.saturating_sub(head as u64);
         }
     }
 }
@@ -72,12 +94,9 @@ impl ClientConnection<'_> {
         };
         record.set_request(head.method(), head.target(), version);
         let client_request_id = head.header("x-request-id").map(<[u8]>::to_vec);
-        self.notes = Notes {
-            logging: true,
-            ..Notes::default()
-        };
+        self.notes.begin();
         let flow = self.handle(head);
-        let notes = std::mem::take(&mut self.notes);
+        let notes = self.notes.take();
         record.time = Some(SystemTime::now());
         record.request_time = started.elapsed();
         record.status = notes.status;
@@ -102,12 +121,9 @@ impl ClientConnection<'_> {
         let Some(log) = self.lb.access_log.as_ref() else {
             return self.reject_head(err);
         };
-        self.notes = Notes {
-            logging: true,
-            ..Notes::default()
-        };
+        self.notes.begin();
         let flow = self.reject_head(err);
-        let notes = std::mem::take(&mut self.notes);
+        let notes = self.notes.take();
         // A client that closed or went quiet between requests was not answered: no line.
         if notes.status.is_some() {
             log.log(Record {
@@ -135,10 +151,7 @@ impl ClientConnection<'_> {
 
     /// A try at `backend` begins.
     pub(super) fn note_try(&mut self, backend: &Backend, request: &OutgoingRequest) {
-        let notes = &mut self.notes;
-        if !notes.logging {
-            return;
-        }
+        let Some(notes) = self.notes.on() else { return };
         notes.tries += 1;
         notes.backend = Some(backend.addr());
         notes.try_started = Some(Instant::now());
@@ -150,16 +163,14 @@ impl ClientConnection<'_> {
 
     /// The try that began last is over (answered or not).
     pub(super) fn note_try_end(&mut self) {
-        let notes = &mut self.notes;
-        notes.backend_time = notes.try_started.map(|started| started.elapsed());
+        if let Some(notes) = self.notes.on() {
+            notes.backend_time = notes.try_started.map(|started| started.elapsed());
+        }
     }
 
     /// The balancer answered with `err` itself.
     pub(super) fn note_answer(&mut self, err: &ProxyError) {
-        let notes = &mut self.notes;
-        if !notes.logging {
-            return;
-        }
+        let Some(notes) = self.notes.on() else { return };
         let (code, reason) = err.status();
         notes.status = Some(code);
         // The body `ProxyError::to_response` writes.
@@ -169,26 +180,26 @@ impl ClientConnection<'_> {
 
     /// The balancer answered with `status` and no body (a redirect).
     pub(super) fn note_status(&mut self, status: u16) {
-        if self.notes.logging {
-            self.notes.status = Some(status);
-            self.notes.body_bytes = 0;
+        if let Some(notes) = self.notes.on() {
+            notes.status = Some(status);
+            notes.body_bytes = 0;
         }
     }
 
     /// The connection was dropped: `why`.
     pub(super) fn note_abort(&mut self, why: &str) {
-        if self.notes.logging {
-            self.notes.error = Some(why.into());
+        if let Some(notes) = self.notes.on() {
+            notes.error = Some(why.into());
         }
     }
 
     /// What the request's sticky session did, now that it goes to `backend`.
     pub(super) fn note_sticky(&mut self, session: Option<&Session>, backend: &Backend) {
-        let (Some(session), true) = (session, self.notes.logging) else {
+        let own = session.map(|s| s.backend.map(|i| &*self.lb.backends[i]));
+        let (Some(own), Some(notes)) = (own, self.notes.on()) else {
             return;
         };
-        let own = session.backend.map(|i| &*self.lb.backends[i]);
-        self.notes.sticky = Some(match own {
+        notes.sticky = Some(match own {
             None => StickyOutcome::New,
             Some(own) if std::ptr::eq(own, backend) => StickyOutcome::Kept,
             Some(_) => StickyOutcome::Moved,
@@ -197,8 +208,7 @@ impl ClientConnection<'_> {
 
     /// The tunnel after a `101` closed.
     pub(super) fn note_tunnel(&mut self, duration: Duration, bytes_up: u64, bytes_down: u64) {
-        let notes = &mut self.notes;
-        if notes.logging {
+        if let Some(notes) = self.notes.on() {
             notes.status = Some(101);
             notes.tunnel = Some(Tunnel {
                 duration,
