@@ -398,3 +398,59 @@ fn sigusr1_after_renaming_the_file_sends_new_lines_to_a_new_file_at_the_old_path
     let old = lines(&rotated, 1);
     assert!(old[0].contains("GET /before "), "{old:?}");
 }
+
+#[test]
+fn an_upgraded_connection_s_json_line_gives_the_tunnel_s_duration_and_bytes() {
+    let dir = TempDir::new("tunnel");
+    let log = dir.path("access.json");
+    // Switches protocols, then echoes every byte until the client closes.
+    let backend = RawBackend::start(|stream| {
+        let mut conn = ServerConn::new(stream);
+        if conn.read_request().is_none() {
+            return;
+        }
+        conn.send(
+            b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n",
+        );
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = conn.stream.read(&mut buf) {
+            if n == 0 || conn.stream.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let lb = Balancer::start(
+        LB,
+        &[
+            "--backend",
+            &backend.spec(),
+            "--health-check",
+            "none",
+            "--access-log-format",
+            "json",
+            "--access-log",
+            log.to_str().unwrap(),
+        ],
+    );
+    let mut client = Client::connect(lb.addr);
+    client.send(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        client.stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101 "));
+    client.send(b"hello, tunnel");
+    let mut echoed = [0u8; 13];
+    client.stream.read_exact(&mut echoed).unwrap();
+    assert_eq!(&echoed, b"hello, tunnel");
+    drop(client);
+    let line = &lines(&log, 1)[0];
+    let value: serde_json::Value = serde_json::from_str(line).unwrap();
+    check_json_types(&value);
+    assert_eq!(value["status"], 101);
+    assert_eq!(value["tunnel"]["bytes_up"], 13, "{line}");
+    assert_eq!(value["tunnel"]["bytes_down"], 13, "{line}");
+    assert!(value["tunnel"]["duration"].as_f64().unwrap() >= 0.0);
+}
