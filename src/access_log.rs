@@ -17,7 +17,7 @@ use std::io::{self, BufWriter, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
@@ -29,6 +29,13 @@ const CHANNEL_CAPACITY: usize = 4096;
 
 /// The longest a written line waits in the buffer before it is flushed.
 const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long the writer sleeps once it has taken every record queued. The channel holds
+/// [`CHANNEL_CAPACITY`] records, so lines are dropped only beyond 200,000 a second.
+const TICK: Duration = Duration::from_millis(20);
+
+/// How long shutting down waits for the writer to write what is queued.
+const STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// The writer's buffer: big enough to take many lines per write.
 const BUFFER_SIZE: usize = 64 * 1024;
@@ -166,8 +173,6 @@ impl Record {
 enum Message {
     /// Boxed, so that the channel's slots stay small (a pointer each).
     Record(Box<Record>),
-    /// Look at the reopen flag now rather than at the next tick.
-    Wake,
     /// Flush and end.
     Stop,
 }
@@ -235,22 +240,36 @@ impl AccessLog {
 
     /// Opens the file again by its path (after `logrotate` renamed it): call it on `SIGUSR1`
     /// and on a reload. Lines already queued go to the new file. Returns at once; the writer
-    /// thread reopens within a second, at once when it is idle. Nothing to do for standard
-    /// output.
+    /// thread reopens within a tick (20 ms). Nothing to do for standard output.
     pub fn reopen(&self) {
         self.shared.reopen.store(true, Ordering::SeqCst);
-        // A full channel means the writer is busy and will look at the flag soon.
-        let _ = self.sender.try_send(Message::Wake);
     }
 
-    /// Writes what is queued, flushes and stops the writer thread (at shutdown).
+    /// Writes what is queued, flushes and stops the writer thread (at shutdown). A writer stuck
+    /// in a write (standard output piped to a program that stopped reading) is given
+    /// [`STOP_WAIT`] and then left behind, so that shutting down never hangs on the log.
     pub fn stop(&self) {
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            // The writer is alive, so the channel frees a slot soon: this wait is short.
-            let _ = self.sender.send(Message::Stop);
-            let _ = handle.join();
+        let Some(handle) = handle else { return };
+        let deadline = Instant::now() + STOP_WAIT;
+        let mut stop = Message::Stop;
+        loop {
+            match self.sender.try_send(stop) {
+                Ok(()) => break,
+                Err(TrySendError::Full(message)) if Instant::now() < deadline => {
+                    stop = message;
+                    thread::sleep(TICK);
+                }
+                Err(_) => return,
+            }
         }
+        while !handle.is_finished() {
+            if Instant::now() >= deadline {
+                return;
+            }
+            thread::sleep(TICK);
+        }
+        let _ = handle.join();
     }
 }
 
@@ -297,21 +316,24 @@ struct Writer {
 
 impl Writer {
     /// Formats and writes records until told to stop, flushing within a second of a write.
+    ///
+    /// The writer takes what is queued and then sleeps for a [`TICK`], rather than waiting in
+    /// `recv`: a writer waiting there would be woken by every record, which costs the client
+    /// thread a system call and the machine a context switch per request.
     fn run(mut self, receiver: Receiver<Message>) {
         let mut flush_due: Option<Instant> = None;
         loop {
-            let wait = flush_due.map_or(FLUSH_INTERVAL, |due| {
-                due.saturating_duration_since(Instant::now())
-            });
-            match receiver.recv_timeout(wait) {
-                Ok(Message::Record(record)) => {
-                    self.write(&record);
-                    flush_due.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
-                }
-                Ok(Message::Wake) | Err(RecvTimeoutError::Timeout) => {}
-                Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => {
-                    self.flush();
-                    return;
+            loop {
+                match receiver.try_recv() {
+                    Ok(Message::Record(record)) => {
+                        self.write(&record);
+                        flush_due.get_or_insert_with(|| Instant::now() + FLUSH_INTERVAL);
+                    }
+                    Ok(Message::Stop) | Err(TryRecvError::Disconnected) => {
+                        self.flush();
+                        return;
+                    }
+                    Err(TryRecvError::Empty) => break,
                 }
             }
             if flush_due.is_some_and(|due| Instant::now() >= due) {
@@ -321,6 +343,7 @@ impl Writer {
             if self.shared.reopen.swap(false, Ordering::SeqCst) {
                 self.reopen();
             }
+            thread::sleep(TICK);
         }
     }
 
@@ -478,6 +501,13 @@ fn push_seconds(out: &mut String, duration: Option<Duration>) {
 /// Text as nginx escapes it in a log line: `"`, `\` and bytes outside printable ASCII as
 /// `\xXX`.
 fn push_escaped(out: &mut String, bytes: &[u8]) {
+    let plain = |b: &u8| *b != b'"' && *b != b'\\' && (0x20..0x7f).contains(b);
+    // Most fields need no escaping: they go in at once.
+    if bytes.iter().all(plain) {
+        // Printable ASCII is UTF-8.
+        out.push_str(std::str::from_utf8(bytes).unwrap_or_default());
+        return;
+    }
     for &b in bytes {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
             let _ = write!(out, "\\x{b:02X}");

@@ -17,6 +17,7 @@
 //! | `outcome.rs` | how a request, a try and an exchange end: `Flow`, `Failure`, `TryError`, `ExchangeError` |
 //! | `session.rs` | the sticky-session view of a request (phase 4) |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
+//! | `access.rs` | who sent the request (behind a trusted proxy) and what became of it, for the access log |
 //!
 //! To follow one request, read `connection.rs` from `serve` to `forward`, then `request.rs`
 //! (`check_request`, `write_request_head`), then `exchange.rs` from `try_backend` to
