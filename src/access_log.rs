@@ -644,6 +644,26 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// What formatting one line costs the writer thread:
+    /// `cargo test --release --lib formatting_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, for docs/performance.md"]
+    fn formatting_cost() {
+        let record = example();
+        let mut line = String::with_capacity(512);
+        for (name, format) in [
+            ("combined", combined as fn(&mut String, &Record)),
+            ("json", json),
+        ] {
+            let began = Instant::now();
+            for _ in 0..200_000 {
+                line.clear();
+                format(&mut line, &record);
+            }
+            println!("{name}: {:?} per line", began.elapsed() / 200_000);
+        }
+    }
+
     #[test]
     fn a_full_channel_drops_and_counts() {
         let (sender, _receiver) = mpsc::sync_channel(1);
