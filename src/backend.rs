@@ -215,16 +215,8 @@ impl Backend {
         self.health.is_healthy()
     }
 
-    /// An idle pooled connection if there is one, else a new connection.
-    ///
-    /// A thread per client means a burst of new clients asks for as many new backend
-    /// connections at the same moment, where an event loop opens them one after another. A
-    /// backend that accepts one connection per turn of its own event loop (nginx does, without
-    /// `multi_accept`) then leaves requests waiting in its accept queue for hundreds of
-    /// milliseconds, while connections come back to this pool every fraction of one. So once
-    /// `MAX_OPENING` new connections to this backend are in their first exchange, a request
-    /// waits for a pooled connection to come back or for one of them to end it, for
-    /// `OPENING_WAIT` at most, and then opens its own.
+    /// An idle pooled connection if there is one, else a new connection (when it is this
+    /// request's turn to open one: see `idle_or_turn`).
     pub fn connection(
         &self,
         connect_timeout: Duration,
@@ -256,6 +248,15 @@ impl Backend {
     }
 
     /// An idle connection, or this request's turn to open one.
+    ///
+    /// A thread per client means a burst of new clients asks for as many new backend
+    /// connections at the same moment, where an event loop opens them one after another. A
+    /// backend that accepts one connection per turn of its own event loop (nginx does, without
+    /// `multi_accept`) then leaves requests waiting in its accept queue for hundreds of
+    /// milliseconds, while connections come back to this pool every fraction of one. So once
+    /// `MAX_OPENING` new connections to this backend are in their first exchange, a request
+    /// waits for a pooled connection to come back or for one of them to end it, for
+    /// `OPENING_WAIT` at most, and then opens its own.
     fn idle_or_turn(&self) -> Turn {
         let mut pool = self.pool();
         if let Some(stream) = pool.take_idle() {

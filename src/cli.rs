@@ -12,7 +12,9 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, Parser};
 
+use crate::access_log::{AccessLog, Format as AccessLogFormat, Target as AccessLogTarget};
 use crate::backend::Backend;
+use crate::client_addr::Cidr;
 use crate::dns::{self, Resolver};
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
@@ -162,6 +164,14 @@ pub struct CommonArgs {
     #[command(flatten)]
     pub tls: TlsArgs,
 
+    /// The access log: where, and in which format.
+    #[command(flatten)]
+    pub access_log: AccessLogArgs,
+
+    /// Who the client is behind another proxy: the PROXY protocol, trusted proxies.
+    #[command(flatten)]
+    pub client_addr: ClientAddrArgs,
+
     /// Log at debug level (one line per request); RUST_LOG overrides.
     #[arg(short, long)]
     pub verbose: bool,
@@ -255,6 +265,8 @@ impl CommonArgs {
             retries: self.retries.unwrap_or_else(|| self.default_retries()),
             stats_interval: self.stats_interval,
             explain: self.explain,
+            accept_proxy: self.client_addr.accept_proxy,
+            trusted_proxies: self.client_addr.trusted_proxies.clone(),
             reuse_port: self.reuse_port,
             redirect_https: self
                 .tls
@@ -304,6 +316,56 @@ pub struct TlsArgs {
     /// (needs --tls-listen).
     #[arg(long)]
     pub redirect_https: bool,
+}
+
+/// The access-log flags of every balancer binary.
+#[derive(Args, Debug, Clone, Default)]
+pub struct AccessLogArgs {
+    /// Write one line per request to this file (appended to; reopened on SIGUSR1), or to
+    /// standard output with `-` [default: off].
+    #[arg(long, value_name = "PATH|-", value_parser = AccessLogTarget::parse)]
+    pub access_log: Option<AccessLogTarget>,
+
+    /// The access log's format: combined (nginx's, then the balancer's own fields) or json.
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        default_value = "combined",
+        hide_possible_values = true
+    )]
+    pub access_log_format: AccessLogFormat,
+}
+
+impl AccessLogArgs {
+    /// Opens the access log when `--access-log` is given; a file that cannot be opened is a
+    /// start-up error naming it.
+    pub fn open(&self) -> Result<Option<AccessLog>, StartError> {
+        let Some(target) = &self.access_log else {
+            return Ok(None);
+        };
+        AccessLog::start(target.clone(), self.access_log_format)
+            .map(Some)
+            .map_err(|err| match target {
+                AccessLogTarget::File(path) => {
+                    StartError(format!("--access-log {}: {err}", path.display()))
+                }
+                AccessLogTarget::Stdout => StartError(format!("--access-log -: {err}")),
+            })
+    }
+}
+
+/// The client-address flags of every balancer binary.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientAddrArgs {
+    /// Every client connection starts with a PROXY protocol header (v1 or v2, before TLS), as
+    /// an L4 balancer in front sends it; its source address is the client's.
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// Believe X-Forwarded-For from peers in this block (repeatable): the client is the
+    /// rightmost address in it that is not itself trusted.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = Cidr::parse)]
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 /// The health-check flags of the `phase3_*` binaries and `loadbalancer` (the contract's table).

@@ -18,6 +18,7 @@
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
 //! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
+//! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -55,18 +56,24 @@
 //! corners (interim responses, absolute-form targets, other HTTP versions in
 //! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
 //! hop-by-hop table (`http/hop_by_hop.rs`), counters, logs and passive health (`account`), the
-//! queue of requests waiting for a backend connection (`idle_or_turn`), and what phases 2-4 add
-//! (`--explain`, sticky sessions). Constructors and functions whose name says all a first
+//! queue of requests waiting for a backend connection (`idle_or_turn`), whether the client's
+//! connection stays open (`keeps_alive`), the access log and the client's address behind another
+//! proxy (`proxy/access.rs`: `handle_logged` finds the client and wraps `handle`, and
+//! `reject_logged` wraps `reject_head`, with a line each when `--access-log` is on), reload
+//! (`busy` takes the latest backend set), and what phases 2-4 add (`--explain`, sticky
+//! sessions). Constructors and functions whose name says all a first
 //! reading needs (`ClientConnection::new`, `into_stream`, `content_length`) are not listed.
 //!
 //! The I/O is blocking `std::net` with one OS thread per client connection, a deliberate choice:
 //! every step of a request can be read top to bottom, as in the chapter's Python.
 #![warn(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod backend;
 pub mod balance;
 pub mod cli;
+pub mod client_addr;
 pub mod config;
 pub mod demo;
 pub mod descriptors;

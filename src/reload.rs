@@ -182,6 +182,22 @@ impl Reloader {
             ("tls-listen", old.tls.tls_listen != new.tls.tls_listen),
             ("demo", old.demo != new.demo),
             ("stats-interval", old.stats_interval != new.stats_interval),
+            (
+                "access-log",
+                old.access_log.access_log != new.access_log.access_log,
+            ),
+            (
+                "access-log-format",
+                old.access_log.access_log_format != new.access_log.access_log_format,
+            ),
+            (
+                "accept-proxy",
+                old.client_addr.accept_proxy != new.client_addr.accept_proxy,
+            ),
+            (
+                "trusted-proxy",
+                old.client_addr.trusted_proxies != new.client_addr.trusted_proxies,
+            ),
         ];
         differs
             .into_iter()

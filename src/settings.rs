@@ -5,6 +5,8 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::client_addr::Cidr;
+
 /// Settings fixed at start-up and shared by the server and every client connection.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -26,6 +28,10 @@ pub struct Settings {
     pub stats_interval: Duration,
     /// Whether responses carry an `X-Lb-Decision` header.
     pub explain: bool,
+    /// Whether every client connection starts with a PROXY protocol header (`--accept-proxy`).
+    pub accept_proxy: bool,
+    /// Peers whose `X-Forwarded-For` names the client (`--trusted-proxy`).
+    pub trusted_proxies: Vec<Cidr>,
     /// Whether the listener sets `SO_REUSEPORT`, so a new instance can take over its address.
     pub reuse_port: bool,
     /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.

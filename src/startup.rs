@@ -41,6 +41,10 @@ pub fn run(
         (args.demo && args.tls.tls_cert.is_empty()).then(demo_certificate_path),
     );
     args.check_listeners()?;
+    let lb = match args.access_log.open()? {
+        Some(log) => lb.with_access_log(log),
+        None => lb,
+    };
     let mut settings = lb.startup_settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
@@ -86,6 +90,9 @@ pub fn run(
     }
     if let Some(logger) = stats_logger {
         let _ = logger.join();
+    }
+    if let Some(access_log) = lb.access_log() {
+        access_log.stop();
     }
     log::info!("{}", report::summary(&lb));
     log::info!("stopped");
@@ -136,6 +143,7 @@ fn handle_signals(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartEr
     let stop = Arc::new(stop);
     let on_term = Arc::clone(&stop);
     let reloading = Arc::clone(lb);
+    let reopening = Arc::clone(lb);
     signals::start(vec![
         (signals::SIGINT, Box::new(move || stop())),
         (signals::SIGTERM, Box::new(move || on_term())),
@@ -149,7 +157,13 @@ fn handle_signals(server: &Server, lb: &Arc<LoadBalancer>) -> Result<(), StartEr
         ),
         (
             signals::SIGUSR1,
-            Box::new(|| log::info!("SIGUSR1: no access log to reopen; ignored")),
+            Box::new(move || {
+                if reopening.reopen_access_log() {
+                    log::info!("SIGUSR1: reopening the access log");
+                } else {
+                    log::info!("SIGUSR1: no access log to reopen; ignored");
+                }
+            }),
         ),
     ])
     .map(drop)

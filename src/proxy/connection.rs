@@ -12,6 +12,7 @@ use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead, MAX_HEAD};
 use crate::stream::ClientStream;
 
+use super::access::Notes;
 use super::checks::check_request;
 use super::outcome::{Failure, Flow, TryError};
 use super::request::{Attempt, OutgoingRequest};
@@ -35,6 +36,11 @@ pub struct ClientConnection<'a> {
     /// Whether the current request still has body bytes unread: the connection then cannot be
     /// reused if the request ends in an error.
     pub(super) body_pending: bool,
+    /// The address the connection came from (or its PROXY header names); a request through a
+    /// trusted proxy may name another client (`client_ip`).
+    pub(super) connection_ip: IpAddr,
+    /// What the access log learns about the current request.
+    pub(super) notes: Notes,
 }
 
 impl<'a> ClientConnection<'a> {
@@ -58,6 +64,8 @@ impl<'a> ClientConnection<'a> {
             state,
             shutdown,
             body_pending: false,
+            connection_ip: peer.ip(),
+            notes: Notes::default(),
         }
     }
 
@@ -77,9 +85,9 @@ impl<'a> ClientConnection<'a> {
             let head = http::read_request_head_until(&mut self.client, deadline, timeout, MAX_HEAD);
             self.busy();
             let flow = match head {
-                Ok(Some(head)) => self.handle(head),
+                Ok(Some(head)) => self.handle_logged(head),
                 Ok(None) => Flow::Close,
-                Err(err) => self.reject_head(err),
+                Err(err) => self.reject_logged(err),
             };
             if matches!(flow, Flow::Close) {
                 break;
@@ -119,7 +127,7 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Answers a head that could not be read, when there is anyone left to answer.
-    fn reject_head(&mut self, err: HeadError) -> Flow {
+    pub(super) fn reject_head(&mut self, err: HeadError) -> Flow {
         let answer = match err {
             HeadError::TooLarge => ProxyError::HeadTooLarge,
             HeadError::LineTooLong => ProxyError::UriTooLong,
@@ -133,12 +141,13 @@ impl<'a> ClientConnection<'a> {
         };
         log::debug!("{}: {answer}", self.client_ip);
         self.lb.stats.count_request();
+        self.note_answer(&answer);
         self.write_error(&answer, true);
         Flow::Close
     }
 
     /// Forwards one request and relays its response.
-    fn handle(&mut self, head: RequestHead) -> Flow {
+    pub(super) fn handle(&mut self, head: RequestHead) -> Flow {
         let started = Instant::now();
         self.lb.stats.count_request();
         if let Some(port) = self.redirect_port() {
@@ -166,6 +175,7 @@ impl<'a> ClientConnection<'a> {
                     err.status().0,
                     started.elapsed()
                 );
+                self.note_answer(&err);
                 self.write_error(&err, close);
                 if close {
                     Flow::Close
@@ -180,6 +190,7 @@ impl<'a> ClientConnection<'a> {
                     head.method(),
                     head.target()
                 );
+                self.note_abort(&why);
                 if by_backend {
                     self.client.get_mut().reset_on_close();
                 }
@@ -234,6 +245,7 @@ impl<'a> ClientConnection<'a> {
             head.method(),
             target
         );
+        self.note_status(308);
         let client = self.client.get_mut();
         let _ = std::io::Write::write_all(client, response.as_bytes());
         if close {
@@ -265,6 +277,7 @@ impl<'a> ClientConnection<'a> {
         let mut tries = Tries::default();
         while let Some(attempt) = self.next_attempt(&set, head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
+            self.note_sticky(session.as_ref(), backend);
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest::new(head, body, (&prefix, rest), request_id, &attempt);
             match self.try_backend(backend, &request, started) {

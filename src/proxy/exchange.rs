@@ -36,6 +36,7 @@ impl ClientConnection<'_> {
         started: Instant,
     ) -> Result<Flow, TryError> {
         let may_reuse = request.may_reuse_a_connection();
+        self.note_try(backend, request);
         let connection = self.open_connection(backend, may_reuse)?;
         backend.stats().count_request();
         let out = self.request_bytes(backend, request);
@@ -43,6 +44,7 @@ impl ClientConnection<'_> {
         if matches!(result, Err(ExchangeError::Stale)) {
             result = self.resend_on_fresh(backend, &out, request, started)?;
         }
+        self.note_try_end();
         self.account(backend, request, &result, started);
         Ok(result?.0)
     }
@@ -327,18 +329,28 @@ impl ClientConnection<'_> {
         // Without a length, the end of the body can only be shown by closing the connection;
         // HTTP/1.0 clients cannot read chunked bodies, so they get the plain bytes and a close.
         let dechunk = request.head.version == Version::Http10 && body == BodyLength::Chunked;
-        let keep_alive = request.head.wants_keep_alive()
-            && !self.body_pending
-            && !self.shutdown.load(Ordering::SeqCst)
-            && body != BodyLength::UntilClose
-            && !dechunk;
+        let keep_alive = self.keeps_alive(request, body, dechunk);
         let head = self.client_response_head(request, &response, body, dechunk, keep_alive);
+        let head_len = head.len();
         let mut sink = Sink::new(self.client.get_mut(), head);
         let relayed =
             http::relay_body(&mut upstream, body, &mut sink, dechunk).and_then(|()| sink.flush());
+        self.notes
+            .response(response.status, sink.written(), head_len);
         relayed.map_err(|err| relay_failure(err, sink.written() == 0))?;
         self.release(backend, upstream, &response, body);
         Ok((Flow::keep_alive_if(keep_alive), response.status))
+    }
+
+    /// Whether the client's connection stays open after this response: the client asked for
+    /// it, its request's body was read to the end, the balancer is not shutting down, and the
+    /// response's end is not shown by closing.
+    fn keeps_alive(&self, request: &OutgoingRequest, body: BodyLength, dechunk: bool) -> bool {
+        request.head.wants_keep_alive()
+            && !self.body_pending
+            && !self.shutdown.load(Ordering::SeqCst)
+            && body != BodyLength::UntilClose
+            && !dechunk
     }
 
     /// The response head as the client gets it: the backend's end-to-end fields, then the

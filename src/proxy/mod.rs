@@ -18,6 +18,7 @@
 //! | `outcome.rs` | how a request, a try and an exchange end (`Flow`, `Failure`, `TryError`, `ExchangeError`), and what each failure means |
 //! | `session.rs` | the sticky-session view of a request (phase 4) |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
+//! | `access.rs` | who sent the request (behind a trusted proxy) and what became of it, for the access log |
 //!
 //! To follow one request, read `connection.rs` (`serve`, `handle`, `forward`, `next_attempt`,
 //! `choose`), then `exchange.rs` (`try_backend`, `open_connection`, `connect`, `request_bytes`,
@@ -28,6 +29,7 @@
 //! path. They share no types but the connection and `outcome.rs`, so none of the three imports
 //! another that imports it back.
 
+mod access;
 mod checks;
 mod connection;
 mod exchange;
@@ -44,8 +46,10 @@ use std::sync::{Arc, OnceLock};
 use arc_swap::ArcSwap;
 use std::time::Duration;
 
+use crate::access_log::AccessLog;
 use crate::backend::Backend;
 use crate::balance::Balancer;
+use crate::client_addr::ClientAddresses;
 use crate::health::HealthConfig;
 use crate::http::BufferPool;
 use crate::settings::Settings;
@@ -75,6 +79,8 @@ pub struct LoadBalancer {
     /// compile: a request reads its [`BackendSet`]'s.)
     startup_settings: Settings,
     reload: OnceLock<Box<ReloadFn>>,
+    access_log: Option<AccessLog>,
+    client_addresses: ClientAddresses,
 }
 
 /// What `SIGHUP` and `POST /reload` call: reads the configuration again and applies it, or
@@ -155,9 +161,30 @@ impl LoadBalancer {
             }),
             stats: Arc::new(Stats::new()),
             buffers: BufferPool::new(BUFFER_SIZE, SPARE_BUFFERS),
+            client_addresses: ClientAddresses::new(
+                settings.accept_proxy,
+                &settings.trusted_proxies,
+            ),
+            access_log: None,
             startup_settings: settings,
             reload: OnceLock::new(),
         }
+    }
+
+    /// The same balancer writing one line per request to `log` (`--access-log`).
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// The access log, when it is on. On `SIGUSR1`, call its [`AccessLog::reopen`].
+    pub fn access_log(&self) -> Option<&AccessLog> {
+        self.access_log.as_ref()
+    }
+
+    /// How client addresses are found (`--accept-proxy`, `--trusted-proxy`).
+    pub fn client_addresses(&self) -> &ClientAddresses {
+        &self.client_addresses
     }
 
     /// Turns on the health checks of `config` for every backend (phase 3). Without it, every
@@ -191,6 +218,8 @@ impl LoadBalancer {
             buffers,
             startup_settings,
             reload,
+            access_log,
+            client_addresses,
         } = self;
         let mut set = unshared(current);
         change(&mut set);
@@ -200,6 +229,8 @@ impl LoadBalancer {
             buffers,
             startup_settings,
             reload,
+            access_log,
+            client_addresses,
         }
     }
 
@@ -263,9 +294,24 @@ impl LoadBalancer {
     /// Reads the configuration again and applies it: `Ok` with what changed, or `Err` with
     /// why nothing did. Without a way to reload (a balancer built by a test), an error.
     pub fn reload(&self) -> Result<String, String> {
+        // The access log is reopened whatever the configuration says, as nginx does on a
+        // reload: a rotated file is let go of either way.
+        self.reopen_access_log();
         match self.reload.get() {
             Some(reload) => reload(),
             None => Err("this balancer cannot reload".to_string()),
+        }
+    }
+
+    /// Reopens the access log at its path, for log rotation (`SIGUSR1`, and every reload);
+    /// false when there is no access log.
+    pub fn reopen_access_log(&self) -> bool {
+        match &self.access_log {
+            Some(log) => {
+                log.reopen();
+                true
+            }
+            None => false,
         }
     }
 

@@ -67,6 +67,7 @@ impl ClientConnection<'_> {
             plural::count(carried.up, "byte"),
             carried.down
         );
+        self.note_tunnel(opened.elapsed(), carried.up, carried.down);
     }
 }
 

@@ -33,6 +33,8 @@ impl Snapshot {
                     .map(|(version, n)| (format!("TLSv{version}"), json!(n)))
                     .collect::<serde_json::Map<_, _>>(),
             },
+            "access_log_dropped": self.access_log_dropped,
+            "proxy_headers_rejected": self.proxy_headers_rejected,
             "algorithm": self.algorithm,
             "unresolved": self.unresolved,
             "config_reloads": { "ok": self.reloads.0, "error": self.reloads.1 },
@@ -151,6 +153,8 @@ mod tests {
         assert_eq!(value["sessions"], 3);
         assert_eq!(value["sticky"], "table");
         assert_eq!(value["retries"], 2);
+        assert_eq!(value["access_log_dropped"], 4);
+        assert_eq!(value["proxy_headers_rejected"], 1);
         assert_eq!(value["tunnels"], 2);
         assert_eq!(value["backends"][0]["tunnels_total"], 4);
         let first = &value["backends"][0];

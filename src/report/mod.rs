@@ -56,6 +56,10 @@ pub struct Snapshot {
     pub tls_handshakes: [(&'static str, u64); 2],
     /// Failed TLS handshakes.
     pub tls_handshake_failures: u64,
+    /// Access-log lines dropped because the log's writer could not keep up.
+    pub access_log_dropped: u64,
+    /// Connections closed for want of a valid PROXY protocol header (`--accept-proxy`).
+    pub proxy_headers_rejected: u64,
     /// Sticky sessions held and the table's bound, when sessions are kept in a table.
     pub sessions: Option<(usize, usize)>,
     /// How sticky sessions are kept: `"table"`, `"signed"` (cookies, no table), or none.
@@ -171,6 +175,8 @@ impl Snapshot {
             tunnels_total: stats.tunnels().total(),
             tls_handshakes: stats.tls().by_version(),
             tls_handshake_failures: stats.tls().failures(),
+            access_log_dropped: lb.access_log().map_or(0, |log| log.dropped()),
+            proxy_headers_rejected: lb.client_addresses().rejected(),
             sessions: set.sessions().map(|s| (s.len(), s.max_sessions())),
             sticky: set.sticky().map(|sticky| match sticky {
                 Sticky::Table(_) => "table",
@@ -341,6 +347,8 @@ mod tests {
             tunnels_total: 8,
             tls_handshakes: [("1.2", 1), ("1.3", 5)],
             tls_handshake_failures: 2,
+            access_log_dropped: 4,
+            proxy_headers_rejected: 1,
             sessions: Some((3, 100)),
             sticky: Some("table"),
             unresolved: vec!["app:8000".to_string()],

@@ -78,6 +78,18 @@ impl Snapshot {
                 "Requests sent on to another backend after one failed them.",
                 self.retries as f64,
             ),
+            (
+                "lb_access_log_dropped_total",
+                "counter",
+                "Access-log lines dropped because the log's writer could not keep up.",
+                self.access_log_dropped as f64,
+            ),
+            (
+                "lb_proxy_headers_rejected_total",
+                "counter",
+                "Client connections closed without a valid PROXY protocol header.",
+                self.proxy_headers_rejected as f64,
+            ),
         ];
         for (name, kind, help, value) in whole {
             metric_header(out, name, kind, help);
@@ -266,6 +278,8 @@ mod tests {
         );
         assert!(text.contains("lb_request_duration_seconds_count{backend=\"a:1\"} 6\n"));
         assert!(text.contains("# TYPE lb_retries_total counter\nlb_retries_total 2\n"));
+        assert!(text.contains("\nlb_access_log_dropped_total 4\n"));
+        assert!(text.contains("\nlb_proxy_headers_rejected_total 1\n"));
         assert!(text.contains("# TYPE lb_tunnels_active gauge\nlb_tunnels_active 2\n"));
         assert!(text.contains("lb_tunnels_total{backend=\"a:1\"} 4\n"));
     }

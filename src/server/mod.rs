@@ -239,6 +239,11 @@ impl Context {
         let state = Arc::new(ConnectionState::default());
         let id = shared.open.register(&stream, &state);
         let _open = lb.stats().open_connection();
+        // The PROXY protocol header comes first, before TLS (`--accept-proxy`).
+        let deadline = accepted + shared.client_timeout;
+        let Some(peer) = lb.client_addresses().of_connection(&stream, peer, deadline) else {
+            return shared.open.finish(id);
+        };
         let tls = self.listeners[index].tls.as_ref();
         let stream = match shared.client_stream(lb, stream, tls, accepted, peer) {
             Ok(stream) => {
