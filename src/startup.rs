@@ -41,21 +41,14 @@ pub fn run(
         (args.demo && args.tls.tls_cert.is_empty()).then(demo_certificate_path),
     );
     args.check_listeners()?;
-    let lb = match args.access_log.open()? {
-        Some(log) => lb.with_access_log(log),
-        None => lb,
-    };
+    let lb = with_access_log(lb, args)?;
     let mut settings = lb.startup_settings().clone();
     let budget = descriptor_budget(&lb, args.demo);
     if let Some(budget) = &budget {
         settings.max_connections = budget.fit(settings.max_connections);
     }
     let (server, certificates) = bind(&settings, &args.tls, args.demo)?;
-    let _demo_backends = if args.demo {
-        start_demo_backends(&lb)?
-    } else {
-        Vec::new()
-    };
+    let _demo_backends = args.demo.then(|| start_demo_backends(&lb)).transpose()?;
     let lb = Arc::new(lb);
     let reloader = Arc::new(Reloader::new(rebuild, args.clone()).with_certificates(certificates));
     reloader.install(&lb);
@@ -63,11 +56,7 @@ pub fn run(
 
     // The admin port is bound before anything is announced, so that a port in use is the one
     // line the user sees.
-    let admin = match args.admin {
-        Some(AdminAddr(Some(addr))) => Some(start_admin(addr, Arc::clone(&lb))?),
-        Some(AdminAddr(None)) => None,
-        None => start_default_admin(Arc::clone(&lb)),
-    };
+    let admin = admin_listener(args, &lb)?;
     if let Some(budget) = budget.filter(|_| settings.max_connections < args.max_connections) {
         log::warn!("{}", budget.lowered_warning(args.max_connections));
     }
@@ -97,6 +86,28 @@ pub fn run(
     log::info!("{}", report::summary(&lb));
     log::info!("stopped");
     Ok(())
+}
+
+/// The balancer with its access log opened, when `--access-log` asks for one: a file that
+/// cannot be opened stops the start with one line.
+fn with_access_log(lb: LoadBalancer, args: &CommonArgs) -> Result<LoadBalancer, StartError> {
+    Ok(match args.access_log.open()? {
+        Some(log) => lb.with_access_log(log),
+        None => lb,
+    })
+}
+
+/// The statistics listener: at `--admin ADDR`, none with `--admin off`, else on 8404 or the
+/// next free port.
+fn admin_listener(
+    args: &CommonArgs,
+    lb: &Arc<LoadBalancer>,
+) -> Result<Option<AdminServer>, StartError> {
+    Ok(match args.admin {
+        Some(AdminAddr(Some(addr))) => Some(start_admin(addr, Arc::clone(lb))?),
+        Some(AdminAddr(None)) => None,
+        None => start_default_admin(Arc::clone(lb)),
+    })
 }
 
 /// Binds the listeners. Certificates are read before any port is bound: a bad file is the one
