@@ -468,19 +468,21 @@ fn a_websocket_over_tls_1_2_echoes_both_ways_and_closes() {
     websocket_over_tls_echoes(&rustls::version::TLS12);
 }
 
+/// A balancer over one demo backend (its WebSocket echo at `/ws`), with an HTTPS listener
+/// showing `cert`.
+fn https_over_a_demo_backend(cert: &TestCertificate) -> (Balancer, DemoBackend) {
+    let backend = DemoBackend::start("a");
+    let mut args = vec!["--backend".to_string(), backend.spec()];
+    args.extend(cert.tls_flags("127.0.0.1:0").map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    (Balancer::start(LOADBALANCER, &args), backend)
+}
+
 fn websocket_over_tls_echoes(version: &'static rustls::SupportedProtocolVersion) {
     use tungstenite::handshake::client::{generate_key, Request};
     use tungstenite::Message;
     let cert = TestCertificate::new(&["localhost"]);
-    let backend = DemoBackend::start("a");
-    let lb = Balancer::start(
-        LOADBALANCER,
-        &[
-            &["--backend", &backend.spec()][..],
-            &cert.tls_flags("127.0.0.1:0"),
-        ]
-        .concat(),
-    );
+    let (lb, _backend) = https_over_a_demo_backend(&cert);
     let config = tls_client_config_for(&[&cert.cert_pem], &[version]);
     let connection = tls_client_with(config, "localhost");
     let client = Client::try_connect_tls_with(lb.tls_addr.unwrap(), connection).unwrap();
@@ -541,15 +543,7 @@ fn socket_io_like_mix(version: &'static rustls::SupportedProtocolVersion) {
     use tungstenite::protocol::Role;
     use tungstenite::Message;
     let cert = TestCertificate::new(&["localhost"]);
-    let backend = DemoBackend::start("a");
-    let lb = Balancer::start(
-        LOADBALANCER,
-        &[
-            &["--backend", &backend.spec()][..],
-            &cert.tls_flags("127.0.0.1:0"),
-        ]
-        .concat(),
-    );
+    let (lb, _backend) = https_over_a_demo_backend(&cert);
     let tls_addr = lb.tls_addr.unwrap();
     let config = tls_client_config_for(&[&cert.cert_pem], &[version]);
     let connect = || {
