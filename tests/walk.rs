@@ -107,3 +107,49 @@ fn a_walk_that_grew_too_long_fails() {
     let output = walk(&tree.root);
     assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
 }
+
+/// Runs `scripts/import_cycles.py` in `root` (a package: it reads `src/`).
+fn import_cycles(root: &Path) -> Output {
+    Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/import_cycles.py"
+        ))
+        .current_dir(root)
+        .output()
+        .expect("python3 runs scripts/import_cycles.py")
+}
+
+#[test]
+fn no_module_imports_another_that_imports_it_back() {
+    let output = import_cycles(Path::new(env!("CARGO_MANIFEST_DIR")));
+    assert!(output.status.success(), "{}", printed(&output));
+    assert!(printed(&output).contains("no import cycles"));
+}
+
+#[test]
+fn an_import_cycle_through_a_third_module_is_reported() {
+    let root = std::env::temp_dir().join(format!("lb-cycles-{}", std::process::id()));
+    fs::create_dir_all(root.join("src/c")).unwrap();
+    fs::write(
+        root.join("src/lib.rs"),
+        "pub mod a;\npub mod b;\npub mod c;\n",
+    )
+    .unwrap();
+    fs::write(root.join("src/a.rs"), "use crate::b::B;\n").unwrap();
+    fs::write(
+        root.join("src/b.rs"),
+        "// use crate::a; (a comment)\nuse crate::c::C;\n",
+    )
+    .unwrap();
+    fs::write(root.join("src/c/mod.rs"), "mod inner;\nuse super::a::A;\n").unwrap();
+    fs::write(root.join("src/c/inner.rs"), "use super::C;\n").unwrap();
+    let output = import_cycles(&root);
+    let _ = fs::remove_dir_all(&root);
+    assert_eq!(output.status.code(), Some(1), "{}", printed(&output));
+    let text = printed(&output);
+    assert!(
+        text.contains("crate::a -> crate::b -> crate::c -> crate::a"),
+        "{text}"
+    );
+}

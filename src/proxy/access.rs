@@ -6,7 +6,6 @@
 //! copies the request line, `Referer` and `User-Agent` and leaves all formatting to the log's
 //! writer thread (`access_log.rs`).
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::access_log::{Record, StickyOutcome, Tunnel};
@@ -18,57 +17,6 @@ use super::connection::ClientConnection;
 use super::outcome::Flow;
 use super::request::OutgoingRequest;
 use super::session::Session;
-
-/// What the access log learns about the current request while it is forwarded: nothing, and
-/// no memory, while the log is off; with it on, one allocation per connection, reused by each
-/// of its requests.
-#[derive(Debug, Default)]
-pub(super) struct Notes(Option<Box<Noted>>);
-
-/// The notes themselves.
-#[derive(Debug, Default)]
-struct Noted {
-    status: Option<u16>,
-    body_bytes: u64,
-    backend: Option<SocketAddr>,
-    try_started: Option<Instant>,
-    backend_time: Option<Duration>,
-    tries: u32,
-    request_id: Option<Box<str>>,
-    sticky: Option<StickyOutcome>,
-    tunnel: Option<Tunnel>,
-    error: Option<Box<str>>,
-}
-
-impl Notes {
-    /// Starts noting a new request.
-    fn begin(&mut self) {
-        **self.0.get_or_insert_with(Box::default) = Noted::default();
-    }
-
-    /// What was noted about the request that just ended.
-    fn take(&mut self) -> Noted {
-        self.0
-            .as_deref_mut()
-            .map(std::mem::take)
-            .unwrap_or_default()
-    }
-
-    /// The notes, while the access log is on.
-    fn on(&mut self) -> Option<&mut Noted> {
-        self.0.as_deref_mut()
-    }
-
-    /// A response with `status` was relayed, `written` bytes of it, `head` of them its head
-    /// (all of them, or as far as the client took them). A method of the notes rather than of
-    /// the connection, so that it can be called while the relay borrows the client's stream.
-    pub(super) fn response(&mut self, status: u16, written: u64, head: usize) {
-        if let Some(notes) = self.on().filter(|_| written > 0) {
-            notes.status = Some(status);
-            notes.body_bytes = written.saturating_sub(head as u64);
-        }
-    }
-}
 
 impl ClientConnection<'_> {
     /// Serves one request (`handle`) as this client: the address behind a trusted proxy is

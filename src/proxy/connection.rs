@@ -12,8 +12,8 @@ use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead, MAX_HEAD};
 use crate::stream::ClientStream;
 
-use super::access::Notes;
 use super::checks::check_request;
+use super::notes::Notes;
 use super::outcome::{Failure, Flow, TryError};
 use super::request::{Attempt, OutgoingRequest};
 use super::session::Session;

@@ -33,6 +33,7 @@ mod access;
 mod checks;
 mod connection;
 mod exchange;
+mod notes;
 mod outcome;
 mod request;
 mod session;
