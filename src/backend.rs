@@ -12,12 +12,13 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
+use crate::eligibility::AdminState;
 use crate::health::{Health, Transition};
 use crate::stats::events::EventKind;
 use crate::stats::BackendStats;
@@ -48,8 +49,14 @@ const OPENING_TIME: Duration = Duration::from_secs(1);
 pub struct Backend {
     name: String,
     addr: SocketAddr,
-    /// An atomic, so that a reload that changes it keeps the backend (and its statistics).
+    /// The weight balancing uses: the configured one, unless the operator set another at run
+    /// time (0 to 256). Atomics, so that a reload or an admin write keeps the backend (and its
+    /// statistics).
     weight: AtomicU32,
+    /// The weight the flags or the configuration file gave (at least 1).
+    configured_weight: AtomicU32,
+    /// The [`AdminState`] the operator set, as a byte.
+    admin: AtomicU8,
     stats: BackendStats,
     health: Health,
     pool: Mutex<Pool>,
@@ -167,6 +174,8 @@ impl Backend {
             name,
             addr,
             weight: AtomicU32::new(weight.max(1)),
+            configured_weight: AtomicU32::new(weight.max(1)),
+            admin: AtomicU8::new(AdminState::Ready.as_byte()),
             stats: BackendStats::default(),
             health: Health::default(),
             pool: Mutex::new(Pool::default()),
@@ -184,14 +193,49 @@ impl Backend {
         self.addr
     }
 
-    /// The backend's relative share of traffic for weighted algorithms.
+    /// The backend's relative share of traffic for weighted algorithms; 0 takes no new
+    /// request (see [`crate::eligibility`]).
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
 
-    /// Changes the weight (a reload); the balancers built for the new backend set read it.
+    /// The weight the configuration gave, whatever the operator set since.
+    pub fn configured_weight(&self) -> u32 {
+        self.configured_weight.load(Ordering::Relaxed)
+    }
+
+    /// Changes the configured weight (a reload that changes it), and the weight in use with it.
     pub fn set_weight(&self, weight: u32) {
+        self.configured_weight
+            .store(weight.max(1), Ordering::Relaxed);
         self.weight.store(weight.max(1), Ordering::Relaxed);
+    }
+
+    /// Sets the weight in use at run time (the admin API), 0 to
+    /// [`crate::eligibility::MAX_WEIGHT`]; the configured weight stays, for the next reload
+    /// that changes it.
+    pub fn set_run_time_weight(&self, weight: u32) {
+        self.weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// What the operator last said about this backend.
+    pub fn admin_state(&self) -> AdminState {
+        AdminState::from_byte(self.admin.load(Ordering::Acquire))
+    }
+
+    /// Sets the administrative state and returns the one before. Leaving ready closes the idle
+    /// pooled connections (a backend shutting down gracefully waits for its keep-alive
+    /// connections to close); leaving maintenance with active checks on holds the backend out
+    /// until a check passes, since nothing checked it meanwhile.
+    pub fn set_admin_state(&self, state: AdminState) -> AdminState {
+        let before = AdminState::from_byte(self.admin.swap(state.as_byte(), Ordering::AcqRel));
+        if before == AdminState::Maint && state != AdminState::Maint {
+            self.health.hold_until_checked();
+        }
+        if state != AdminState::Ready {
+            self.close_idle();
+        }
+        before
     }
 
     /// Whether `other` is the same backend: the same address, written the same way. A reload
@@ -352,7 +396,8 @@ impl Backend {
             wake.notify_one();
             return;
         }
-        if pool.idle.len() < MAX_IDLE_CONNECTIONS {
+        // A draining backend keeps no idle connection: its graceful shutdown would wait for it.
+        if pool.idle.len() < MAX_IDLE_CONNECTIONS && self.admin_state() == AdminState::Ready {
             pool.idle.push(IdleConnection {
                 stream,
                 since: Instant::now(),

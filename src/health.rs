@@ -154,6 +154,9 @@ pub struct Health {
     failed_requests: AtomicU32,
     /// Passive: a trial request was let through and its outcome not yet seen.
     trial_pending: AtomicBool,
+    /// Active: the next probe should go out now rather than after the interval (the backend
+    /// left maintenance and is held out until it passes).
+    check_soon: AtomicBool,
     checks: Mutex<CheckCounts>,
 }
 
@@ -176,6 +179,7 @@ impl Default for Health {
             next_check_at: AtomicU64::new(0),
             failed_requests: AtomicU32::new(0),
             trial_pending: AtomicBool::new(false),
+            check_soon: AtomicBool::new(false),
             checks: Mutex::new(CheckCounts::default()),
         }
     }
@@ -198,6 +202,13 @@ impl Health {
         let mut counts = self.counts();
         counts.successes = policy.rise.saturating_sub(1);
         self.active_up.store(false, Ordering::Release);
+        self.check_soon.store(true, Ordering::Release);
+    }
+
+    /// Whether the next probe was asked to go out now (see [`Health::hold_until_checked`]);
+    /// asking once is answered once.
+    pub fn take_check_soon(&self) -> bool {
+        self.check_soon.swap(false, Ordering::AcqRel)
     }
 
     /// Which checks judge this backend.

@@ -15,6 +15,7 @@
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
+//! | 3 | [`eligibility`] | which backends may take a request: health, and drain, maint and weight set at run time |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
 //! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
@@ -78,6 +79,7 @@ pub mod config;
 pub mod demo;
 pub mod descriptors;
 pub mod dns;
+pub mod eligibility;
 pub mod error;
 pub mod health;
 pub mod http;

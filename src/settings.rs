@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use crate::admin::AdminToken;
 use crate::client_addr::Cidr;
 
 /// Settings fixed at start-up and shared by the server and every client connection.
@@ -36,6 +37,8 @@ pub struct Settings {
     pub reuse_port: bool,
     /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.
     pub redirect_https: Option<u16>,
+    /// The token admin writes must carry (`--admin-token`); without it, loopback clients only.
+    pub admin_token: Option<AdminToken>,
     /// How the kernel schedules the client threads.
     pub cpu_scheduling: CpuScheduling,
 }

@@ -10,6 +10,8 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
+
 use md5::{Digest, Md5};
 
 use super::ip_hash::md5_of_ip;
@@ -34,8 +36,9 @@ struct Point {
 /// Consistent hashing of the client IP on a ring with virtual nodes.
 #[derive(Debug)]
 pub struct ConsistentHash {
-    /// Sorted by hash. Built once: a load balancer's backend list does not change while it runs.
-    ring: Vec<Point>,
+    /// Sorted by hash. Built with the balancer for its backend list (a reload builds a new one),
+    /// and again when the operator changes a weight at run time.
+    ring: ArcSwap<Vec<Point>>,
 }
 
 impl ConsistentHash {
@@ -44,31 +47,38 @@ impl ConsistentHash {
     /// backend more or less gives the other backends the same points.
     pub fn new<'a>(backends: impl IntoIterator<Item = &'a Backend>) -> Self {
         let backends: Vec<&Backend> = backends.into_iter().collect();
-        let total_weight: u64 = backends.iter().map(|b| u64::from(b.weight())).sum();
-        let per_weight = (MAX_POINTS / total_weight.max(1)).clamp(1, POINTS_PER_WEIGHT);
-        let mut ring: Vec<Point> = backends
-            .iter()
-            .enumerate()
-            .flat_map(|(index, backend)| {
-                let points = per_weight * u64::from(backend.weight());
-                (0..points).map(move |n| Point {
-                    hash: hash_of(format!("{}#{n}", backend.name()).as_bytes()),
-                    index,
-                })
-            })
-            .collect();
-        ring.sort_unstable();
-        ConsistentHash { ring }
-    }
-
-    /// The position of the first point at or after `hash`, wrapping around past the top.
-    fn first_point_from(&self, hash: u64) -> usize {
-        let position = self.ring.partition_point(|point| point.hash < hash);
-        if position == self.ring.len() {
-            0
-        } else {
-            position
+        ConsistentHash {
+            ring: ArcSwap::from_pointee(ring_of(&backends)),
         }
+    }
+}
+
+/// The ring's points for `backends`, sorted: a backend of weight 0 has none.
+fn ring_of(backends: &[&Backend]) -> Vec<Point> {
+    let total_weight: u64 = backends.iter().map(|b| u64::from(b.weight())).sum();
+    let per_weight = (MAX_POINTS / total_weight.max(1)).clamp(1, POINTS_PER_WEIGHT);
+    let mut ring: Vec<Point> = backends
+        .iter()
+        .enumerate()
+        .flat_map(|(index, backend)| {
+            let points = per_weight * u64::from(backend.weight());
+            (0..points).map(move |n| Point {
+                hash: hash_of(format!("{}#{n}", backend.name()).as_bytes()),
+                index,
+            })
+        })
+        .collect();
+    ring.sort_unstable();
+    ring
+}
+
+/// The position of the first point of `ring` at or after `hash`, wrapping around past the top.
+fn first_point_from(ring: &[Point], hash: u64) -> usize {
+    let position = ring.partition_point(|point| point.hash < hash);
+    if position == ring.len() {
+        0
+    } else {
+        position
     }
 }
 
@@ -88,6 +98,12 @@ impl Balancer for ConsistentHash {
         "consistent-hash"
     }
 
+    /// A backend's share of the ring follows its weight, so a new weight needs a new ring.
+    fn weights_changed(&self, backends: &[Arc<Backend>]) {
+        let backends: Vec<&Backend> = backends.iter().map(|b| &**b).collect();
+        self.ring.store(Arc::new(ring_of(&backends)));
+    }
+
     fn pick(
         &self,
         backends: &[Arc<Backend>],
@@ -95,19 +111,20 @@ impl Balancer for ConsistentHash {
         is_candidate: &dyn Fn(usize) -> bool,
     ) -> Option<Pick> {
         let usable = |i: usize| i < backends.len() && is_candidate(i);
+        let ring = self.ring.load();
         // Checked first so that the walk below always ends at a usable point.
-        if self.ring.is_empty() || !(0..backends.len()).any(usable) {
+        if ring.is_empty() || !(0..backends.len()).any(usable) {
             return None;
         }
         let key = first_eight(&md5_of_ip(request.client_ip));
-        let start = self.first_point_from(key);
+        let start = first_point_from(&ring, key);
         // Walking on clockwise past an unavailable backend's points spreads its clients over
         // the backends that follow them, and leaves every other client where it was.
-        let point = (0..self.ring.len())
-            .map(|step| self.ring[(start + step) % self.ring.len()])
+        let point = (0..ring.len())
+            .map(|step| ring[(start + step) % ring.len()])
             .find(|point| usable(point.index))?;
         let reason = if request.explain {
-            self.explain(backends, request, key, start, point)
+            explain(&ring, backends, request, (key, start), point)
         } else {
             String::new()
         };
@@ -118,38 +135,35 @@ impl Balancer for ConsistentHash {
     }
 }
 
-impl ConsistentHash {
-    /// One line with the client's hash, the ring point it reached, and any backend passed over.
-    fn explain(
-        &self,
-        backends: &[Arc<Backend>],
-        request: &Request,
-        key: u64,
-        start: usize,
-        chosen: Point,
-    ) -> String {
-        let first = self.ring[start];
-        let mut line = format!(
-            "consistent-hash: md5(\"{}\") -> {key:#018x}; next of {} ring points clockwise is \
+/// One line with the client's hash, the ring point it reached, and any backend passed over.
+fn explain(
+    ring: &[Point],
+    backends: &[Arc<Backend>],
+    request: &Request,
+    (key, start): (u64, usize),
+    chosen: Point,
+) -> String {
+    let first = ring[start];
+    let mut line = format!(
+        "consistent-hash: md5(\"{}\") -> {key:#018x}; next of {} ring points clockwise is \
              {:#018x}",
-            request.client_ip.to_canonical(),
-            self.ring.len(),
-            first.hash,
+        request.client_ip.to_canonical(),
+        ring.len(),
+        first.hash,
+    );
+    let owner = |index: usize| backends.get(index).map_or("?", |b| b.name());
+    if first == chosen {
+        let _ = write!(line, " of {}", owner(chosen.index));
+    } else {
+        let _ = write!(
+            line,
+            " of {} (unavailable), moved on to {:#018x}",
+            owner(first.index),
+            chosen.hash
         );
-        let owner = |index: usize| backends.get(index).map_or("?", |b| b.name());
-        if first == chosen {
-            let _ = write!(line, " of {}", owner(chosen.index));
-        } else {
-            let _ = write!(
-                line,
-                " of {} (unavailable), moved on to {:#018x}",
-                owner(first.index),
-                chosen.hash
-            );
-        }
-        let _ = write!(line, " -> {}", owner(chosen.index));
-        line
     }
+    let _ = write!(line, " -> {}", owner(chosen.index));
+    line
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
 //! Balancing: choosing which backend takes a request.
 //!
 //! Every algorithm implements the small [`Balancer`] trait, one algorithm per file. The proxy
-//! decides which backends are candidates (healthy ones, minus those already tried for this
-//! request) and the balancer picks among them, so health checks and retries work the same way
-//! with every algorithm.
+//! decides which backends are candidates (those [`crate::eligibility`] admits: healthy, and not
+//! drained or in maintenance by the operator, minus those already tried for this request) and
+//! the balancer picks among them, so health checks, drain and retries work the same way with
+//! every algorithm.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -53,6 +54,11 @@ pub trait Balancer: Send + Sync {
         request: &Request,
         is_candidate: &dyn Fn(usize) -> bool,
     ) -> Option<Pick>;
+
+    /// Called after the operator changed a weight at run time. The algorithms that read the
+    /// weights at each pick need nothing; one that built something from them (consistent
+    /// hashing's ring) builds it again.
+    fn weights_changed(&self, _backends: &[Arc<Backend>]) {}
 }
 
 /// The algorithms `--algorithm` can name.

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::access_log::{AccessLog, Format as AccessLogFormat, Target as AccessLogTarget};
+use crate::admin::AdminToken;
 use crate::backend::Backend;
 use crate::client_addr::Cidr;
 use crate::dns::{self, Resolver};
@@ -77,6 +78,19 @@ pub struct CommonArgs {
     // replaced by another (an address the user chose stays an error when it is in use).
     #[arg(long, value_name = "ADDR|off", value_parser = parse_admin)]
     pub admin: Option<AdminAddr>,
+
+    /// Token every write to the admin listener (drain, weight, reload) must carry as
+    /// `Authorization: Bearer TOKEN`, from any address; without it, writes are taken from
+    /// loopback clients only. Prefer the environment variable, which `ps` does not show.
+    // Never shown in `--help` (hide_env_values) nor in a `Debug` print.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "LB_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_parser = parse_admin_token
+    )]
+    pub admin_token: Option<AdminToken>,
 
     /// How often statistics are logged; 0 turns the periodic log off.
     #[arg(
@@ -272,6 +286,7 @@ impl CommonArgs {
             accept_proxy: self.client_addr.accept_proxy,
             trusted_proxies: self.client_addr.trusted_proxies.clone(),
             reuse_port: self.reuse_port,
+            admin_token: self.admin_token.clone(),
             redirect_https: self
                 .tls
                 .tls_listen

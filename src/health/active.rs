@@ -10,10 +10,14 @@ use std::error::Error as _;
 use std::io;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::backend::{report_health, Backend};
+use crate::eligibility::AdminState;
 use crate::health::ActivePolicy;
+
+/// How often a waiting checker looks whether a probe is asked for sooner.
+const CHECK_SOON_POLL: Duration = Duration::from_millis(100);
 
 /// The running checker threads; [`ActiveChecker::stop`] ends them.
 #[derive(Debug)]
@@ -102,14 +106,37 @@ fn check_until_stopped(
         .build();
     let url = format!("http://{}{}", backend.addr(), policy.path);
     loop {
+        // In maintenance nothing is checked (the backend may be stopped on purpose).
+        if backend.admin_state() == AdminState::Maint {
+            if wait_for_next_check(backend, policy.interval, stop) {
+                return;
+            }
+            continue;
+        }
         let (passed, result) = probe(&agent, &url);
         log::debug!("health check of {}: {result}", backend.name());
         backend.health().expect_check_in(policy.interval);
         if let Some(change) = backend.health().observe_check(passed, &result) {
             report_health(all, backend, &change);
         }
-        if stop.wait(policy.interval) {
+        if wait_for_next_check(backend, policy.interval, stop) {
             return;
+        }
+    }
+}
+
+/// Waits `interval` before the next probe, or less when one is asked for sooner: a backend that
+/// leaves maintenance is held out until a check passes, which should not take a whole interval.
+/// True when the checker is stopped.
+fn wait_for_next_check(backend: &Backend, interval: Duration, stop: &StopSignal) -> bool {
+    let until = Instant::now() + interval;
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        if left.is_zero() || backend.health().take_check_soon() {
+            return false;
+        }
+        if stop.wait(left.min(CHECK_SOON_POLL)) {
+            return true;
         }
     }
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::balance;
+use crate::eligibility::{self, AdminState, Admission};
 use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead, MAX_HEAD};
 use crate::stream::ClientStream;
@@ -432,10 +433,13 @@ impl<'a> ClientConnection<'a> {
     /// one of them, else the balancer's pick.
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
         let backends = &self.set.backends;
-        let is_candidate = |i: usize| !tried.contains(&i) && backends[i].health().is_available();
-        if let Some(pick) = session.and_then(|s| s.choice(&is_candidate)) {
+        let admits = |admission| {
+            move |i: usize| !tried.contains(&i) && eligibility::admits(&backends[i], admission)
+        };
+        if let Some(pick) = session.and_then(|s| s.choice(&admits(Admission::Bound))) {
             return Some(pick);
         }
+        let is_candidate = admits(Admission::New);
         let request = balance::Request {
             client_ip: self.client_ip,
             explain: self.set.settings.explain,
@@ -455,10 +459,10 @@ impl<'a> ClientConnection<'a> {
         if session.is_none_or(|s| s.backend != Some(pick.index)) {
             parts.push(pick.reason.clone());
         }
-        let unavailable: Vec<&str> = backends
+        let unavailable: Vec<String> = backends
             .iter()
-            .filter(|b| !b.health().is_available())
-            .map(|b| b.name())
+            .filter(|b| !eligibility::admits(b, Admission::New))
+            .map(|b| unavailable_name(b))
             .collect();
         if !unavailable.is_empty() {
             parts.push(format!("unavailable: {}", unavailable.join(", ")));
@@ -474,6 +478,16 @@ impl<'a> ClientConnection<'a> {
 
 /// The tries of one request so far.
 /// No backend was left to try: a 503 that says when to come back.
+/// A backend left out of the choice, for `X-Lb-Decision`: its name, and why when the operator
+/// left it out (health needs no word: the page and the log say it).
+fn unavailable_name(backend: &Backend) -> String {
+    match backend.admin_state() {
+        AdminState::Ready if backend.weight() == 0 => format!("{} (weight 0)", backend.name()),
+        AdminState::Ready => backend.name().to_string(),
+        state => format!("{} ({state})", backend.name()),
+    }
+}
+
 fn no_backend(set: &BackendSet) -> Failure {
     Failure::Answer(ProxyError::NoBackend {
         retry_after: set.retry_after(),

@@ -51,6 +51,7 @@ use crate::access_log::AccessLog;
 use crate::backend::Backend;
 use crate::balance::Balancer;
 use crate::client_addr::ClientAddresses;
+use crate::eligibility::{self, Admission};
 use crate::health::HealthConfig;
 use crate::http::BufferPool;
 use crate::settings::Settings;
@@ -64,6 +65,9 @@ const BUFFER_SIZE: usize = 4 * 1024;
 
 /// Spare read buffers kept for reuse (at most 1 MiB of them).
 const SPARE_BUFFERS: usize = 256;
+
+/// The `Retry-After` of a 503 when every backend is drained, in maintenance or of weight 0.
+const OPERATOR_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Everything client connections share: the backends, the algorithm, statistics and settings.
 /// This is the chapter's `LoadBalancer` class.
@@ -140,12 +144,19 @@ impl BackendSet {
     }
 
     /// How long until some backend could take requests again: the `Retry-After` of a 503.
+    /// Backends the operator took out (drain, maint, weight 0) come back when told, which no
+    /// clock says: when they are all there is, clients are asked to come back in
+    /// [`OPERATOR_RETRY_AFTER`].
     fn retry_after(&self) -> Duration {
+        if self.backends.is_empty() {
+            return Duration::from_secs(1);
+        }
         self.backends
             .iter()
+            .filter(|b| eligibility::admits_by_admin(b, Admission::New))
             .map(|b| b.health().available_in())
             .min()
-            .unwrap_or(Duration::from_secs(1))
+            .unwrap_or(OPERATOR_RETRY_AFTER)
     }
 }
 

@@ -2,11 +2,12 @@
 
 use std::fmt::Write as _;
 
+use crate::eligibility::AdminState;
 use crate::health::HealthMode;
 use crate::plural;
 use crate::stats::events::rfc3339;
 
-use super::{chart, share, Snapshot};
+use super::{chart, share, BackendSnapshot, Snapshot};
 
 /// How often the HTML page reloads itself, in seconds.
 const REFRESH_SECONDS: u32 = 2;
@@ -74,17 +75,12 @@ impl Snapshot {
         page.push_str(
             "<table>\n<thead><tr><th>backend</th><th>state</th><th>health checks</th>\
              <th>weight</th><th>requests</th><th>errors</th><th>active</th>\
-             <th>latency p50 / p90 / p99</th><th>share of traffic</th></tr></thead>\n<tbody>\n",
+             <th>latency p50 / p90 / p99</th><th>share of traffic</th><th>control</th></tr></thead>\n<tbody>\n",
         );
         let reached = self.backend_requests();
         for b in &self.backends {
             let share = share(b.requests, reached) * 100.0;
-            // Without checks, "up" beside a 100 % error rate would claim a verdict nothing made.
-            let (state, class) = match (b.health_checks, b.healthy) {
-                (HealthMode::None, _) => ("not checked", "unchecked"),
-                (_, true) => ("up", "up"),
-                (_, false) => ("down", "down"),
-            };
+            let (state, class) = state_cell(b);
             // The counts behind the state, so a learner can watch rise and fall happen.
             let health = match b.health_checks {
                 HealthMode::None => String::from("none"),
@@ -98,7 +94,8 @@ impl Snapshot {
                  <td data-label=\"weight\">{}</td><td data-label=\"requests\">{}</td>\
                  <td data-label=\"errors\">{} ({:.1}%)</td><td data-label=\"active\">{}{}</td>\
                  <td class=\"latency\" data-label=\"latency p50 / p90 / p99\" title=\"average {:.2} ms\">{} / {} / {} ms</td>\
-                 <td class=\"share\" data-label=\"share\"><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td></tr>",
+                 <td class=\"share\" data-label=\"share\"><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td>\
+                 <td class=\"control\" data-label=\"control\">{}</td></tr>",
                 escape_html(&b.address),
                 b.weight,
                 b.requests,
@@ -110,9 +107,36 @@ impl Snapshot {
                 milliseconds(b.latency_ms_p50),
                 milliseconds(b.latency_ms_p90),
                 milliseconds(b.latency_ms_p99),
+                self.controls(b),
             );
         }
         page.push_str("</tbody>\n</table>\n");
+    }
+
+    /// The buttons that drain a backend, put it in maintenance and make it ready: plain forms
+    /// that POST to the admin API (no script), the current state's button disabled. With an
+    /// admin token, each form asks for it, since a form cannot send an `Authorization` field.
+    fn controls(&self, b: &BackendSnapshot) -> String {
+        let name = percent_encode(&b.address);
+        let token = if self.admin_token_required {
+            "<input type=\"password\" name=\"token\" placeholder=\"token\" size=\"6\" required>"
+        } else {
+            ""
+        };
+        AdminState::ALL
+            .iter()
+            .map(|state| {
+                let disabled = if *state == b.admin_state {
+                    " disabled"
+                } else {
+                    ""
+                };
+                format!(
+                    "<form method=\"post\" action=\"/backends/{name}/{state}\">{token}\
+                     <button{disabled}>{state}</button></form>"
+                )
+            })
+            .collect()
     }
 
     /// One chart per backend of its last five minutes, all on the same scales.
@@ -183,6 +207,35 @@ impl Snapshot {
 }
 
 /// A latency for the page: three significant digits, `0.102`, `1.05`, `12.4`, `250`.
+/// The state column: the operator's drain or maint first (they hold the backend out whatever
+/// its health), else health. Without checks, "up" beside a 100 % error rate would claim a
+/// verdict nothing made.
+fn state_cell(b: &BackendSnapshot) -> (String, &'static str) {
+    let health = match (b.health_checks, b.healthy) {
+        (HealthMode::None, _) => ("not checked", "unchecked"),
+        (_, true) => ("up", "up"),
+        (_, false) => ("down", "down"),
+    };
+    match b.admin_state {
+        AdminState::Ready if b.weight == 0 => (format!("{}, weight 0", health.0), "drain"),
+        AdminState::Ready => (health.0.to_string(), health.1),
+        AdminState::Drain => (format!("drain ({})", health.0), "drain"),
+        AdminState::Maint => ("maint".to_string(), "maint"),
+    }
+}
+
+/// A backend's name as a path segment: every byte but letters, digits, `-._~` and `:` as `%XX`.
+fn percent_encode(name: &str) -> String {
+    name.bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                char::from(byte).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
 fn milliseconds(ms: f64) -> String {
     match ms {
         ms if ms >= 100.0 => format!("{ms:.0}"),
@@ -220,6 +273,9 @@ const HTML_STYLE: &str = concat!(
     "  max-width: 22em; }\n",
     ".up { color: var(--up); font-weight: bold; } .down { color: var(--down); font-weight: bold; }\n",
     ".unchecked { color: var(--muted); }\n",
+    ".drain { color: var(--lat); font-weight: bold; } .maint { color: var(--req); font-weight: bold; }\n",
+    "td.control form { display: inline; } td.control button { margin-left: 0.2em; }\n",
+    "td.control input { margin-left: 0.2em; }\n",
     ".bar { display: inline-block; width: 6em; height: 0.8em; background: var(--track);\n",
     "  vertical-align: middle; }\n",
     ".bar div { height: 100%; background: var(--req); }\n",
@@ -246,6 +302,7 @@ const HTML_STYLE: &str = concat!(
     ".events time { font-family: monospace; color: var(--muted); }\n",
     ".kind { display: inline-block; min-width: 4.5em; font-weight: bold; }\n",
     ".kind.down, .kind.ejected, .kind.trial { color: var(--down); } .kind.up { color: var(--up); }\n",
+    ".kind.admin { color: var(--lat); }\n",
     ".kind.start, .kind.stop { color: var(--muted); }\n",
     "@media (max-width: 1000px) {\n",
     "  body { margin: 0.6em; }\n",
@@ -309,6 +366,33 @@ mod tests {
         assert!(page.contains("&lt;b&quot;\\&gt;:2"));
         assert!(!page.contains("<b\""));
         assert!(page.contains("width:60.0%"));
+    }
+
+    #[test]
+    fn html_shows_the_operators_state_with_buttons_that_post() {
+        let mut snapshot = snapshot();
+        snapshot.backends[1].admin_state = AdminState::Drain;
+        let page = snapshot.to_html();
+        assert!(
+            page.contains("<td class=\"drain\">drain (down)</td>"),
+            "{page}"
+        );
+        // The name as a path segment: `<b"\>:2`.
+        assert!(page.contains(
+            "<form method=\"post\" action=\"/backends/%3Cb%22%5C%3E:2/maint\"><button>maint</button>"
+        ));
+        assert!(page.contains(
+            "action=\"/backends/%3Cb%22%5C%3E:2/drain\"><button disabled>drain</button>"
+        ));
+        assert!(!page.contains("name=\"token\""));
+        snapshot.admin_token_required = true;
+        assert!(snapshot
+            .to_html()
+            .contains("<input type=\"password\" name=\"token\""));
+        snapshot.backends[0].weight = 0;
+        assert!(snapshot
+            .to_html()
+            .contains("<td class=\"drain\">up, weight 0</td>"));
     }
 
     #[test]

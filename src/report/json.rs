@@ -112,7 +112,10 @@ fn backend_json(b: &BackendSnapshot, reached: u64) -> serde_json::Value {
     json!({
         "address": b.address,
         "weight": b.weight,
+        "configured_weight": b.configured_weight,
+        "admin_state": b.admin_state.name(),
         "healthy": b.healthy,
+        "in_flight": b.active_connections,
         "requests": b.requests,
         "errors": b.errors,
         "active_connections": b.active_connections,

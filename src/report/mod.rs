@@ -19,6 +19,7 @@
 use std::time::{Instant, SystemTime};
 
 use crate::backend::Backend;
+use crate::eligibility::AdminState;
 use crate::health::HealthMode;
 use crate::proxy::LoadBalancer;
 use crate::stats::events::{Event, EventKind, MAX_EVENTS};
@@ -38,6 +39,8 @@ pub use summary::summary;
 pub struct Snapshot {
     /// The balancing algorithm's name.
     pub algorithm: &'static str,
+    /// Whether admin writes need the admin token (the page's forms then ask for it).
+    pub admin_token_required: bool,
     /// Seconds since start.
     pub uptime_seconds: f64,
     /// Requests the balancer answered, by a backend or by itself.
@@ -98,8 +101,13 @@ pub struct EventSnapshot {
 pub struct BackendSnapshot {
     /// The address as the user wrote it.
     pub address: String,
-    /// Relative share of traffic for weighted algorithms.
+    /// Relative share of traffic for weighted algorithms, as set at run time (0 takes no new
+    /// request).
     pub weight: u32,
+    /// The weight the configuration gave.
+    pub configured_weight: u32,
+    /// What the operator set: ready, drain or maint.
+    pub admin_state: AdminState,
     /// Whether the backend is considered healthy. Always true without health checks: the
     /// backend stays in rotation.
     pub healthy: bool,
@@ -166,6 +174,7 @@ impl Snapshot {
             .collect();
         Snapshot {
             algorithm: set.balancer().name(),
+            admin_token_required: set.settings().admin_token.is_some(),
             uptime_seconds: stats.uptime().as_secs_f64(),
             total_requests: stats.total_requests(),
             requests_per_second: stats.requests_per_second(),
@@ -206,6 +215,8 @@ impl BackendSnapshot {
         BackendSnapshot {
             address: backend.name().to_string(),
             weight: backend.weight(),
+            configured_weight: backend.configured_weight(),
+            admin_state: backend.admin_state(),
             healthy: backend.is_healthy(),
             health_checks: health.mode(),
             health: health.describe(),
@@ -304,6 +315,8 @@ mod tests {
         let backend = |address: &str, requests: u64, healthy: bool| BackendSnapshot {
             address: address.into(),
             weight: 1,
+            configured_weight: 1,
+            admin_state: AdminState::Ready,
             healthy,
             health_checks: HealthMode::Active,
             health: if healthy { "up".into() } else { "DOWN".into() },
@@ -338,6 +351,7 @@ mod tests {
         };
         Snapshot {
             algorithm: "round-robin",
+            admin_token_required: false,
             uptime_seconds: 12.3,
             total_requests: 10,
             requests_per_second: 0.8,

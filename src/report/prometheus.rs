@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use crate::eligibility::AdminState;
 use crate::stats::LATENCY_BUCKETS;
 
 use super::{BackendSnapshot, Snapshot};
@@ -133,9 +134,17 @@ impl Snapshot {
             out,
             "lb_backend_active_connections",
             "gauge",
-            "Requests in flight to the backend.",
+            "Requests in flight to the backend (the same as lb_backend_in_flight).",
             |b| b.active_connections as f64,
         );
+        self.per_backend(
+            out,
+            "lb_backend_in_flight",
+            "gauge",
+            "Requests in flight to the backend, open tunnels included.",
+            |b| b.active_connections as f64,
+        );
+        self.admin_states(out);
         self.per_backend(
             out,
             "lb_backend_weight",
@@ -143,6 +152,27 @@ impl Snapshot {
             "The backend's weight.",
             |b| f64::from(b.weight),
         );
+    }
+
+    /// `lb_backend_admin_state`: per backend, one series per state, 1 for the state it is in.
+    fn admin_states(&self, out: &mut String) {
+        let name = "lb_backend_admin_state";
+        metric_header(
+            out,
+            name,
+            "gauge",
+            "1 for the administrative state the operator set (ready, drain, maint), else 0.",
+        );
+        for backend in &self.backends {
+            let label = escape_label(&backend.address);
+            for state in AdminState::ALL {
+                let value = u8::from(backend.admin_state == state);
+                let _ = writeln!(
+                    out,
+                    "{name}{{backend=\"{label}\",state=\"{state}\"}} {value}"
+                );
+            }
+        }
     }
 
     /// `lb_tunnels_active` and `lb_tunnels_total`: the balancer's total without labels, then
@@ -264,11 +294,14 @@ fn escape_label(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::eligibility::AdminState;
     use crate::report::tests::snapshot;
 
     #[test]
     fn prometheus_labels_are_escaped_and_buckets_cumulative() {
-        let text = snapshot().to_prometheus();
+        let mut snapshot = snapshot();
+        snapshot.backends[1].admin_state = AdminState::Drain;
+        let text = snapshot.to_prometheus();
         assert!(text.contains("lb_backend_up{backend=\"<b\\\"\\\\>:2\"} 0\n"));
         assert!(
             text.contains("lb_request_duration_seconds_bucket{backend=\"a:1\",le=\"0.0005\"} 5\n")
@@ -280,6 +313,11 @@ mod tests {
         assert!(text.contains("# TYPE lb_retries_total counter\nlb_retries_total 2\n"));
         assert!(text.contains("\nlb_access_log_dropped_total 4\n"));
         assert!(text.contains("\nlb_proxy_headers_rejected_total 1\n"));
+        assert!(text.contains("lb_backend_admin_state{backend=\"a:1\",state=\"ready\"} 1\n"));
+        assert!(text.contains("lb_backend_admin_state{backend=\"a:1\",state=\"drain\"} 0\n"));
+        assert!(
+            text.contains("lb_backend_admin_state{backend=\"<b\\\"\\\\>:2\",state=\"drain\"} 1\n")
+        );
         assert!(text.contains("# TYPE lb_tunnels_active gauge\nlb_tunnels_active 2\n"));
         assert!(text.contains("lb_tunnels_total{backend=\"a:1\"} 4\n"));
     }

@@ -30,6 +30,8 @@ pub enum EventKind {
     Trial,
     /// The configuration was read again: applied, or refused with the old one kept.
     Reload,
+    /// The operator changed a backend's state or weight on the admin listener.
+    Admin,
 }
 
 impl EventKind {
@@ -38,7 +40,7 @@ impl EventKind {
         match self {
             EventKind::Down | EventKind::Ejected | EventKind::Trial => Some(true),
             EventKind::Up => Some(false),
-            EventKind::Start | EventKind::Stop | EventKind::Reload => None,
+            EventKind::Start | EventKind::Stop | EventKind::Reload | EventKind::Admin => None,
         }
     }
 }
@@ -53,6 +55,7 @@ impl fmt::Display for EventKind {
             EventKind::Ejected => "ejected",
             EventKind::Trial => "trial",
             EventKind::Reload => "reload",
+            EventKind::Admin => "admin",
         })
     }
 }

@@ -5,9 +5,11 @@
 //! connection is one request answered and closed, heads are bounded in size and time, and at
 //! most a few connections are served at once, so a misbehaving client of the admin port cannot
 //! slow the balancer down. It serves `/stats` (HTML), `/stats.json` and `/metrics` (Prometheus),
-//! all rendered by [`crate::report`]. One write so far: `POST /reload` reads the configuration
-//! again (see [`crate::reload`]); writes are taken from loopback clients only, and never with a
-//! foreign `Origin` (a web page in the operator's browser must not reload the balancer).
+//! all rendered by [`crate::report`], and `GET /backends` (JSON). Writes change the balancer:
+//! `POST /reload` reads the configuration again (see [`crate::reload`]), and
+//! `POST /backends/{name}/ready|drain|maint|weight` takes a backend out and puts it back
+//! (`backends.rs`); `access.rs` decides who may write (loopback, or the admin token; never a
+//! foreign `Origin`).
 //!
 //! When `--admin` is not given, the listener takes the first free port of [`DEFAULT_PORTS`], so
 //! that a second balancer started beside the first (a learner comparing two phases) keeps its
@@ -25,8 +27,17 @@ use crate::http::{self, BufferedStream, HeadError, Headers, RequestHead};
 use crate::proxy::LoadBalancer;
 use crate::report::Snapshot;
 
+mod access;
+mod backends;
+
+pub use access::AdminToken;
+use access::Writer;
+
 /// The largest request head read from an admin client; the three pages need only a request line.
 const MAX_HEAD: usize = 8 * 1024;
+
+/// The largest body of a write (a form with a weight and a token).
+const MAX_BODY: usize = 4 * 1024;
 
 /// How long an admin client may take to send its request, and to read the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -123,10 +134,13 @@ fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &Atomic
         }
         let lb = Arc::clone(lb);
         let done = Arc::clone(&busy);
+        let Ok(own) = listener.local_addr() else {
+            return;
+        };
         let spawned = thread::Builder::new()
             .name("admin-client".into())
             .spawn(move || {
-                serve(stream, &lb);
+                serve(stream, &lb, own);
                 done.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(err) = spawned {
@@ -136,8 +150,8 @@ fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &Atomic
     }
 }
 
-/// Answers the one request of an admin connection.
-fn serve(stream: TcpStream, lb: &LoadBalancer) {
+/// Answers the one request of an admin connection, which reached the listener at `own`.
+fn serve(stream: TcpStream, lb: &LoadBalancer, own: SocketAddr) {
     let peer = stream.peer_addr().ok();
     if stream.set_read_timeout(Some(CLIENT_TIMEOUT)).is_err()
         || stream.set_write_timeout(Some(CLIENT_TIMEOUT)).is_err()
@@ -148,7 +162,23 @@ fn serve(stream: TcpStream, lb: &LoadBalancer) {
     // trickling one byte at a time is still cut off.
     let mut reader = BufferedStream::new(stream, 1024);
     let answer = match http::read_request_head_within(&mut reader, CLIENT_TIMEOUT, MAX_HEAD) {
-        Ok(Some(head)) => route(&head, lb, peer),
+        Ok(Some(head)) => match read_body(&mut reader, &head) {
+            Ok(body) => route(
+                &Request {
+                    head: &head,
+                    body: &body,
+                    peer,
+                    own,
+                },
+                lb,
+            ),
+            Err(status) => response(
+                status,
+                "text/plain",
+                b"send a body of at most 4 KiB with a Content-Length\n",
+                false,
+            ),
+        },
         // The client closed, stalled or broke the connection before a whole head arrived.
         Ok(None) | Err(HeadError::Truncated | HeadError::TimedOut | HeadError::Io(_)) => return,
         Err(HeadError::TooLarge | HeadError::LineTooLong) => {
@@ -186,22 +216,67 @@ fn linger(stream: &mut TcpStream) {
     }
 }
 
-/// The response to an admin request: one of the three views, 404 or 405.
-fn route(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) -> Vec<u8> {
-    let method = request.method();
+/// The body of a write: what its `Content-Length` says, at most [`MAX_BODY`] bytes (`Err` with
+/// the status that refuses it: 411 for a body of another framing, 413 for a larger one).
+fn read_body(reader: &mut BufferedStream<TcpStream>, head: &RequestHead) -> Result<String, u16> {
+    if head.header("transfer-encoding").is_some() {
+        return Err(411);
+    }
+    let length = match head.header("content-length") {
+        None => return Ok(String::new()),
+        Some(value) => std::str::from_utf8(value)
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .ok_or(400u16)?,
+    };
+    if length > MAX_BODY {
+        return Err(413);
+    }
+    while reader.buffered().len() < length {
+        match reader.fill(MAX_HEAD + MAX_BODY) {
+            Ok(0) | Err(_) => return Err(400),
+            Ok(_) => {}
+        }
+    }
+    Ok(String::from_utf8_lossy(&reader.buffered()[..length]).into_owned())
+}
+
+/// An admin request: its head and body, who sent it, and the listener it reached.
+struct Request<'a> {
+    head: &'a RequestHead,
+    body: &'a str,
+    peer: Option<SocketAddr>,
+    own: SocketAddr,
+}
+
+/// The response to an admin request: one of the views, a write's answer, 404 or 405.
+fn route(request: &Request, lb: &LoadBalancer) -> Vec<u8> {
+    let method = request.head.method();
     let head_only = method == "HEAD";
-    let path = request
-        .target()
-        .split(['?', '#'])
-        .next()
-        .unwrap_or_default();
-    if method == "POST" && path == "/reload" {
-        return reload(request, lb, peer);
+    let (path, query) = split_target(request.head.target());
+    if method == "POST" {
+        return match path.strip_prefix("/backends/") {
+            _ if path == "/reload" => write(request, lb, |_| reload(lb)),
+            Some(rest) => {
+                let weight = backends::field(request.body, "weight")
+                    .or_else(|| backends::field(query, "weight"));
+                write(request, lb, |who| {
+                    backends::change(lb, rest, weight.as_deref(), who)
+                })
+            }
+            None => response(
+                404,
+                "text/plain",
+                b"not found: POST /reload or /backends/{name}/...\n",
+                false,
+            ),
+        };
     }
     if method != "GET" && !head_only {
-        return response(405, "text/plain", b"only GET and HEAD\n", false);
+        return response(405, "text/plain", b"only GET, HEAD and POST\n", false);
     }
     let (content_type, body) = match path {
+        "/backends" => ("application/json", backends::list(lb).1.to_string()),
         "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
         "/stats.json" => ("application/json", Snapshot::of(lb).to_json()),
         "/metrics" => (
@@ -213,20 +288,46 @@ fn route(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) -> 
     response(200, content_type, body.as_bytes(), head_only)
 }
 
-/// `POST /reload`: reads the configuration again and applies it, answering in JSON what
-/// changed (200) or why the configuration in use stays (422).
-fn reload(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) -> Vec<u8> {
-    if let Err(why) = may_write(request, peer) {
-        let body = serde_json::json!({ "result": "refused", "error": why }).to_string();
-        return response(403, "application/json", body.as_bytes(), false);
-    }
-    let (status, body) = match lb.reload() {
-        Ok(changes) => (
-            200,
-            serde_json::json!({ "result": "ok", "changes": changes }),
-        ),
-        Err(why) => (422, serde_json::json!({ "result": "error", "error": why })),
+/// The path and the query of a request target.
+fn split_target(target: &str) -> (&str, &str) {
+    let target = target.split('#').next().unwrap_or_default();
+    target.split_once('?').unwrap_or((target, ""))
+}
+
+/// A write: `apply` runs (given the client's address) only when [`access::may_write`] lets the
+/// request change the balancer, else 403. The answer is JSON, or for a form of the statistics
+/// page (a browser asking for HTML) a redirect back to the page.
+fn write(
+    request: &Request,
+    lb: &LoadBalancer,
+    apply: impl FnOnce(IpAddr) -> backends::Answer,
+) -> Vec<u8> {
+    let form_token = backends::field(request.body, "token");
+    let writer = Writer {
+        request: request.head,
+        peer: request.peer,
+        listener: request.own,
+        form_token: form_token.as_deref(),
     };
+    let token = lb.snapshot().settings().admin_token.clone();
+    let (status, body) = match (access::may_write(&writer, token.as_ref()), request.peer) {
+        (Ok(()), Some(peer)) => apply(peer.ip()),
+        (Err(why), _) => (
+            403,
+            serde_json::json!({ "result": "refused", "error": why }),
+        ),
+        (Ok(()), None) => (
+            403,
+            serde_json::json!({ "error": "the client's address is unknown" }),
+        ),
+    };
+    let from_page = request
+        .head
+        .header("accept")
+        .is_some_and(|accept| accept.windows(9).any(|w| w == b"text/html"));
+    if from_page && status == 200 {
+        return redirect("/stats");
+    }
     response(
         status,
         "application/json",
@@ -235,27 +336,25 @@ fn reload(request: &RequestHead, lb: &LoadBalancer, peer: Option<SocketAddr>) ->
     )
 }
 
-/// Whether this request may change the balancer: it comes from this machine (until the admin
-/// token of the run-time control issue, loopback only), and no other site's page sent it (a
-/// browser's `Origin` must name the admin listener itself).
-fn may_write(request: &RequestHead, peer: Option<SocketAddr>) -> Result<(), &'static str> {
-    if !peer.is_some_and(|peer| peer.ip().is_loopback()) {
-        return Err("admin writes are taken from loopback clients only");
+/// `POST /reload`: reads the configuration again and applies it, answering in JSON what
+/// changed (200) or why the configuration in use stays (422).
+fn reload(lb: &LoadBalancer) -> backends::Answer {
+    match lb.reload() {
+        Ok(changes) => (
+            200,
+            serde_json::json!({ "result": "ok", "changes": changes }),
+        ),
+        Err(why) => (422, serde_json::json!({ "result": "error", "error": why })),
     }
-    let text = |name| {
-        request
-            .header(name)
-            .and_then(|v| std::str::from_utf8(v).ok())
-    };
-    match (text("origin"), text("host")) {
-        (None, _) => Ok(()),
-        (Some(origin), Some(host))
-            if origin == format!("http://{host}") || origin == format!("https://{host}") =>
-        {
-            Ok(())
-        }
-        _ => Err("a foreign Origin may not write to the admin listener"),
-    }
+}
+
+/// `303 See Other` to `location`: a form's answer sends the browser back to the page.
+fn redirect(location: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 303 See Other\r\nLocation: {location}\r\nContent-Length: 0\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 /// A whole response that closes the connection; `head_only` leaves the body out (for HEAD).
@@ -266,12 +365,14 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
         403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Content Too Large",
         422 => "Unprocessable Content",
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
     let allow = if status == 405 {
-        "Allow: GET, HEAD\r\n"
+        "Allow: GET, HEAD, POST\r\n"
     } else {
         ""
     };
@@ -288,11 +389,11 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// The head of `request` as the admin listener reads it, over a real socket.
-    fn head_of(request: &str) -> RequestHead {
+    pub(crate) fn head_of(request: &str) -> RequestHead {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         client.write_all(request.as_bytes()).unwrap();
@@ -304,28 +405,6 @@ mod tests {
     }
 
     #[test]
-    fn writes_come_from_loopback_without_a_foreign_origin() {
-        let plain = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\n\r\n");
-        let loopback = Some("127.0.0.1:50000".parse().unwrap());
-        let v6_loopback = Some("[::1]:50000".parse().unwrap());
-        let remote = Some("192.0.2.7:50000".parse().unwrap());
-        assert_eq!(may_write(&plain, loopback), Ok(()));
-        assert_eq!(may_write(&plain, v6_loopback), Ok(()));
-        assert!(may_write(&plain, remote).is_err());
-        assert!(may_write(&plain, None).is_err());
-        let own = head_of(
-            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://127.0.0.1:8404\r\n\r\n",
-        );
-        assert_eq!(may_write(&own, loopback), Ok(()));
-        let foreign = head_of(
-            "POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: http://evil.example\r\n\r\n",
-        );
-        assert!(may_write(&foreign, loopback).is_err());
-        let null = head_of("POST /reload HTTP/1.1\r\nHost: 127.0.0.1:8404\r\nOrigin: null\r\n\r\n");
-        assert!(may_write(&null, loopback).is_err());
-    }
-
-    #[test]
     fn responses_state_their_length_and_close() {
         let text = String::from_utf8(response(404, "text/plain", b"gone\n", false)).unwrap();
         assert!(text.starts_with("HTTP/1.1 404 Not Found\r\n"));
@@ -333,7 +412,7 @@ mod tests {
         assert!(text.contains("Connection: close\r\n"));
         assert!(text.ends_with("\r\n\r\ngone\n"));
         let head = String::from_utf8(response(405, "text/plain", b"x", true)).unwrap();
-        assert!(head.contains("Allow: GET, HEAD\r\n"));
+        assert!(head.contains("Allow: GET, HEAD, POST\r\n"));
         assert!(head.ends_with("\r\n\r\n"));
     }
 
