@@ -347,7 +347,7 @@ impl Health {
         {
             return None;
         }
-        let _serial = self.counts();
+        let mut counts = self.counts();
         let was = self.is_healthy();
         let (kind, reason) = if ok {
             self.failed_requests.store(0, Ordering::Release);
@@ -384,6 +384,8 @@ impl Health {
             }
             self.trial_at.store(out_until, Ordering::Release);
             self.passive_out.store(true, Ordering::Release);
+            // Active checks bring it back after `rise` passes from now (see `observe_check`).
+            counts.successes = 0;
             let reason = format!(
                 "{} failed in a row, out for {:?}",
                 plural::count(fails, "request"),
@@ -408,7 +410,17 @@ impl Health {
         let (kind, reason) = if passed {
             counts.successes = counts.successes.saturating_add(1);
             counts.failures = 0;
-            if up || counts.successes < policy.rise {
+            if counts.successes < policy.rise {
+                return None;
+            }
+            // Taken out by failed requests, and `rise` checks passed since: back now, as HAProxy
+            // does, rather than after the rest of its fail-timeout.
+            let readmitted = self.passive_out.swap(false, Ordering::AcqRel);
+            if readmitted {
+                self.failed_requests.store(0, Ordering::Release);
+                self.trial_pending.store(false, Ordering::Release);
+            }
+            if up && !readmitted {
                 return None;
             }
             self.active_up.store(true, Ordering::Release);
@@ -632,19 +644,48 @@ mod tests {
     }
 
     #[test]
-    fn both_kinds_must_agree_before_a_backend_is_back() {
+    fn a_passing_request_does_not_bring_back_what_active_checks_hold_out() {
         let mut config = active(1, 1);
         config.passive = passive(1, Duration::from_secs(60)).passive;
         let health = health(config);
         assert_eq!(health.mode(), HealthMode::Both);
-        health.observe_request(false).expect("passive takes it out");
-        assert_eq!(health.observe_check(false, "500"), None, "already down");
+        health
+            .observe_check(false, "500")
+            .expect("active takes it out");
+        health.observe_request(false);
         assert_eq!(
-            health.observe_check(true, "200"),
+            health.observe_request(true),
             None,
-            "passive still holds it out"
+            "the trial passed, checks still fail"
         );
         assert!(!health.is_healthy());
+    }
+
+    #[test]
+    fn active_checks_bring_back_a_backend_failed_requests_took_out() {
+        let mut config = active(2, 3);
+        config.passive = passive(1, Duration::from_secs(60)).passive;
+        let health = health(config);
+        health.observe_check(true, "200");
+        health.observe_check(true, "200");
+        health.observe_request(false).expect("passive takes it out");
+        assert!(!health.is_healthy());
+        // Checks passed before it went out do not count: `rise` passes from now on.
+        assert_eq!(health.observe_check(true, "200"), None);
+        let back = health
+            .observe_check(true, "200")
+            .expect("rise passes bring it back");
+        assert!(
+            back.healthy && back.reason.contains("2 checks passed"),
+            "{back:?}"
+        );
+        assert!(health.is_healthy() && health.admit());
+        assert_eq!(health.failed_requests(), 0);
+        // With passive checks alone, the trial request after the fail-timeout stays the way.
+        let passive_only = self::health(passive(1, Duration::from_secs(60)));
+        passive_only.observe_request(false).expect("out");
+        assert_eq!(passive_only.observe_check(true, "200"), None);
+        assert!(!passive_only.is_healthy());
     }
 
     #[test]
