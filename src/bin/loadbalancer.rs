@@ -88,9 +88,13 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(code) => return code,
     };
-    if let Err(why) = check_combinations(&cli, &matches) {
-        eprintln!("error: {why}");
-        return ExitCode::from(2);
+    // The balancer's own flags only: an environment set up for the balancer (LB_STICKY_SECRET
+    // exported in the shell) must not stop `ctl` or `simulate`, which do not read it.
+    if cli.command.is_none() {
+        if let Err(why) = check_combinations(&cli, &matches) {
+            eprintln!("error: {why}");
+            return ExitCode::from(2);
+        }
     }
     match cli.command {
         Some(Command::Simulate(args)) => {
