@@ -18,7 +18,7 @@
 //! | 3 | [`eligibility`] | which backends may take a request: health, and drain, maint and weight set at run time |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
-//! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
+//! | all | [`reload`], [`signals`], [`ctl`] | reload without a restart (SIGHUP, `POST /reload`), signals, the `loadbalancer ctl` client |
 //! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
@@ -76,6 +76,7 @@ pub mod balance;
 pub mod cli;
 pub mod client_addr;
 pub mod config;
+pub mod ctl;
 pub mod demo;
 pub mod descriptors;
 pub mod dns;

@@ -14,6 +14,7 @@ use std::process::ExitCode;
 use clap::{ArgMatches, Parser, Subcommand};
 use lb::balance::Algorithm;
 use lb::cli::{self, CommonArgs, HealthArgs, HealthCheckArgs, StickyArgs};
+use lb::ctl::{self, CtlArgs};
 use lb::error::StartError;
 use lb::proxy::LoadBalancer;
 use lb::reload;
@@ -77,6 +78,9 @@ enum Command {
         /// The TOML file to check.
         file: std::path::PathBuf,
     },
+    /// Control a running balancer through its admin listener: list the backends, drain one,
+    /// take it out for maintenance, put it back or change its weight.
+    Ctl(CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,9 +88,13 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(code) => return code,
     };
-    if let Err(why) = check_combinations(&cli, &matches) {
-        eprintln!("error: {why}");
-        return ExitCode::from(2);
+    // The balancer's own flags only: an environment set up for the balancer (LB_STICKY_SECRET
+    // exported in the shell) must not stop `ctl` or `simulate`, which do not read it.
+    if cli.command.is_none() {
+        if let Err(why) = check_combinations(&cli, &matches) {
+            eprintln!("error: {why}");
+            return ExitCode::from(2);
+        }
     }
     match cli.command {
         Some(Command::Simulate(args)) => {
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::CheckConfig { file }) => check_config(&file),
+        Some(Command::Ctl(args)) => ctl::run(&args),
         None => {
             cli::init_logging(cli.common.verbose);
             cli::exit_code(run(cli))
@@ -236,5 +245,20 @@ mod tests {
         };
         assert_eq!(args.weights, [1, 2]);
         assert!(Cli::try_parse_from(["loadbalancer", "simulate", "--weights", "0"]).is_err());
+    }
+
+    #[test]
+    fn ctl_has_an_admin_flag_of_its_own() {
+        // Not the balancer's --admin (another type), whether it comes before or after the action.
+        for argv in [
+            ["loadbalancer", "ctl", "--admin", "127.0.0.1:9000", "list"],
+            ["loadbalancer", "ctl", "list", "--admin", "127.0.0.1:9000"],
+        ] {
+            let cli = Cli::try_parse_from(argv).unwrap();
+            let Some(Command::Ctl(args)) = cli.command else {
+                panic!("ctl is a subcommand");
+            };
+            assert_eq!(args.admin, "127.0.0.1:9000".parse().unwrap());
+        }
     }
 }

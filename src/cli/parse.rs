@@ -55,9 +55,8 @@ impl std::fmt::Display for ParseFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ParseFailure::Flags(err) => {
-                let rendered = err.to_string();
-                let first = rendered.lines().next().unwrap_or("bad arguments");
-                f.write_str(first.strip_prefix("error: ").unwrap_or(first))
+                let line = one_line(err);
+                f.write_str(line.strip_prefix("error: ").unwrap_or(&line))
             }
             ParseFailure::File(message) => f.write_str(message),
         }
@@ -189,14 +188,28 @@ pub fn given(matches: &ArgMatches, id: &str) -> bool {
 /// errors: clap prints them to standard output and the exit code is 0.
 fn report(err: clap::Error) -> ExitCode {
     if err.use_stderr() {
-        let rendered = err.to_string();
-        let first_line = rendered.lines().next().unwrap_or("error: bad arguments");
-        eprintln!("{first_line}");
+        eprintln!("{}", one_line(&err));
         ExitCode::from(2)
     } else {
         let _ = err.print();
         ExitCode::SUCCESS
     }
+}
+
+/// A clap error in one line: its first line, and when that line ends in `:` the indented list
+/// under it (the missing arguments of "the following required arguments were not provided:").
+fn one_line(err: &clap::Error) -> String {
+    let rendered = err.to_string();
+    let mut lines = rendered.lines();
+    let first = lines.next().unwrap_or("error: bad arguments");
+    if !first.ends_with(':') {
+        return first.to_string();
+    }
+    let listed: Vec<&str> = lines
+        .take_while(|line| line.starts_with(' '))
+        .map(str::trim)
+        .collect();
+    format!("{first} {}", listed.join(", "))
 }
 
 /// Sets up logging: `info` by default, `debug` with `-v`, and `RUST_LOG` overrides both.
@@ -224,5 +237,30 @@ pub fn exit_code<E: std::fmt::Display>(result: Result<(), E>) -> ExitCode {
             eprintln!("error: {err}");
             ExitCode::from(2)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_argument_is_named_on_the_one_line() {
+        let command = clap::Command::new("lb")
+            .arg(clap::Arg::new("file").required(true))
+            .arg(clap::Arg::new("name").long("name").required(true));
+        let err = command.clone().try_get_matches_from(["lb"]).unwrap_err();
+        assert_eq!(
+            one_line(&err),
+            "error: the following required arguments were not provided: --name <name>, <file>"
+        );
+        let err = command
+            .try_get_matches_from(["lb", "f", "--nam", "x"])
+            .unwrap_err();
+        assert!(
+            one_line(&err).starts_with("error: unexpected argument '--nam' found"),
+            "{}",
+            one_line(&err)
+        );
     }
 }
