@@ -18,8 +18,9 @@ use std::time::{Duration, Instant};
 
 use socket2::SockRef;
 
-use crate::eligibility::AdminState;
+use crate::admin_state::AdminState;
 use crate::health::{Health, Transition};
+use crate::slow_start::Ramp;
 use crate::stats::events::EventKind;
 use crate::stats::BackendStats;
 
@@ -57,6 +58,10 @@ pub struct Backend {
     configured_weight: AtomicU32,
     /// The [`AdminState`] the operator set, as a byte.
     admin: AtomicU8,
+    /// A backup (`--backup`): it takes requests only while no primary backend can.
+    backup: bool,
+    /// Slow start's ramp after the backend comes back into rotation.
+    ramp: Ramp,
     stats: BackendStats,
     health: Health,
     pool: Mutex<Pool>,
@@ -176,11 +181,29 @@ impl Backend {
             weight: AtomicU32::new(weight.max(1)),
             configured_weight: AtomicU32::new(weight.max(1)),
             admin: AtomicU8::new(AdminState::Ready.as_byte()),
+            backup: false,
+            ramp: Ramp::default(),
             stats: BackendStats::default(),
             health: Health::default(),
             pool: Mutex::new(Pool::default()),
             opening_wait: OPENING_WAIT,
         }
+    }
+
+    /// The same backend as a backup (`--backup`).
+    pub fn as_backup(mut self) -> Self {
+        self.backup = true;
+        self
+    }
+
+    /// Whether it is a backup, used only while no primary backend can take requests.
+    pub fn is_backup(&self) -> bool {
+        self.backup
+    }
+
+    /// Slow start's ramp: started when the backend comes back into rotation.
+    pub fn ramp(&self) -> &Ramp {
+        &self.ramp
     }
 
     /// The address as the user wrote it, e.g. `127.0.0.1:8001`.
@@ -212,7 +235,7 @@ impl Backend {
     }
 
     /// Sets the weight in use at run time (the admin API), 0 to
-    /// [`crate::eligibility::MAX_WEIGHT`]; the configured weight stays, for the next reload
+    /// [`crate::admin_state::MAX_WEIGHT`]; the configured weight stays, for the next reload
     /// that changes it.
     pub fn set_run_time_weight(&self, weight: u32) {
         self.weight.store(weight, Ordering::Relaxed);
@@ -234,6 +257,8 @@ impl Backend {
         }
         if state != AdminState::Ready {
             self.close_idle();
+        } else if before != AdminState::Ready {
+            self.ramp.start();
         }
         before
     }
@@ -241,7 +266,7 @@ impl Backend {
     /// Whether `other` is the same backend: the same address, written the same way. A reload
     /// keeps such a backend, with its statistics, health and pooled connections.
     pub fn is_same(&self, other: &Backend) -> bool {
-        self.addr == other.addr && self.name == other.name
+        self.addr == other.addr && self.name == other.name && self.backup == other.backup
     }
 
     /// The backend's counters.
@@ -396,7 +421,6 @@ impl Backend {
             wake.notify_one();
             return;
         }
-        // A draining backend keeps no idle connection: its graceful shutdown would wait for it.
         if pool.idle.len() < MAX_IDLE_CONNECTIONS && self.admin_state() == AdminState::Ready {
             pool.idle.push(IdleConnection {
                 stream,
@@ -520,7 +544,9 @@ impl Drop for Place<'_> {
 /// as the chapter prints it: at warn when a backend goes (something is wrong), at info when it
 /// comes back (nothing is). The same words go to the statistics page's events.
 pub fn report_health(backends: &[Arc<Backend>], backend: &Backend, change: &Transition) {
-    if !change.healthy {
+    if change.healthy {
+        backend.ramp().start();
+    } else {
         backend.close_idle();
     }
     let healthy = backends.iter().filter(|b| b.is_healthy()).count();

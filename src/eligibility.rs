@@ -12,76 +12,22 @@
 //! draining backend (or one of weight 0) takes only the second kind, so that a user logged in on
 //! it finishes what they were doing while no one new arrives; a backend in maintenance takes
 //! neither, and its sessions move.
+//!
+//! Three settings of `loadbalancer` (issue 32) widen or narrow the choice for all algorithms
+//! alike ([`Candidates`]): **backups** (`--backup`) take requests only while no primary backend
+//! is in rotation; below the **panic threshold** (`--panic-threshold`), requests go to every
+//! primary backend as if all were healthy, since a few overloaded ones would fail anyway; and
+//! **slow start** (`--slow-start`, [`crate::slow_start`]) lets a backend that just came back take
+//! a growing share.
 
-use std::fmt;
-use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::admin_state::AdminState;
 use crate::backend::Backend;
-
-/// The largest weight the admin API accepts (HAProxy's limit too).
-pub const MAX_WEIGHT: u32 = 256;
-
-/// What the operator says about a backend, beside what health checks say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum AdminState {
-    /// In rotation (when healthy): the usual.
-    #[default]
-    Ready,
-    /// No new requests, except those of sticky sessions bound to it; requests in flight and
-    /// open tunnels finish; health checks go on.
-    Drain,
-    /// No traffic at all: its sticky sessions move elsewhere, and active checks stop.
-    Maint,
-}
-
-impl AdminState {
-    /// Every state, in the order the page shows its buttons.
-    pub const ALL: [AdminState; 3] = [AdminState::Ready, AdminState::Drain, AdminState::Maint];
-
-    /// The state's name, as the admin API and `/stats.json` spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            AdminState::Ready => "ready",
-            AdminState::Drain => "drain",
-            AdminState::Maint => "maint",
-        }
-    }
-
-    /// The state stored in an atomic byte (see [`AdminState::as_byte`]).
-    pub fn from_byte(byte: u8) -> AdminState {
-        match byte {
-            1 => AdminState::Drain,
-            2 => AdminState::Maint,
-            _ => AdminState::Ready,
-        }
-    }
-
-    /// The state as an atomic byte holds it.
-    pub fn as_byte(self) -> u8 {
-        match self {
-            AdminState::Ready => 0,
-            AdminState::Drain => 1,
-            AdminState::Maint => 2,
-        }
-    }
-}
-
-impl fmt::Display for AdminState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for AdminState {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        AdminState::ALL
-            .into_iter()
-            .find(|state| state.name() == text)
-            .ok_or_else(|| format!("unknown state '{text}': ready, drain or maint"))
-    }
-}
+use crate::balance::{Balancer, Pick, Request};
+use crate::settings::Settings;
+use crate::stats::Stats;
 
 /// How a request asks for a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,13 +54,127 @@ pub fn admits_by_admin(backend: &Backend, admission: Admission) -> bool {
     }
 }
 
-/// A weight the admin API accepts: a whole number from 0 to [`MAX_WEIGHT`].
-pub fn parse_weight(text: &str) -> Result<u32, String> {
-    text.trim()
-        .parse::<u32>()
-        .ok()
-        .filter(|weight| *weight <= MAX_WEIGHT)
-        .ok_or_else(|| format!("bad weight '{text}': a whole number from 0 to {MAX_WEIGHT}"))
+/// Which backends take requests now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tier {
+    /// The primary backends in rotation: the usual.
+    Primary,
+    /// No primary backend is in rotation, and a backup is: the backups take the requests.
+    Backup,
+    /// Fewer primary backends are in rotation than `--panic-threshold` asks: every one of
+    /// them takes requests, whatever its health (not those the operator took out).
+    Panic,
+}
+
+/// The backends a request may go to now: those of the [`Tier`] in force, not yet tried for it.
+pub struct Candidates<'a> {
+    backends: &'a [Arc<Backend>],
+    tried: &'a [usize],
+    tier: Tier,
+    slow_start: Duration,
+}
+
+impl<'a> Candidates<'a> {
+    /// The candidates among `backends` for a request that already tried `tried`. A change of
+    /// panic is counted, logged and an event in `stats`.
+    pub fn of(
+        backends: &'a [Arc<Backend>],
+        settings: &Settings,
+        tried: &'a [usize],
+        stats: &Stats,
+    ) -> Self {
+        let tier = tier_of(backends, settings.panic_threshold);
+        let in_panic = tier.0 == Tier::Panic;
+        stats.observe_panic(in_panic, || panic_message(in_panic, tier, settings));
+        Candidates {
+            backends,
+            tried,
+            tier: tier.0,
+            slow_start: settings.slow_start,
+        }
+    }
+
+    /// Whether the chosen `backend` takes the request now: one that passive checks took out is
+    /// chosen once its fail-timeout is over, and only one request may be its trial (see
+    /// [`crate::health::Health::admit`]); in panic, health is not asked.
+    pub fn lets_in(&self, backend: &Backend) -> bool {
+        self.tier == Tier::Panic || backend.health().admit()
+    }
+
+    /// Whether the backend at `index` may take a request that asks as `admission`.
+    pub fn admits(&self, index: usize, admission: Admission) -> bool {
+        let backend = &self.backends[index];
+        !self.tried.contains(&index)
+            && match self.tier {
+                Tier::Primary => !backend.is_backup() && admits(backend, admission),
+                Tier::Backup => backend.is_backup() && admits(backend, admission),
+                Tier::Panic => !backend.is_backup() && admits_by_admin(backend, admission),
+            }
+    }
+
+    /// The balancer's pick for a new request. With slow start, a pick of a backend still
+    /// ramping up goes through in proportion to its ramp; otherwise the balancer picks again
+    /// without it (and the first pick stands when there is no other). Hashing algorithms are
+    /// left alone: their promise is that a client keeps its backend.
+    pub fn pick(&self, balancer: &dyn Balancer, request: &Request) -> Option<Pick> {
+        let new = |i: usize| self.admits(i, Admission::New);
+        let first = balancer.pick(self.backends, request, &new)?;
+        let ramp = self.backends[first.index].ramp();
+        if !balancer.may_pass_over() || ramp.lets_through(self.slow_start) {
+            return Some(first);
+        }
+        balancer
+            .pick(self.backends, request, &|i| i != first.index && new(i))
+            .or(Some(first))
+    }
+}
+
+/// The tier for `backends` with `--panic-threshold` at `threshold` percent, with how many
+/// primary backends are in rotation and how many the operator left in.
+fn tier_of(backends: &[Arc<Backend>], threshold: u8) -> (Tier, usize, usize) {
+    let has_backups = backends.iter().any(|b| b.is_backup());
+    if threshold == 0 && !has_backups {
+        return (Tier::Primary, 0, 0);
+    }
+    let primaries = backends
+        .iter()
+        .filter(|b| !b.is_backup() && admits_by_admin(b, Admission::New));
+    let (mut total, mut in_rotation) = (0, 0);
+    for backend in primaries {
+        total += 1;
+        in_rotation += usize::from(backend.health().is_available());
+    }
+    let backup_in_rotation = || {
+        backends
+            .iter()
+            .any(|b| b.is_backup() && admits(b, Admission::New))
+    };
+    let tier = if in_rotation == 0 && has_backups && backup_in_rotation() {
+        Tier::Backup
+    } else if in_rotation * 100 < usize::from(threshold) * total {
+        Tier::Panic
+    } else {
+        Tier::Primary
+    };
+    (tier, in_rotation, total)
+}
+
+/// The log line and event of panic starting or ending.
+fn panic_message(
+    in_panic: bool,
+    (_, in_rotation, total): (Tier, usize, usize),
+    settings: &Settings,
+) -> String {
+    let share = format!("{in_rotation} of {total} primary backends in rotation");
+    if in_panic {
+        format!(
+            "panic: {share}, below --panic-threshold {} %: balancing over all of them as if \
+             healthy",
+            settings.panic_threshold
+        )
+    } else {
+        format!("panic over: {share}")
+    }
 }
 
 #[cfg(test)]
@@ -136,22 +196,5 @@ mod tests {
         b.set_admin_state(AdminState::Ready);
         b.set_run_time_weight(0);
         assert!(!admits(&b, Admission::New) && admits(&b, Admission::Bound));
-    }
-
-    #[test]
-    fn states_and_weights_are_read_as_the_api_spells_them() {
-        for state in AdminState::ALL {
-            assert_eq!(state.name().parse::<AdminState>(), Ok(state));
-            assert_eq!(AdminState::from_byte(state.as_byte()), state);
-        }
-        assert!("down"
-            .parse::<AdminState>()
-            .unwrap_err()
-            .contains("ready, drain or maint"));
-        assert_eq!(parse_weight("0"), Ok(0));
-        assert_eq!(parse_weight("256"), Ok(256));
-        for bad in ["257", "-1", "1.5", "", "x"] {
-            assert!(parse_weight(bad).unwrap_err().contains("0 to 256"), "{bad}");
-        }
     }
 }

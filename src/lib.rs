@@ -15,7 +15,7 @@
 //! | 2 | [`balance`] | weighted round robin, least connections, IP hash, consistent hash |
 //! | 2 | [`simulate`] | the offline simulator comparing the algorithms |
 //! | 3 | [`health`] | active and passive health checks |
-//! | 3 | [`eligibility`] | which backends may take a request: health, and drain, maint and weight set at run time |
+//! | 3 | [`eligibility`], [`admin_state`], [`slow_start`] | which backends may take a request: health, drain, maint and weight set at run time, backups, panic, slow start |
 //! | 4 | [`sticky`], [`stats`], [`report`], [`admin`] | cookie sessions, statistics pages |
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
 //! | all | [`reload`], [`signals`], [`ctl`] | reload without a restart (SIGHUP, `POST /reload`), signals, the `loadbalancer ctl` client |
@@ -71,6 +71,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admin_state;
 pub mod backend;
 pub mod balance;
 pub mod cli;
@@ -92,6 +93,7 @@ pub mod server;
 pub mod settings;
 pub mod signals;
 pub mod simulate;
+pub mod slow_start;
 pub mod startup;
 pub mod stats;
 pub mod sticky;

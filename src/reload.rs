@@ -359,6 +359,8 @@ fn merge_backends(
                 if active {
                     backend.health().hold_until_checked();
                 }
+                // A new backend comes into rotation: with --slow-start, gradually.
+                backend.ramp().start();
                 changes.push(format!("added {}", backend.name()));
                 return Arc::clone(backend);
             };

@@ -2,10 +2,10 @@
 //! once, and how long to wait for each party. They come from the command line (`cli`) and stay
 //! fixed while the balancer runs.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::admin::AdminToken;
 use crate::client_addr::Cidr;
 
 /// Settings fixed at start-up and shared by the server and every client connection.
@@ -37,6 +37,12 @@ pub struct Settings {
     pub reuse_port: bool,
     /// With `--redirect-https`: the HTTPS port that plain-HTTP requests are sent to with `308`.
     pub redirect_https: Option<u16>,
+    /// Below this share of the primary backends in rotation (percent; 0 is off), requests go
+    /// to all of them as if all were healthy (`--panic-threshold`).
+    pub panic_threshold: u8,
+    /// How long a backend coming back into rotation takes to ramp up to its full share
+    /// (`--slow-start`); zero is off.
+    pub slow_start: Duration,
     /// The token admin writes must carry (`--admin-token`); without it, loopback clients only.
     pub admin_token: Option<AdminToken>,
     /// How the kernel schedules the client threads.
@@ -52,4 +58,37 @@ pub enum CpuScheduling {
     Batch,
     /// The system's usual class, where a woken thread may preempt the running one at once.
     Normal,
+}
+
+/// The bearer token that admin writes must carry (`--admin-token`, `LB_ADMIN_TOKEN`). Its
+/// `Debug` print hides it, so that no log line or settings dump shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// The token, as given; empty is refused (it would let everyone in).
+    pub fn new(text: &str) -> Result<Self, String> {
+        if text.is_empty() {
+            return Err("the admin token is empty".to_string());
+        }
+        Ok(AdminToken(text.to_string()))
+    }
+
+    /// Whether `given` is the token, compared in constant time so that the time an answer
+    /// takes says nothing about how much of a guess was right.
+    pub(crate) fn matches(&self, given: &[u8]) -> bool {
+        let expected = self.0.as_bytes();
+        expected.len() == given.len()
+            && expected
+                .iter()
+                .zip(given)
+                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                == 0
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(hidden)")
+    }
 }

@@ -10,7 +10,7 @@
 //! ([`history`]), a fine latency histogram for honest percentiles ([`latency`]), and, with the
 //! balancer, a short list of what changed ([`events`]). All three have a fixed size.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 pub mod events;
@@ -39,6 +39,22 @@ pub struct Stats {
     reloads: Reloads,
     /// Backend names that resolve to nothing now.
     unresolved: std::sync::Mutex<Vec<String>>,
+    panic: Panic,
+}
+
+/// Panic (`--panic-threshold`): whether requests go to every primary backend now, and for how
+/// long they have in all.
+#[derive(Debug, Default)]
+struct Panic {
+    /// Read by every request: a change is rare.
+    on: AtomicBool,
+    times: std::sync::Mutex<PanicTimes>,
+}
+
+#[derive(Debug, Default)]
+struct PanicTimes {
+    since: Option<Instant>,
+    before: Duration,
 }
 
 /// Reloads of the configuration: how many applied and refused, and the last one.
@@ -105,7 +121,45 @@ impl Stats {
             events: EventLog::default(),
             reloads: Reloads::default(),
             unresolved: std::sync::Mutex::new(Vec::new()),
+            panic: Panic::default(),
         }
+    }
+
+    /// Notes whether a request found the balancer in panic. A change is logged and becomes an
+    /// event, in the words `describe` gives; the time spent in panic adds up.
+    pub fn observe_panic(&self, on: bool, describe: impl FnOnce() -> String) {
+        if self.panic.on.load(Relaxed) == on {
+            return;
+        }
+        let mut times = self.panic.times.lock().unwrap_or_else(|e| e.into_inner());
+        if self.panic.on.swap(on, Relaxed) == on {
+            return; // another request noted it first
+        }
+        if on {
+            times.since = Some(Instant::now());
+        } else if let Some(since) = times.since.take() {
+            times.before += since.elapsed();
+        }
+        drop(times);
+        let message = describe();
+        if on {
+            log::warn!("{message}");
+        } else {
+            log::info!("{message}");
+        }
+        self.push_event(EventKind::Panic, message);
+    }
+
+    /// Whether requests go to every primary backend now (`--panic-threshold`).
+    pub fn in_panic(&self) -> bool {
+        self.panic.on.load(Relaxed)
+    }
+
+    /// Seconds spent in panic since start, the current spell included.
+    pub fn panic_seconds(&self) -> f64 {
+        let times = self.panic.times.lock().unwrap_or_else(|e| e.into_inner());
+        let current = times.since.map_or(Duration::ZERO, |since| since.elapsed());
+        (times.before + current).as_secs_f64()
     }
 
     /// Notes which backend names resolve to nothing now (the statistics page says so).

@@ -14,43 +14,10 @@
 //!
 //! Reading stays open, as it was: the statistics are no secret to whoever can reach the port.
 
-use std::fmt;
 use std::net::SocketAddr;
 
 use crate::http::{Headers, RequestHead};
-
-/// The bearer token that admin writes must carry (`--admin-token`, `LB_ADMIN_TOKEN`). Its
-/// `Debug` print hides it, so that no log line or settings dump shows it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(String);
-
-impl AdminToken {
-    /// The token, as given; empty is refused (it would let everyone in).
-    pub fn new(text: &str) -> Result<Self, String> {
-        if text.is_empty() {
-            return Err("the admin token is empty".to_string());
-        }
-        Ok(AdminToken(text.to_string()))
-    }
-
-    /// Whether `given` is the token, compared in constant time so that the time an answer
-    /// takes says nothing about how much of a guess was right.
-    fn matches(&self, given: &[u8]) -> bool {
-        let expected = self.0.as_bytes();
-        expected.len() == given.len()
-            && expected
-                .iter()
-                .zip(given)
-                .fold(0u8, |diff, (a, b)| diff | (a ^ b))
-                == 0
-    }
-}
-
-impl fmt::Debug for AdminToken {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("AdminToken(hidden)")
-    }
-}
+use crate::settings::AdminToken;
 
 /// A write's credentials and where it came from.
 pub(super) struct Writer<'a> {

@@ -12,8 +12,8 @@ use std::sync::Arc;
 
 use serde_json::{json, Value};
 
+use crate::admin_state::{self, AdminState};
 use crate::backend::Backend;
-use crate::eligibility::{self, AdminState};
 use crate::proxy::LoadBalancer;
 use crate::stats::events::EventKind;
 
@@ -56,7 +56,7 @@ pub(super) fn change(lb: &LoadBalancer, rest: &str, weight: Option<&str>, who: I
         let Some(text) = weight else {
             return bad("send weight=N in the body or the query, N from 0 to 256".to_string());
         };
-        return match eligibility::parse_weight(text) {
+        return match admin_state::parse_weight(text) {
             Ok(weight) => set_weight(lb, backend, weight, who),
             Err(why) => bad(why),
         };

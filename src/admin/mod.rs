@@ -30,7 +30,6 @@ use crate::report::Snapshot;
 mod access;
 mod backends;
 
-pub use access::AdminToken;
 use access::Writer;
 
 /// The largest request head read from an admin client; the three pages need only a request line.

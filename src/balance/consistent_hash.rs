@@ -98,6 +98,10 @@ impl Balancer for ConsistentHash {
         "consistent-hash"
     }
 
+    fn may_pass_over(&self) -> bool {
+        false
+    }
+
     /// A backend's share of the ring follows its weight, so a new weight needs a new ring.
     fn weights_changed(&self, backends: &[Arc<Backend>]) {
         let backends: Vec<&Backend> = backends.iter().map(|b| &**b).collect();

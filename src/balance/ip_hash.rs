@@ -73,6 +73,10 @@ impl Balancer for IpHash {
         "ip-hash"
     }
 
+    fn may_pass_over(&self) -> bool {
+        false
+    }
+
     fn pick(
         &self,
         backends: &[Arc<Backend>],

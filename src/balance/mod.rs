@@ -59,6 +59,13 @@ pub trait Balancer: Send + Sync {
     /// weights at each pick need nothing; one that built something from them (consistent
     /// hashing's ring) builds it again.
     fn weights_changed(&self, _backends: &[Arc<Backend>]) {}
+
+    /// Whether a backend this algorithm picked may be passed over for another (slow start
+    /// does, for a backend still ramping up): true for the algorithms that spread requests;
+    /// the hashing ones say false, since their promise is that a client keeps its backend.
+    fn may_pass_over(&self) -> bool {
+        true
+    }
 }
 
 /// The algorithms `--algorithm` can name.

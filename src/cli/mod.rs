@@ -11,13 +11,13 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::access_log::{AccessLog, Format as AccessLogFormat, Target as AccessLogTarget};
-use crate::admin::AdminToken;
 use crate::backend::Backend;
 use crate::client_addr::Cidr;
 use crate::dns::{self, Resolver};
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::plural;
+use crate::settings::AdminToken;
 use crate::settings::{CpuScheduling, Settings};
 use crate::sticky::signed::{Secret, SignedCookies, MIN_SECRET_LEN};
 use crate::sticky::SessionTable;
@@ -52,6 +52,26 @@ pub struct CommonArgs {
     /// [default: 127.0.0.1:8001, 127.0.0.1:8002, 127.0.0.1:8003].
     #[arg(long = "backend", value_name = "HOST:PORT[=WEIGHT]", value_parser = parse_backend_spec)]
     pub backends: Vec<BackendSpec>,
+
+    /// A backup backend as HOST:PORT[=WEIGHT]; repeat the flag for each one. Backups take
+    /// requests only while no --backend is in rotation, with the same algorithm.
+    #[arg(long = "backup", value_name = "HOST:PORT[=WEIGHT]", value_parser = parse_backend_spec)]
+    pub backups: Vec<BackendSpec>,
+
+    /// When fewer than PERCENT of the backends are in rotation, balance over all of them as if
+    /// all were healthy (a failed connection goes on to the next); 0 is off.
+    #[arg(
+        long,
+        value_name = "PERCENT",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u8).range(0..=100)
+    )]
+    pub panic_threshold: u8,
+
+    /// A backend coming back into rotation (recovered, made ready, added) ramps from a small
+    /// share of new requests to its full share over this long; 0 is off.
+    #[arg(long, value_name = "DUR", default_value = "0", value_parser = parse_duration)]
+    pub slow_start: Duration,
 
     /// Start demo backends in-process on the --backend addresses.
     #[arg(long)]
@@ -202,27 +222,38 @@ impl CommonArgs {
     /// A backend given by name is one backend per address the name resolves to, shown as
     /// `app:8000 (10.0.0.3)`; a name that does not resolve now is left out with a warning (the
     /// names are resolved again every `--resolve-interval`).
+    ///
+    /// The backups (`--backup`) come after them, marked as such.
     pub fn backends(&self, default_weights: &[u32; 3]) -> Vec<Backend> {
-        let mut backends = Vec::new();
-        for spec in self.backend_specs(default_weights) {
-            match self.addresses(&spec) {
-                Ok(addrs) if spec.addr.is_some() => {
-                    backends.extend(
-                        addrs
-                            .into_iter()
-                            .map(|addr| Backend::new(spec.name.clone(), addr, spec.weight)),
-                    );
-                }
-                Ok(addrs) => backends.extend(addrs.into_iter().map(|addr| {
-                    Backend::new(dns::display_name(&spec.name, addr), addr, spec.weight)
-                })),
-                Err(err) => log::warn!(
+        let primaries = self.backend_specs(default_weights);
+        let primaries = primaries.iter().flat_map(|spec| self.resolve(spec));
+        let backups = self
+            .backups
+            .iter()
+            .flat_map(|spec| self.resolve(spec))
+            .map(Backend::as_backup);
+        primaries.chain(backups).collect()
+    }
+
+    /// The backends `spec` stands for now: one, or one per address its name resolves to.
+    fn resolve(&self, spec: &BackendSpec) -> Vec<Backend> {
+        match self.addresses(spec) {
+            Ok(addrs) if spec.addr.is_some() => addrs
+                .into_iter()
+                .map(|addr| Backend::new(spec.name.clone(), addr, spec.weight))
+                .collect(),
+            Ok(addrs) => addrs
+                .into_iter()
+                .map(|addr| Backend::new(dns::display_name(&spec.name, addr), addr, spec.weight))
+                .collect(),
+            Err(err) => {
+                log::warn!(
                     "backend {} does not resolve ({err}); it is left out until it does",
                     spec.name
-                ),
+                );
+                Vec::new()
             }
         }
-        backends
     }
 
     /// The backends as given (`--backend`, or the three defaults with `default_weights`).
@@ -253,19 +284,21 @@ impl CommonArgs {
     pub fn unresolved(&self) -> Vec<String> {
         self.backends
             .iter()
+            .chain(&self.backups)
             .filter(|spec| self.addresses(spec).is_err())
             .map(|spec| spec.name.clone())
             .collect()
     }
 
     /// How many other backends a request may go on to, by default: one less than the
-    /// backends given, or, when a name stands for as many backends as it has addresses, each
-    /// backend once (the proxy never tries one twice).
+    /// backends given (backups included), or, when a name stands for as many backends as it
+    /// has addresses, each backend once (the proxy never tries one twice).
     fn default_retries(&self) -> usize {
+        let all = || self.backends.iter().chain(&self.backups);
         if self.backends.is_empty() {
-            DEFAULT_BACKENDS.len() - 1
-        } else if self.backends.iter().all(|spec| spec.addr.is_some()) {
-            self.backends.len() - 1
+            DEFAULT_BACKENDS.len() + self.backups.len() - 1
+        } else if all().all(|spec| spec.addr.is_some()) {
+            all().count() - 1
         } else {
             usize::MAX
         }
@@ -287,6 +320,8 @@ impl CommonArgs {
             trusted_proxies: self.client_addr.trusted_proxies.clone(),
             reuse_port: self.reuse_port,
             admin_token: self.admin_token.clone(),
+            panic_threshold: self.panic_threshold,
+            slow_start: self.slow_start,
             redirect_https: self
                 .tls
                 .tls_listen

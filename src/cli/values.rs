@@ -5,7 +5,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::admin::AdminToken;
+use crate::settings::AdminToken;
 use crate::sticky::signed::Secret;
 
 /// An admin token (`--admin-token`, `LB_ADMIN_TOKEN`): anything but empty.

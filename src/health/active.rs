@@ -12,8 +12,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use crate::admin_state::AdminState;
 use crate::backend::{report_health, Backend};
-use crate::eligibility::AdminState;
 use crate::health::ActivePolicy;
 
 /// How often a waiting checker looks whether a probe is asked for sooner.

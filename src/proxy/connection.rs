@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::admin_state::AdminState;
 use crate::backend::Backend;
 use crate::balance;
-use crate::eligibility::{self, AdminState, Admission};
+use crate::eligibility::{self, Admission, Candidates};
 use crate::error::ProxyError;
 use crate::http::{self, BodyLength, BufferedStream, HeadError, Headers, RequestHead, MAX_HEAD};
 use crate::stream::ClientStream;
@@ -321,11 +322,13 @@ impl<'a> ClientConnection<'a> {
         tries: &mut Tries,
     ) -> Option<Attempt<'s>> {
         while tries.count <= set.settings.retries {
-            let pick = self.choose(&tries.tried, session)?;
+            let candidates = set.candidates(&tries.tried, &self.lb.stats);
+            let pick = self.choose(&candidates, session)?;
             let attempt = self.attempt_on(set, &pick, session, &tries.tried);
-            tries.tried.push(pick.index);
             // Another request may have taken this backend's one trial after its fail-timeout.
-            if attempt.backend.health().admit() {
+            let admitted = candidates.lets_in(attempt.backend);
+            tries.tried.push(pick.index);
+            if admitted {
                 self.count_try(head, attempt.backend, tries);
                 return Some(attempt);
             }
@@ -429,22 +432,18 @@ impl<'a> ClientConnection<'a> {
         }
     }
 
-    /// Chooses among the backends available and not yet tried: the session's own, when it is
+    /// Chooses among the candidates (`eligibility.rs`): the session's own backend, when it is
     /// one of them, else the balancer's pick.
-    fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
-        let backends = &self.set.backends;
-        let admits = |admission| {
-            move |i: usize| !tried.contains(&i) && eligibility::admits(&backends[i], admission)
-        };
-        if let Some(pick) = session.and_then(|s| s.choice(&admits(Admission::Bound))) {
+    fn choose(&self, candidates: &Candidates, session: Option<&Session>) -> Option<balance::Pick> {
+        let bound = |i: usize| candidates.admits(i, Admission::Bound);
+        if let Some(pick) = session.and_then(|s| s.choice(&bound)) {
             return Some(pick);
         }
-        let is_candidate = admits(Admission::New);
         let request = balance::Request {
             client_ip: self.client_ip,
             explain: self.set.settings.explain,
         };
-        self.set.balancer.pick(backends, &request, &is_candidate)
+        candidates.pick(self.set.balancer.as_ref(), &request)
     }
 
     /// The `X-Lb-Decision` line: the sticky verdict, the algorithm's reason, the backends left

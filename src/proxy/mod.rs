@@ -51,7 +51,7 @@ use crate::access_log::AccessLog;
 use crate::backend::Backend;
 use crate::balance::Balancer;
 use crate::client_addr::ClientAddresses;
-use crate::eligibility::{self, Admission};
+use crate::eligibility::{self, Admission, Candidates};
 use crate::health::HealthConfig;
 use crate::http::BufferPool;
 use crate::settings::Settings;
@@ -141,6 +141,11 @@ impl BackendSet {
     pub fn with_backends(mut self, backends: Vec<Arc<Backend>>) -> Self {
         self.backends = backends;
         self
+    }
+
+    /// The backends a request that already tried `tried` may go to now (`eligibility.rs`).
+    pub fn candidates<'a>(&'a self, tried: &'a [usize], stats: &Stats) -> Candidates<'a> {
+        Candidates::of(&self.backends, &self.settings, tried, stats)
     }
 
     /// How long until some backend could take requests again: the `Retry-After` of a 503.

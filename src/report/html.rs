@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::eligibility::AdminState;
+use crate::admin_state::AdminState;
 use crate::health::HealthMode;
 use crate::plural;
 use crate::stats::events::rfc3339;
@@ -47,6 +47,12 @@ impl Snapshot {
                 "<p class=\"summary\">waiting for DNS: {} resolve to no address yet; \
                  requests they would take get 503 until they do</p>",
                 escape_html(&self.unresolved.join(", "))
+            );
+        }
+        if self.in_panic {
+            page.push_str(
+                "<p class=\"summary down\">panic: too few backends in rotation \
+                 (--panic-threshold), so requests go to all of them as if healthy</p>\n",
             );
         }
         if let Some(last) = &self.last_reload {
@@ -96,7 +102,7 @@ impl Snapshot {
                  <td class=\"latency\" data-label=\"latency p50 / p90 / p99\" title=\"average {:.2} ms\">{} / {} / {} ms</td>\
                  <td class=\"share\" data-label=\"share\"><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td>\
                  <td class=\"control\" data-label=\"control\">{}</td></tr>",
-                escape_html(&b.address),
+                name_cell(b),
                 b.weight,
                 b.requests,
                 b.errors,
@@ -218,10 +224,23 @@ fn state_cell(b: &BackendSnapshot) -> (String, &'static str) {
     };
     match b.admin_state {
         AdminState::Ready if b.weight == 0 => (format!("{}, weight 0", health.0), "drain"),
-        AdminState::Ready => (health.0.to_string(), health.1),
+        AdminState::Ready => match b.slow_start_percent {
+            Some(percent) => (format!("{}, slow start {percent:.0} %", health.0), health.1),
+            None => (health.0.to_string(), health.1),
+        },
         AdminState::Drain => (format!("drain ({})", health.0), "drain"),
         AdminState::Maint => ("maint".to_string(), "maint"),
     }
+}
+
+/// The backend's name, and whether it is a backup.
+fn name_cell(b: &BackendSnapshot) -> String {
+    let backup = if b.backup {
+        " <small>(backup)</small>"
+    } else {
+        ""
+    };
+    format!("{}{backup}", escape_html(&b.address))
 }
 
 /// A backend's name as a path segment: every byte but letters, digits, `-._~` and `:` as `%XX`.

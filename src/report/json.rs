@@ -36,6 +36,7 @@ impl Snapshot {
             "access_log_dropped": self.access_log_dropped,
             "proxy_headers_rejected": self.proxy_headers_rejected,
             "algorithm": self.algorithm,
+            "panic": { "active": self.in_panic, "seconds_total": round3(self.panic_seconds) },
             "unresolved": self.unresolved,
             "config_reloads": { "ok": self.reloads.0, "error": self.reloads.1 },
             "last_reload": self.last_reload.as_ref().map(|last| json!({
@@ -107,6 +108,13 @@ impl Snapshot {
     }
 }
 
+/// The weight balancing gives the backend now: its weight, times its slow-start ramp while it
+/// ramps.
+fn effective_weight(b: &BackendSnapshot) -> f64 {
+    let ramp = b.slow_start_percent.map_or(1.0, |percent| percent / 100.0);
+    f64::from(b.weight) * ramp
+}
+
 /// One backend's entry in `"backends"`; `reached` is every backend's requests, for its share.
 fn backend_json(b: &BackendSnapshot, reached: u64) -> serde_json::Value {
     json!({
@@ -114,6 +122,9 @@ fn backend_json(b: &BackendSnapshot, reached: u64) -> serde_json::Value {
         "weight": b.weight,
         "configured_weight": b.configured_weight,
         "admin_state": b.admin_state.name(),
+        "backup": b.backup,
+        "slow_start_percent": b.slow_start_percent.map(round3),
+        "effective_weight": round3(effective_weight(b)),
         "healthy": b.healthy,
         "in_flight": b.active_connections,
         "requests": b.requests,

@@ -16,10 +16,10 @@
 //! | `chart.rs` | the page's SVG chart of one backend |
 //! | `summary.rs` | the chapter's periodic summary line in the log ([`summary()`]) |
 
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use crate::admin_state::AdminState;
 use crate::backend::Backend;
-use crate::eligibility::AdminState;
 use crate::health::HealthMode;
 use crate::proxy::LoadBalancer;
 use crate::stats::events::{Event, EventKind, MAX_EVENTS};
@@ -41,6 +41,10 @@ pub struct Snapshot {
     pub algorithm: &'static str,
     /// Whether admin writes need the admin token (the page's forms then ask for it).
     pub admin_token_required: bool,
+    /// Whether requests go to every primary backend now (`--panic-threshold`).
+    pub in_panic: bool,
+    /// Seconds spent in panic since start.
+    pub panic_seconds: f64,
     /// Seconds since start.
     pub uptime_seconds: f64,
     /// Requests the balancer answered, by a backend or by itself.
@@ -108,6 +112,10 @@ pub struct BackendSnapshot {
     pub configured_weight: u32,
     /// What the operator set: ready, drain or maint.
     pub admin_state: AdminState,
+    /// Whether it is a backup (`--backup`).
+    pub backup: bool,
+    /// How far up its slow-start ramp it is, in percent, while it ramps.
+    pub slow_start_percent: Option<f64>,
     /// Whether the backend is considered healthy. Always true without health checks: the
     /// backend stays in rotation.
     pub healthy: bool,
@@ -167,7 +175,8 @@ impl Snapshot {
             .iter()
             .map(|backend| {
                 let own_events = backend.stats().events();
-                let snapshot = BackendSnapshot::of(backend, &own_events, now);
+                let slow_start = set.settings().slow_start;
+                let snapshot = BackendSnapshot::of(backend, &own_events, now, slow_start);
                 events.extend(own_events);
                 snapshot
             })
@@ -175,6 +184,8 @@ impl Snapshot {
         Snapshot {
             algorithm: set.balancer().name(),
             admin_token_required: set.settings().admin_token.is_some(),
+            in_panic: stats.in_panic(),
+            panic_seconds: stats.panic_seconds(),
             uptime_seconds: stats.uptime().as_secs_f64(),
             total_requests: stats.total_requests(),
             requests_per_second: stats.requests_per_second(),
@@ -209,7 +220,7 @@ impl Snapshot {
 impl BackendSnapshot {
     /// Reads the counters of `backend` now; `events` are its own, which say when it was out of
     /// rotation during the last five minutes.
-    fn of(backend: &Backend, events: &[Event], now: u64) -> BackendSnapshot {
+    fn of(backend: &Backend, events: &[Event], now: u64, slow_start: Duration) -> BackendSnapshot {
         let counters = backend.stats();
         let health = backend.health();
         BackendSnapshot {
@@ -217,6 +228,11 @@ impl BackendSnapshot {
             weight: backend.weight(),
             configured_weight: backend.configured_weight(),
             admin_state: backend.admin_state(),
+            backup: backend.is_backup(),
+            slow_start_percent: backend
+                .ramp()
+                .progress(slow_start)
+                .map(|progress| progress * 100.0),
             healthy: backend.is_healthy(),
             health_checks: health.mode(),
             health: health.describe(),
@@ -317,6 +333,8 @@ mod tests {
             weight: 1,
             configured_weight: 1,
             admin_state: AdminState::Ready,
+            backup: false,
+            slow_start_percent: None,
             healthy,
             health_checks: HealthMode::Active,
             health: if healthy { "up".into() } else { "DOWN".into() },
@@ -352,6 +370,8 @@ mod tests {
         Snapshot {
             algorithm: "round-robin",
             admin_token_required: false,
+            in_panic: false,
+            panic_seconds: 0.0,
             uptime_seconds: 12.3,
             total_requests: 10,
             requests_per_second: 0.8,

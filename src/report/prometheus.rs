@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::eligibility::AdminState;
+use crate::admin_state::AdminState;
 use crate::stats::LATENCY_BUCKETS;
 
 use super::{BackendSnapshot, Snapshot};
@@ -84,6 +84,18 @@ impl Snapshot {
                 "counter",
                 "Access-log lines dropped because the log's writer could not keep up.",
                 self.access_log_dropped as f64,
+            ),
+            (
+                "lb_panic",
+                "gauge",
+                "1 while requests go to every primary backend below --panic-threshold, else 0.",
+                f64::from(u8::from(self.in_panic)),
+            ),
+            (
+                "lb_panic_seconds_total",
+                "counter",
+                "Seconds spent in panic (--panic-threshold) since start.",
+                self.panic_seconds,
             ),
             (
                 "lb_proxy_headers_rejected_total",
@@ -294,7 +306,7 @@ fn escape_label(value: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use crate::eligibility::AdminState;
+    use crate::admin_state::AdminState;
     use crate::report::tests::snapshot;
 
     #[test]

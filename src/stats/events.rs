@@ -32,6 +32,8 @@ pub enum EventKind {
     Reload,
     /// The operator changed a backend's state or weight on the admin listener.
     Admin,
+    /// Panic (`--panic-threshold`) started or ended.
+    Panic,
 }
 
 impl EventKind {
@@ -40,7 +42,11 @@ impl EventKind {
         match self {
             EventKind::Down | EventKind::Ejected | EventKind::Trial => Some(true),
             EventKind::Up => Some(false),
-            EventKind::Start | EventKind::Stop | EventKind::Reload | EventKind::Admin => None,
+            EventKind::Start
+            | EventKind::Stop
+            | EventKind::Reload
+            | EventKind::Admin
+            | EventKind::Panic => None,
         }
     }
 }
@@ -56,6 +62,7 @@ impl fmt::Display for EventKind {
             EventKind::Trial => "trial",
             EventKind::Reload => "reload",
             EventKind::Admin => "admin",
+            EventKind::Panic => "panic",
         })
     }
 }
