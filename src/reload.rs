@@ -366,11 +366,12 @@ fn merge_backends(
             };
             old_index_to_new[old_index] = Some(new_index);
             let kept = &old.backends()[old_index];
-            if kept.weight() != backend.weight() {
+            // A weight set at run time (the admin API) stays until the file changes this one.
+            if kept.configured_weight() != backend.weight() {
                 changes.push(format!(
                     "weight of {} {} -> {}",
                     kept.name(),
-                    kept.weight(),
+                    kept.configured_weight(),
                     backend.weight()
                 ));
                 kept.set_weight(backend.weight());

@@ -604,3 +604,36 @@ fn a_weight_in_a_body_sent_in_pieces_is_read() {
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
     assert_eq!(listed(&lb, &name)["weight"], 7);
 }
+
+/// A reload keeps what the operator set for the backends that stay; a weight the file changes
+/// is the file's.
+#[test]
+fn a_reload_keeps_the_state_and_run_time_weight_until_the_file_changes_them() {
+    let all = [DemoBackend::start("a"), DemoBackend::start("b")];
+    let (a, b) = (all[0].spec(), all[1].spec());
+    let path = std::env::temp_dir().join(format!("lb-control-{}.toml", std::process::id()));
+    let write = |weight_of_a: u32| {
+        let text = format!("backend = [\"{a}={weight_of_a}\", \"{b}\"]\n");
+        std::fs::write(&path, text).unwrap();
+    };
+    write(1);
+    let config = path.to_str().unwrap().to_string();
+    let lb = Balancer::start(LB, &["--admin", "127.0.0.1:0", "--config", &config]);
+    set(&lb, &b, "drain");
+    set_weight(&lb, &a, 0);
+    let reload = || {
+        let answer = admin(lb.admin.unwrap(), "POST", "/reload", &[], "");
+        assert_eq!(answer.status, 200, "{}", answer.body);
+    };
+    reload();
+    assert_eq!(listed(&lb, &b)["admin_state"], "drain");
+    assert_eq!(listed(&lb, &a)["weight"], 0, "the run-time weight stays");
+    write(4);
+    reload();
+    let a_now = listed(&lb, &a);
+    assert_eq!(
+        (a_now["weight"].clone(), a_now["configured_weight"].clone()),
+        (4.into(), 4.into())
+    );
+    let _ = std::fs::remove_file(&path);
+}
