@@ -55,7 +55,9 @@ fn backups_take_traffic_only_while_no_primary_is_in_rotation() {
     let (controls, primaries) = controlled_backends(&["p1", "p2"]);
     let backup = DemoBackend::start("backup");
     let specs: Vec<String> = primaries.iter().map(RawBackend::spec).collect();
-    let lb = start(&specs, &[backup.spec()], &QUICK_CHECKS);
+    let mut flags = QUICK_CHECKS.to_vec();
+    flags.push("--explain");
+    let lb = start(&specs, &[backup.spec()], &flags);
     assert!(!backends_hit(lb.addr, 12).contains(&"backup".to_string()));
 
     for control in &controls {
@@ -67,6 +69,8 @@ fn backups_take_traffic_only_while_no_primary_is_in_rotation() {
             .all(|b| b == "backup")),
         "every request on the backup once no primary is in rotation"
     );
+    let decision = get(lb.addr, "/").header("x-lb-decision").unwrap_or_default().to_string();
+    assert!(decision.contains("no primary backend in rotation: a backup"), "{decision}");
     let stats = stats_json(&lb);
     assert_eq!(stats["backends"][2]["backup"], true);
     assert_eq!(stats["backends"][0]["backup"], false);

@@ -470,6 +470,11 @@ impl<'a> ClientConnection<'a> {
             let names: Vec<&str> = tried.iter().map(|&i| name(i)).collect();
             parts.push(format!("retry after {}", names.join(", ")));
         }
+        if self.lb.stats.in_panic() {
+            parts.push("panic: every primary backend is a candidate".to_string());
+        } else if backends[pick.index].is_backup() {
+            parts.push("no primary backend in rotation: a backup".to_string());
+        }
         parts.push(format!("chose {}", name(pick.index)));
         parts.join("; ")
     }
