@@ -69,8 +69,14 @@ fn backups_take_traffic_only_while_no_primary_is_in_rotation() {
             .all(|b| b == "backup")),
         "every request on the backup once no primary is in rotation"
     );
-    let decision = get(lb.addr, "/").header("x-lb-decision").unwrap_or_default().to_string();
-    assert!(decision.contains("no primary backend in rotation: a backup"), "{decision}");
+    let decision = get(lb.addr, "/")
+        .header("x-lb-decision")
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        decision.contains("no primary backend in rotation: a backup"),
+        "{decision}"
+    );
     let stats = stats_json(&lb);
     assert_eq!(stats["backends"][2]["backup"], true);
     assert_eq!(stats["backends"][0]["backup"], false);

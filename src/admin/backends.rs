@@ -85,10 +85,12 @@ fn find<'b>(backends: &'b [Arc<Backend>], encoded: &str) -> Option<&'b Arc<Backe
 fn set_state(backend: &Backend, state: AdminState, who: IpAddr) -> Answer {
     let before = backend.set_admin_state(state);
     if before != state {
-        record(
-            backend,
-            format!("{} set to {state} from {who}", backend.name()),
-        );
+        let out = match state {
+            AdminState::Ready => (backend.weight() > 0).then_some(false),
+            AdminState::Drain | AdminState::Maint => Some(true),
+        };
+        let message = format!("{} set to {state} from {who}", backend.name());
+        record(backend, message, out);
     }
     let mut answer = describe(backend);
     answer["previous_state"] = json!(before.name());
@@ -101,25 +103,29 @@ fn set_weight(lb: &LoadBalancer, backend: &Backend, weight: u32, who: IpAddr) ->
     if before != weight {
         let set = lb.snapshot();
         set.balancer().weights_changed(set.backends());
-        record(
-            backend,
-            format!(
-                "weight of {} {before} -> {weight} from {who}",
-                backend.name()
-            ),
+        let ready = backend.admin_state() == AdminState::Ready;
+        let out = match (before, weight) {
+            (_, 0) => Some(true),
+            (0, _) => ready.then_some(false),
+            _ => None,
+        };
+        let message = format!(
+            "weight of {} {before} -> {weight} from {who}",
+            backend.name()
         );
+        record(backend, message, out);
     }
     let mut answer = describe(backend);
     answer["previous_weight"] = json!(before);
     (200, answer)
 }
 
-/// Logs a change and makes it an event of the backend.
-fn record(backend: &Backend, message: String) {
+/// Logs a change and makes it an event of the backend; `out` says whether it took the backend
+/// out of rotation or put it back (the page's charts shade the time out).
+fn record(backend: &Backend, message: String, out: Option<bool>) {
     log::info!("{message}");
-    backend
-        .stats()
-        .push_event(backend.name(), EventKind::Admin, message);
+    let kind = EventKind::Admin { out };
+    backend.stats().push_event(backend.name(), kind, message);
 }
 
 /// `%XX` sequences as the bytes they stand for, and `+` as a space (as forms send it); a

@@ -276,7 +276,10 @@ fn down_seconds(events: &[Event], healthy_now: bool, now: u64) -> Vec<bool> {
         .iter()
         .find(|e| e.kind.leaves_backend_out().is_some())
     {
-        Some(first) => matches!(first.kind, EventKind::Up | EventKind::Trial),
+        Some(first) => matches!(
+            first.kind,
+            EventKind::Up | EventKind::Trial | EventKind::Admin { out: Some(false) }
+        ),
         None => !healthy_now,
     };
     let first_second = now as i64 - (HISTORY_SECONDS as i64 - 1);
@@ -479,5 +482,19 @@ mod tests {
         let ejected = [event(first + 290, EventKind::Ejected)];
         let down = down_seconds(&ejected, false, now);
         assert!(down[..290].iter().all(|d| !d) && down[290..].iter().all(|&d| d));
+        // The operator's maint, then ready (no health event): out between them.
+        let admin = |out| EventKind::Admin { out: Some(out) };
+        let maint = [
+            event(first + 40, admin(true)),
+            event(first + 50, admin(false)),
+        ];
+        let out: Vec<usize> = (0..300)
+            .filter(|&i| down_seconds(&maint, true, now)[i])
+            .collect();
+        assert_eq!(out, (40..=50).collect::<Vec<_>>());
+        let ready_only = [event(first + 60, admin(false))];
+        assert!(down_seconds(&ready_only, true, now)[..60]
+            .iter()
+            .all(|&d| d));
     }
 }

@@ -30,8 +30,12 @@ pub enum EventKind {
     Trial,
     /// The configuration was read again: applied, or refused with the old one kept.
     Reload,
-    /// The operator changed a backend's state or weight on the admin listener.
-    Admin,
+    /// The operator changed a backend's state or weight on the admin listener: `out` says
+    /// whether that took it out of rotation (drain, maint, weight 0) or put it back, if either.
+    Admin {
+        /// Some(true): out of rotation; Some(false): back in it; None: neither.
+        out: Option<bool>,
+    },
     /// Panic (`--panic-threshold`) started or ended.
     Panic,
 }
@@ -42,11 +46,8 @@ impl EventKind {
         match self {
             EventKind::Down | EventKind::Ejected | EventKind::Trial => Some(true),
             EventKind::Up => Some(false),
-            EventKind::Start
-            | EventKind::Stop
-            | EventKind::Reload
-            | EventKind::Admin
-            | EventKind::Panic => None,
+            EventKind::Admin { out } => out,
+            EventKind::Start | EventKind::Stop | EventKind::Reload | EventKind::Panic => None,
         }
     }
 }
@@ -61,7 +62,7 @@ impl fmt::Display for EventKind {
             EventKind::Ejected => "ejected",
             EventKind::Trial => "trial",
             EventKind::Reload => "reload",
-            EventKind::Admin => "admin",
+            EventKind::Admin { .. } => "admin",
             EventKind::Panic => "panic",
         })
     }
