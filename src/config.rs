@@ -141,7 +141,9 @@ impl File<'_> {
         match value.get_ref() {
             DeValue::String(text) => Ok(text.to_string()),
             DeValue::Integer(number) if number.radix() == 10 => Ok(number.as_str().to_string()),
-            DeValue::Table(table) if long == "backend" => self.backend_table(value, table),
+            DeValue::Table(table) if long == "backend" || long == "backup" => {
+                self.backend_table(value, table)
+            }
             other => Err(self.wrong_type(value, "a string or a whole number", other)),
         }
     }
@@ -232,6 +234,16 @@ mod tests {
         assert_eq!(
             args(text).unwrap(),
             ["--backend=127.0.0.1:8001", "--backend=127.0.0.1:8002=3"]
+        );
+        let backups = "backup = [{ address = \"127.0.0.1:8003\", weight = 2 }]\n\
+                       panic-threshold = 50\nslow-start = \"30s\"\n";
+        assert_eq!(
+            args(backups).unwrap(),
+            [
+                "--backup=127.0.0.1:8003=2",
+                "--panic-threshold=50",
+                "--slow-start=30s"
+            ]
         );
     }
 
