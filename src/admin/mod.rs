@@ -251,29 +251,22 @@ struct Request<'a> {
 /// The response to an admin request: one of the views, a write's answer, 404 or 405.
 fn route(request: &Request, lb: &LoadBalancer) -> Vec<u8> {
     let method = request.head.method();
-    let head_only = method == "HEAD";
     let (path, query) = split_target(request.head.target());
-    if method == "POST" {
-        return match path.strip_prefix("/backends/") {
-            _ if path == "/reload" => write(request, lb, |_| reload(lb)),
-            Some(rest) => {
-                let weight = backends::field(request.body, "weight")
-                    .or_else(|| backends::field(query, "weight"));
-                write(request, lb, |who| {
-                    backends::change(lb, rest, weight.as_deref(), who)
-                })
-            }
-            None => response(
-                404,
-                "text/plain",
-                b"not found: POST /reload or /backends/{name}/...\n",
-                false,
-            ),
-        };
+    let writable = path == "/reload" || path.starts_with("/backends/");
+    match method {
+        "POST" if writable => write_to(path, query, request, lb),
+        "GET" | "HEAD" if !writable => read(path, lb, method == "HEAD"),
+        _ if writable => not_allowed("POST"),
+        _ if READABLE.contains(&path) => not_allowed("GET, HEAD"),
+        _ => response(404, "text/plain", b"not found: try /stats\n", false),
     }
-    if method != "GET" && !head_only {
-        return response(405, "text/plain", b"only GET, HEAD and POST\n", false);
-    }
+}
+
+/// What the admin listener serves to GET and HEAD.
+const READABLE: [&str; 4] = ["/stats", "/stats.json", "/metrics", "/backends"];
+
+/// A view: the statistics page, JSON or Prometheus metrics, or the backends' list.
+fn read(path: &str, lb: &LoadBalancer, head_only: bool) -> Vec<u8> {
     let (content_type, body) = match path {
         "/backends" => ("application/json", backends::list(lb).1.to_string()),
         "/stats" => ("text/html; charset=utf-8", Snapshot::of(lb).to_html()),
@@ -285,6 +278,29 @@ fn route(request: &Request, lb: &LoadBalancer) -> Vec<u8> {
         _ => return response(404, "text/plain", b"not found: try /stats\n", head_only),
     };
     response(200, content_type, body.as_bytes(), head_only)
+}
+
+/// A write: `POST /reload`, or `POST /backends/{name}/{action}` with a weight in the body or
+/// the query.
+fn write_to(path: &str, query: &str, request: &Request, lb: &LoadBalancer) -> Vec<u8> {
+    let Some(rest) = path.strip_prefix("/backends/") else {
+        return write(request, lb, |_| reload(lb));
+    };
+    let weight =
+        backends::field(request.body, "weight").or_else(|| backends::field(query, "weight"));
+    write(request, lb, |who| {
+        backends::change(lb, rest, weight.as_deref(), who)
+    })
+}
+
+/// `405 Method Not Allowed`, naming the methods that are.
+fn not_allowed(allow: &str) -> Vec<u8> {
+    let body = format!("only {allow}\n");
+    let mut answer = response(405, "text/plain", body.as_bytes(), true);
+    // The head ends with its empty line; the Allow field goes in before it.
+    answer.truncate(answer.len() - 2);
+    answer.extend_from_slice(format!("Allow: {allow}\r\n\r\n{body}").as_bytes());
+    answer
 }
 
 /// The path and the query of a request target.
@@ -370,14 +386,9 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
         431 => "Request Header Fields Too Large",
         _ => "Service Unavailable",
     };
-    let allow = if status == 405 {
-        "Allow: GET, HEAD, POST\r\n"
-    } else {
-        ""
-    };
     let mut out = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\n{allow}Connection: close\r\n\r\n",
+         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -410,9 +421,10 @@ pub(crate) mod tests {
         assert!(text.contains("Content-Length: 5\r\n"));
         assert!(text.contains("Connection: close\r\n"));
         assert!(text.ends_with("\r\n\r\ngone\n"));
-        let head = String::from_utf8(response(405, "text/plain", b"x", true)).unwrap();
-        assert!(head.contains("Allow: GET, HEAD, POST\r\n"));
-        assert!(head.ends_with("\r\n\r\n"));
+        let refused = String::from_utf8(not_allowed("GET, HEAD")).unwrap();
+        assert!(refused.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
+        assert!(refused.contains("\r\nAllow: GET, HEAD\r\n\r\nonly GET, HEAD\n"));
+        assert!(refused.contains("Content-Length: 15\r\n"));
     }
 
     /// `n` listeners on consecutive loopback ports: port 0 picks the first, the rest are tried
