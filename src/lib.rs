@@ -20,6 +20,7 @@
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
 //! | all | [`reload`], [`signals`] | reload without a restart (SIGHUP, `POST /reload`), signals |
 //! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
+//! | all | [`limit`] | a backend's limit on requests in flight (`--backend-max-conns`), and the queue of those waiting for room |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -83,6 +84,7 @@ pub mod eligibility;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod limit;
 pub mod plural;
 pub mod proxy;
 pub mod reload;

@@ -373,11 +373,28 @@ fn merge_backends(
                 ));
                 kept.set_weight(backend.weight());
             }
+            carry_limit(kept, backend, changes);
             kept.health().configure(fresh.health_config().clone());
             Arc::clone(kept)
         })
         .collect();
     (backends, old_index_to_new)
+}
+
+/// A kept backend takes the connection limit the new configuration gives it; requests in
+/// flight keep their slots, and a higher limit lets waiting requests in.
+fn carry_limit(kept: &Backend, fresh: &Backend, changes: &mut Vec<String>) {
+    let (before, after) = (kept.limit().max(), fresh.limit().max());
+    if before != after {
+        let text = |max: Option<u32>| max.map_or("none".to_string(), |n| n.to_string());
+        changes.push(format!(
+            "max_conns of {} {} -> {}",
+            kept.name(),
+            text(before),
+            text(after)
+        ));
+        kept.limit().set_max(after);
+    }
 }
 
 /// Sessions kept in a table follow their backends to their new positions; those of removed
@@ -406,6 +423,7 @@ fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
         ("backend-timeout", a.backend_timeout, b.backend_timeout),
         ("client-timeout", a.client_timeout, b.client_timeout),
         ("tunnel-timeout", a.tunnel_timeout, b.tunnel_timeout),
+        ("queue-timeout", a.queue_timeout, b.queue_timeout),
     ];
     for (name, before, after) in durations {
         if before != after {

@@ -104,6 +104,11 @@ impl Balancer for ConsistentHash {
         self.ring.store(Arc::new(ring_of(&backends)));
     }
 
+    /// A client keeps its backend: at the backend's connection limit it waits in its queue.
+    fn chooses_freely(&self) -> bool {
+        false
+    }
+
     fn pick(
         &self,
         backends: &[Arc<Backend>],

@@ -73,6 +73,11 @@ impl Balancer for IpHash {
         "ip-hash"
     }
 
+    /// A client keeps its backend: at the backend's connection limit it waits in its queue.
+    fn chooses_freely(&self) -> bool {
+        false
+    }
+
     fn pick(
         &self,
         backends: &[Arc<Backend>],

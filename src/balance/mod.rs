@@ -59,6 +59,14 @@ pub trait Balancer: Send + Sync {
     /// weights at each pick need nothing; one that built something from them (consistent
     /// hashing's ring) builds it again.
     fn weights_changed(&self, _backends: &[Arc<Backend>]) {}
+
+    /// Whether any candidate will do (round robin, weighted, least connections), or a key ties
+    /// a client to one backend (the hashing algorithms). Only in the first case does a backend
+    /// at its connection limit give way to one with room; a client of a hashing algorithm waits
+    /// in its own backend's queue (see [`crate::limit`]).
+    fn chooses_freely(&self) -> bool {
+        true
+    }
 }
 
 /// The algorithms `--algorithm` can name.

@@ -279,6 +279,7 @@ impl<'a> ClientConnection<'a> {
         while let Some(attempt) = self.next_attempt(&set, head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
             self.note_sticky(session.as_ref(), backend);
+            let _slot = self.wait_for_room(backend)?;
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest::new(head, body, (&prefix, rest), request_id, &attempt);
             match self.try_backend(backend, &request, started) {
@@ -430,7 +431,8 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Chooses among the backends available and not yet tried: the session's own, when it is
-    /// one of them, else the balancer's pick.
+    /// one of them, else the balancer's pick (passing over backends at their connection limit
+    /// while another has room, when it may: `queue.rs`).
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
         let backends = &self.set.backends;
         let admits = |admission| {
@@ -439,7 +441,9 @@ impl<'a> ClientConnection<'a> {
         if let Some(pick) = session.and_then(|s| s.choice(&admits(Admission::Bound))) {
             return Some(pick);
         }
-        let is_candidate = admits(Admission::New);
+        let admitted = admits(Admission::New);
+        let skip_full = self.full_backends_give_way(&admitted);
+        let is_candidate = |i| admitted(i) && (!skip_full || backends[i].limit().has_room());
         let request = balance::Request {
             client_ip: self.client_ip,
             explain: self.set.settings.explain,
