@@ -58,7 +58,9 @@
 //! corners (interim responses, absolute-form targets, other HTTP versions in
 //! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
 //! hop-by-hop table (`http/hop_by_hop.rs`), counters, logs and passive health (`account`), the
-//! queue of requests waiting for a backend connection (`idle_or_turn`), whether the client's
+//! queue of requests waiting for a backend connection (`idle_or_turn`), a backend's connection
+//! limit and the queue of requests waiting for room under it (`wait_for_room` in
+//! `proxy/queue.rs`, [`limit`]), whether the client's
 //! connection stays open (`keeps_alive`), the access log and the client's address behind another
 //! proxy (`proxy/access.rs`: `handle_logged` finds the client and wraps `handle`, and
 //! `reject_logged` wraps `reject_head`, with a line each when `--access-log` is on), reload

@@ -431,8 +431,7 @@ impl<'a> ClientConnection<'a> {
     }
 
     /// Chooses among the backends available and not yet tried: the session's own, when it is
-    /// one of them, else the balancer's pick (passing over backends at their connection limit
-    /// while another has room, when it may: `queue.rs`).
+    /// one of them, else the balancer's pick (among those with room first: `queue.rs`).
     fn choose(&self, tried: &[usize], session: Option<&Session>) -> Option<balance::Pick> {
         let backends = &self.set.backends;
         let admits = |admission| {
@@ -441,9 +440,7 @@ impl<'a> ClientConnection<'a> {
         if let Some(pick) = session.and_then(|s| s.choice(&admits(Admission::Bound))) {
             return Some(pick);
         }
-        let admitted = admits(Admission::New);
-        let skip_full = self.full_backends_give_way(&admitted);
-        let is_candidate = |i| admitted(i) && (!skip_full || backends[i].limit().has_room());
+        let is_candidate = self.preferring_room(admits(Admission::New));
         let request = balance::Request {
             client_ip: self.client_ip,
             explain: self.set.settings.explain,

@@ -57,15 +57,19 @@ impl ClientConnection<'_> {
         })
     }
 
-    /// Whether a backend at its connection limit is left out of this choice: some backend of
-    /// the set has a limit, the algorithm chooses freely, and a candidate has room. Without a
-    /// limit this is one branch.
-    pub(super) fn full_backends_give_way(&self, is_candidate: &dyn Fn(usize) -> bool) -> bool {
+    /// The candidates `admitted` names, less the backends at their connection limit when they
+    /// give way: some backend of the set has a limit, the algorithm chooses freely, and some
+    /// candidate has room. Without a limit, only a flag is looked at.
+    pub(super) fn preferring_room<'f>(
+        &'f self,
+        admitted: impl Fn(usize) -> bool + 'f,
+    ) -> impl Fn(usize) -> bool + 'f {
         let set = &self.set;
-        set.limited
+        let has_room = move |i: usize| set.backends[i].limit().has_room();
+        let skip_full = set.limited
             && set.balancer.chooses_freely()
-            && (0..set.backends.len())
-                .any(|i| is_candidate(i) && set.backends[i].limit().has_room())
+            && (0..set.backends.len()).any(|i| admitted(i) && has_room(i));
+        move |i| admitted(i) && (!skip_full || has_room(i))
     }
 }
 
