@@ -449,3 +449,27 @@ fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(max_conns: Option<u32>) -> Backend {
+        Backend::new("b".into(), ([127, 0, 0, 1], 9).into(), 1).with_max_conns(max_conns)
+    }
+
+    #[test]
+    fn a_kept_backend_takes_its_new_connection_limit() {
+        let kept = backend(Some(2));
+        let mut changes = Vec::new();
+        carry_limit(&kept, &backend(Some(2)), &mut changes);
+        assert!(changes.is_empty());
+        carry_limit(&kept, &backend(Some(5)), &mut changes);
+        carry_limit(&kept, &backend(None), &mut changes);
+        assert_eq!(
+            changes,
+            ["max_conns of b 2 -> 5", "max_conns of b 5 -> none"]
+        );
+        assert_eq!(kept.limit().max(), None);
+    }
+}
