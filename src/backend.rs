@@ -20,6 +20,7 @@ use socket2::SockRef;
 
 use crate::admin_state::AdminState;
 use crate::health::{Health, Transition};
+use crate::limit::ConnectionLimit;
 use crate::slow_start::Ramp;
 use crate::stats::events::EventKind;
 use crate::stats::BackendStats;
@@ -64,6 +65,8 @@ pub struct Backend {
     ramp: Ramp,
     stats: BackendStats,
     health: Health,
+    /// The most requests in flight at once, and the queue of those waiting for room.
+    limit: ConnectionLimit,
     pool: Mutex<Pool>,
     /// How long a request waits for its turn to open a connection: `OPENING_WAIT` (a test
     /// lengthens it, so that what it checks does not depend on the machine's speed).
@@ -185,6 +188,7 @@ impl Backend {
             ramp: Ramp::default(),
             stats: BackendStats::default(),
             health: Health::default(),
+            limit: ConnectionLimit::default(),
             pool: Mutex::new(Pool::default()),
             opening_wait: OPENING_WAIT,
         }
@@ -204,6 +208,13 @@ impl Backend {
     /// Slow start's ramp: started when the backend comes back into rotation.
     pub fn ramp(&self) -> &Ramp {
         &self.ramp
+    }
+
+    /// The same backend with at most `max` requests in flight at once (`--backend-max-conns`,
+    /// `max_conns`), or no limit.
+    pub fn with_max_conns(self, max: Option<u32>) -> Self {
+        self.limit.set_max(max);
+        self
     }
 
     /// The address as the user wrote it, e.g. `127.0.0.1:8001`.
@@ -272,6 +283,11 @@ impl Backend {
     /// The backend's counters.
     pub fn stats(&self) -> &BackendStats {
         &self.stats
+    }
+
+    /// The backend's connection limit and its queue.
+    pub fn limit(&self) -> &ConnectionLimit {
+        &self.limit
     }
 
     /// The backend's health, as active and passive checks see it.

@@ -9,7 +9,9 @@
 //! Flags given on the command line win over the file.
 //!
 //! A backend may also be a table, which carries the per-backend settings:
-//! `backend = [{ address = "app:8000", weight = 3 }]`, or `[[backend]]` sections.
+//! `backend = [{ address = "app:8000", weight = 3, max_conns = 4 }]`, or `[[backend]]` sections.
+//! Its `max_conns` (a connection limit of its own, see [`crate::limit`]) has no flag of its own:
+//! it rides on the backend's flag value as `app:8000=3,max_conns=4`.
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -22,6 +24,7 @@ use toml::Spanned;
 const BACKEND_KEYS: &[(&str, &str)] = &[
     ("address", "HOST:PORT, a literal IP or a name"),
     ("weight", "a whole number of at least 1"),
+    ("max_conns", "a whole number of at least 1"),
 ];
 
 /// The command-line arguments `text` (the contents of the file at `path`) stands for, leaving
@@ -148,15 +151,19 @@ impl File<'_> {
         }
     }
 
-    /// `{ address = "HOST:PORT", weight = N }` as `HOST:PORT=N`.
+    /// `{ address = "HOST:PORT", weight = N, max_conns = M }` as `HOST:PORT=N,max_conns=M`.
     fn backend_table(&self, value: &Spanned<DeValue>, table: &DeTable) -> Result<String, String> {
         let mut address = None;
         let mut weight = None;
+        let mut max_conns = None;
         for (key, item) in table.iter() {
             match (key.get_ref().as_ref(), item.get_ref()) {
                 ("address", DeValue::String(text)) => address = Some(text.to_string()),
                 ("weight", DeValue::Integer(n)) if n.radix() == 10 => {
                     weight = Some(n.as_str().to_string())
+                }
+                ("max_conns", DeValue::Integer(n)) if n.radix() == 10 => {
+                    max_conns = Some(n.as_str().to_string())
                 }
                 (name, other) => {
                     let Some((_, expected)) = BACKEND_KEYS.iter().find(|(k, _)| *k == name) else {
@@ -175,10 +182,11 @@ impl File<'_> {
         }
         let address =
             address.ok_or_else(|| self.error(value.span().start, "a backend needs an address"))?;
-        Ok(match weight {
-            Some(weight) => format!("{address}={weight}"),
-            None => address,
-        })
+        let weight = weight.map(|w| format!("={w}")).unwrap_or_default();
+        let max_conns = max_conns
+            .map(|m| format!(",max_conns={m}"))
+            .unwrap_or_default();
+        Ok(format!("{address}{weight}{max_conns}"))
     }
 
     fn wrong_type(&self, value: &Spanned<DeValue>, expected: &str, found: &DeValue) -> String {
@@ -245,6 +253,25 @@ mod tests {
                 "--slow-start=30s"
             ]
         );
+    }
+
+    #[test]
+    fn a_backend_table_may_carry_its_own_connection_limit() {
+        let text = "[[backend]]\naddress = \"127.0.0.1:8001\"\nmax_conns = 4\n\n\
+                    [[backend]]\naddress = \"127.0.0.1:8002\"\nweight = 3\nmax_conns = 2\n";
+        let flags = args(text).unwrap();
+        assert_eq!(
+            flags,
+            [
+                "--backend=127.0.0.1:8001,max_conns=4",
+                "--backend=127.0.0.1:8002=3,max_conns=2"
+            ]
+        );
+        let parsed = Flags::try_parse_from(std::iter::once("lb".to_string()).chain(flags)).unwrap();
+        let limits: Vec<_> = parsed.common.backends.iter().map(|b| b.max_conns).collect();
+        assert_eq!(limits, [Some(4), Some(2)]);
+        let err = args("backend = [{ address = \"127.0.0.1:1\", max_conns = 0 }]").unwrap_err();
+        assert!(err.contains("max_conns"), "{err}");
     }
 
     #[test]

@@ -72,6 +72,8 @@ pub struct Candidates<'a> {
     tried: &'a [usize],
     tier: Tier,
     slow_start: Duration,
+    /// Whether some backend has a connection limit (`--backend-max-conns`).
+    limited: bool,
 }
 
 impl<'a> Candidates<'a> {
@@ -80,6 +82,7 @@ impl<'a> Candidates<'a> {
     pub fn of(
         backends: &'a [Arc<Backend>],
         settings: &Settings,
+        limited: bool,
         tried: &'a [usize],
         stats: &Stats,
     ) -> Self {
@@ -91,6 +94,7 @@ impl<'a> Candidates<'a> {
             tried,
             tier: tier.0,
             slow_start: settings.slow_start,
+            limited,
         }
     }
 
@@ -112,15 +116,22 @@ impl<'a> Candidates<'a> {
             }
     }
 
-    /// The balancer's pick for a new request. With slow start, a pick of a backend still
-    /// ramping up goes through in proportion to its ramp; otherwise the balancer picks again
-    /// without it (and the first pick stands when there is no other). Hashing algorithms are
-    /// left alone: their promise is that a client keeps its backend.
+    /// The balancer's pick for a new request, among the backends with room first when some
+    /// have a connection limit (`crate::proxy` queues the request when none has). With slow
+    /// start, a pick of a backend still ramping up goes through in proportion to its ramp;
+    /// otherwise the balancer picks again without it (and the first pick stands when there is
+    /// no other). Hashing algorithms are left alone: their promise is that a client keeps its
+    /// backend.
     pub fn pick(&self, balancer: &dyn Balancer, request: &Request) -> Option<Pick> {
-        let new = |i: usize| self.admits(i, Admission::New);
+        let admitted = |i: usize| self.admits(i, Admission::New);
+        let has_room = |i: usize| self.backends[i].limit().has_room();
+        let skip_full = self.limited
+            && balancer.chooses_freely()
+            && (0..self.backends.len()).any(|i| admitted(i) && has_room(i));
+        let new = |i: usize| admitted(i) && (!skip_full || has_room(i));
         let first = balancer.pick(self.backends, request, &new)?;
         let ramp = self.backends[first.index].ramp();
-        if !balancer.may_pass_over() || ramp.lets_through(self.slow_start) {
+        if !balancer.chooses_freely() || ramp.lets_through(self.slow_start) {
             return Some(first);
         }
         balancer

@@ -33,6 +33,14 @@ pub enum ProxyError {
     /// The balancer had no file descriptor left for a backend connection, even after waiting
     /// for one: `503`, to try again in a second.
     OutOfDescriptors,
+    /// The backend was at its connection limit (`--backend-max-conns`) and the request's wait
+    /// in its queue ran out (`--queue-timeout`): `503`, to try again after as long.
+    QueueTimeout {
+        /// The backend's limit.
+        max_conns: u32,
+        /// How long the request waited.
+        waited: Duration,
+    },
     /// The backend did not answer within `--backend-timeout`: `504`.
     GatewayTimeout,
 }
@@ -47,9 +55,9 @@ impl ProxyError {
             ProxyError::UriTooLong => (414, "URI Too Long"),
             ProxyError::NotImplemented(_) => (501, "Not Implemented"),
             ProxyError::BadGateway(_) => (502, "Bad Gateway"),
-            ProxyError::NoBackend { .. } | ProxyError::OutOfDescriptors => {
-                (503, "Service Unavailable")
-            }
+            ProxyError::NoBackend { .. }
+            | ProxyError::OutOfDescriptors
+            | ProxyError::QueueTimeout { .. } => (503, "Service Unavailable"),
             ProxyError::GatewayTimeout => (504, "Gateway Timeout"),
             ProxyError::VersionNotSupported(_) => (505, "HTTP Version Not Supported"),
         }
@@ -60,6 +68,8 @@ impl ProxyError {
         match self {
             ProxyError::NoBackend { retry_after } => Some(*retry_after),
             ProxyError::OutOfDescriptors => Some(Duration::from_secs(1)),
+            // A backend that kept a queue full this long is unlikely to have room sooner.
+            ProxyError::QueueTimeout { waited, .. } => Some(*waited),
             _ => None,
         }
     }
@@ -103,6 +113,11 @@ impl fmt::Display for ProxyError {
                     "the balancer is out of file descriptors; try again shortly"
                 )
             }
+            ProxyError::QueueTimeout { max_conns, waited } => write!(
+                f,
+                "the backend is at its limit of {max_conns} connections and the wait in its \
+                 queue ran out after {waited:?}"
+            ),
             ProxyError::GatewayTimeout => write!(f, "the backend did not answer in time"),
             ProxyError::VersionNotSupported(version) => {
                 write!(f, "{version} is not supported; this server speaks HTTP/1.1")
@@ -145,6 +160,19 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
         assert!(text.contains("Retry-After: 1\r\n"));
         assert!(text.contains("file descriptors"));
+    }
+
+    #[test]
+    fn a_queue_that_ran_out_is_a_503_that_says_so() {
+        let err = ProxyError::QueueTimeout {
+            max_conns: 2,
+            waited: Duration::from_millis(300),
+        };
+        let text = String::from_utf8(err.to_response(false)).unwrap();
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
+        assert!(text.contains("Retry-After: 1\r\n"));
+        assert!(text.contains("at its limit of 2 connections"), "{text}");
+        assert!(text.contains("ran out after 300ms"), "{text}");
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! | all | [`cli`], [`config`], [`settings`], [`startup`], [`error`] | flags, the configuration file, settings, wiring, error statuses |
 //! | all | [`reload`], [`signals`], [`ctl`] | reload without a restart (SIGHUP, `POST /reload`), signals, the `loadbalancer ctl` client |
 //! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
+//! | all | [`limit`] | a backend's limit on requests in flight (`--backend-max-conns`), and the queue of those waiting for room |
 //! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
@@ -57,7 +58,9 @@
 //! corners (interim responses, absolute-form targets, other HTTP versions in
 //! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
 //! hop-by-hop table (`http/hop_by_hop.rs`), counters, logs and passive health (`account`), the
-//! queue of requests waiting for a backend connection (`idle_or_turn`), whether the client's
+//! queue of requests waiting for a backend connection (`idle_or_turn`), a backend's connection
+//! limit and the queue of requests waiting for room under it (`wait_for_room` in
+//! `proxy/queue.rs`, [`limit`]), whether the client's
 //! connection stays open (`keeps_alive`), the access log and the client's address behind another
 //! proxy (`proxy/access.rs`: `handle_logged` finds the client and wraps `handle`, and
 //! `reject_logged` wraps `reject_head`, with a line each when `--access-log` is on), reload
@@ -85,6 +88,7 @@ pub mod eligibility;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod limit;
 pub mod plural;
 pub mod proxy;
 pub mod reload;

@@ -376,11 +376,28 @@ fn merge_backends(
                 ));
                 kept.set_weight(backend.weight());
             }
+            carry_limit(kept, backend, changes);
             kept.health().configure(fresh.health_config().clone());
             Arc::clone(kept)
         })
         .collect();
     (backends, old_index_to_new)
+}
+
+/// A kept backend takes the connection limit the new configuration gives it; requests in
+/// flight keep their slots, and a higher limit lets waiting requests in.
+fn carry_limit(kept: &Backend, fresh: &Backend, changes: &mut Vec<String>) {
+    let (before, after) = (kept.limit().max(), fresh.limit().max());
+    if before != after {
+        let text = |max: Option<u32>| max.map_or("none".to_string(), |n| n.to_string());
+        changes.push(format!(
+            "max_conns of {} {} -> {}",
+            kept.name(),
+            text(before),
+            text(after)
+        ));
+        kept.limit().set_max(after);
+    }
 }
 
 /// Sessions kept in a table follow their backends to their new positions; those of removed
@@ -409,6 +426,7 @@ fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
         ("backend-timeout", a.backend_timeout, b.backend_timeout),
         ("client-timeout", a.client_timeout, b.client_timeout),
         ("tunnel-timeout", a.tunnel_timeout, b.tunnel_timeout),
+        ("queue-timeout", a.queue_timeout, b.queue_timeout),
     ];
     for (name, before, after) in durations {
         if before != after {
@@ -433,4 +451,28 @@ fn setting_changes(old: &BackendSet, new: &BackendSet) -> Vec<String> {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(max_conns: Option<u32>) -> Backend {
+        Backend::new("b".into(), ([127, 0, 0, 1], 9).into(), 1).with_max_conns(max_conns)
+    }
+
+    #[test]
+    fn a_kept_backend_takes_its_new_connection_limit() {
+        let kept = backend(Some(2));
+        let mut changes = Vec::new();
+        carry_limit(&kept, &backend(Some(2)), &mut changes);
+        assert!(changes.is_empty());
+        carry_limit(&kept, &backend(Some(5)), &mut changes);
+        carry_limit(&kept, &backend(None), &mut changes);
+        assert_eq!(
+            changes,
+            ["max_conns of b 2 -> 5", "max_conns of b 5 -> none"]
+        );
+        assert_eq!(kept.limit().max(), None);
+    }
 }

@@ -25,6 +25,8 @@ pub struct Settings {
     pub tunnel_timeout: Duration,
     /// Other backends a request may go on to after one failed it.
     pub retries: usize,
+    /// How long a request waits in the queue of a backend at its connection limit.
+    pub queue_timeout: Duration,
     /// How often statistics are logged; zero for never.
     pub stats_interval: Duration,
     /// Whether responses carry an `X-Lb-Decision` header.

@@ -37,6 +37,8 @@ pub(super) fn describe(backend: &Backend) -> Value {
         "configured_weight": backend.configured_weight(),
         "in_flight": backend.stats().active(),
         "tunnels": backend.stats().tunnels().active(),
+        "max_conns": backend.limit().max(),
+        "queue": backend.limit().queue_length(),
     })
 }
 

@@ -98,14 +98,16 @@ impl Balancer for ConsistentHash {
         "consistent-hash"
     }
 
-    fn may_pass_over(&self) -> bool {
-        false
-    }
-
     /// A backend's share of the ring follows its weight, so a new weight needs a new ring.
     fn weights_changed(&self, backends: &[Arc<Backend>]) {
         let backends: Vec<&Backend> = backends.iter().map(|b| &**b).collect();
         self.ring.store(Arc::new(ring_of(&backends)));
+    }
+
+    /// A client keeps its backend: at the backend's connection limit it waits in its queue,
+    /// and slow start does not move it.
+    fn chooses_freely(&self) -> bool {
+        false
     }
 
     fn pick(

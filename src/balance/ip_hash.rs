@@ -73,7 +73,9 @@ impl Balancer for IpHash {
         "ip-hash"
     }
 
-    fn may_pass_over(&self) -> bool {
+    /// A client keeps its backend: at the backend's connection limit it waits in its queue,
+    /// and slow start does not move it.
+    fn chooses_freely(&self) -> bool {
         false
     }
 

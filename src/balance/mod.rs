@@ -60,10 +60,12 @@ pub trait Balancer: Send + Sync {
     /// hashing's ring) builds it again.
     fn weights_changed(&self, _backends: &[Arc<Backend>]) {}
 
-    /// Whether a backend this algorithm picked may be passed over for another (slow start
-    /// does, for a backend still ramping up): true for the algorithms that spread requests;
-    /// the hashing ones say false, since their promise is that a client keeps its backend.
-    fn may_pass_over(&self) -> bool {
+    /// Whether any candidate will do (round robin, weighted, least connections), or a key ties
+    /// a client to one backend (the hashing algorithms). Only in the first case does a backend
+    /// at its connection limit give way to one with room (see [`crate::limit`]), or a backend
+    /// still ramping up pass its pick on to another (see [`crate::slow_start`]); a client of a
+    /// hashing algorithm waits in its own backend's queue and keeps its backend.
+    fn chooses_freely(&self) -> bool {
         true
     }
 }

@@ -173,6 +173,23 @@ pub struct CommonArgs {
     )]
     pub tunnel_timeout: Duration,
 
+    /// The most requests in flight on each backend at once; more wait in a queue, first come
+    /// first served, for --queue-timeout (a backend's `max_conns` in the configuration file
+    /// wins) [default: no limit].
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub backend_max_conns: Option<u32>,
+
+    /// How long a request waits in the queue of a backend at its --backend-max-conns before it
+    /// gets 503; 0 answers 503 at once.
+    #[arg(
+        long,
+        value_name = "DUR",
+        allow_negative_numbers = true,
+        default_value = "5s",
+        value_parser = parse_duration,
+    )]
+    pub queue_timeout: Duration,
+
     /// Other backends a request may go on to when one fails it before any byte of the answer
     /// reached the client (idempotent requests only, once sent) [default: backends - 1].
     #[arg(long, value_name = "N")]
@@ -235,16 +252,19 @@ impl CommonArgs {
         primaries.chain(backups).collect()
     }
 
-    /// The backends `spec` stands for now: one, or one per address its name resolves to.
+    /// The backends `spec` stands for now: one, or one per address its name resolves to, each
+    /// with the connection limit the spec or `--backend-max-conns` gives.
     fn resolve(&self, spec: &BackendSpec) -> Vec<Backend> {
+        let max_conns = spec.max_conns.or(self.backend_max_conns);
+        let new = |name, addr| Backend::new(name, addr, spec.weight).with_max_conns(max_conns);
         match self.addresses(spec) {
             Ok(addrs) if spec.addr.is_some() => addrs
                 .into_iter()
-                .map(|addr| Backend::new(spec.name.clone(), addr, spec.weight))
+                .map(|addr| new(spec.name.clone(), addr))
                 .collect(),
             Ok(addrs) => addrs
                 .into_iter()
-                .map(|addr| Backend::new(dns::display_name(&spec.name, addr), addr, spec.weight))
+                .map(|addr| new(dns::display_name(&spec.name, addr), addr))
                 .collect(),
             Err(err) => {
                 log::warn!(
@@ -314,6 +334,7 @@ impl CommonArgs {
             client_timeout: self.client_timeout,
             tunnel_timeout: self.tunnel_timeout,
             retries: self.retries.unwrap_or_else(|| self.default_retries()),
+            queue_timeout: self.queue_timeout,
             stats_interval: self.stats_interval,
             explain: self.explain,
             accept_proxy: self.client_addr.accept_proxy,
@@ -648,6 +669,53 @@ mod tests {
         assert!(parse_backend_spec("127.0.0.1:8001=x").is_err());
         assert!(parse_backend_spec("nonsense").is_err());
         assert!(parse_backend_spec("127.0.0.1:99999").is_err());
+        // The configuration file's form of a backend with a limit of its own.
+        let spec = parse_backend_spec("app:8000,max_conns=4").unwrap();
+        assert_eq!(
+            (spec.name.as_str(), spec.weight, spec.max_conns),
+            ("app:8000", 1, Some(4))
+        );
+        assert!(parse_backend_spec("127.0.0.1:8001=2,max_conns=0")
+            .unwrap_err()
+            .contains("max_conns"));
+    }
+
+    #[test]
+    fn connection_limits_apply_to_every_backend_unless_it_has_its_own() {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            common: CommonArgs,
+        }
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("test").chain(args.iter().copied());
+            Flags::try_parse_from(argv).map(|flags| flags.common)
+        };
+        let off = parse(&[]).unwrap();
+        assert_eq!(off.queue_timeout, Duration::from_secs(5));
+        assert!(off
+            .backends(&[1, 1, 1])
+            .iter()
+            .all(|b| b.limit().max().is_none()));
+        let common = parse(&[
+            "--backend-max-conns",
+            "2",
+            "--queue-timeout",
+            "300ms",
+            "--backend",
+            "127.0.0.1:8001",
+            "--backend",
+            "127.0.0.1:8002,max_conns=7",
+        ])
+        .unwrap();
+        let limits: Vec<_> = common
+            .backends(&[1, 1, 1])
+            .iter()
+            .map(|b| b.limit().max())
+            .collect();
+        assert_eq!(limits, [Some(2), Some(7)]);
+        assert_eq!(common.settings().queue_timeout, Duration::from_millis(300));
+        assert!(parse(&["--backend-max-conns", "0"]).is_err());
     }
 
     #[test]

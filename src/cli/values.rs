@@ -33,23 +33,41 @@ pub struct BackendSpec {
     pub port: u16,
     /// Relative share of traffic for weighted algorithms; at least 1.
     pub weight: u32,
+    /// The backend's own connection limit (`max_conns` in its table of the configuration
+    /// file), which wins over `--backend-max-conns`.
+    pub max_conns: Option<u32>,
 }
+
+/// How the configuration file writes a backend's `max_conns` after its address and weight:
+/// `app:8000=3,max_conns=4`. The command line accepts it too, but documents only
+/// `HOST:PORT[=WEIGHT]`: a per-backend limit is the file's feature.
+const MAX_CONNS_SUFFIX: &str = ",max_conns=";
 
 /// The statistics listener's address, or none when `--admin off`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdminAddr(pub Option<SocketAddr>);
 
-/// Parses `HOST:PORT[=WEIGHT]`; the weight defaults to 1 and must not be 0.
+/// Parses `HOST:PORT[=WEIGHT]`; the weight defaults to 1 and must not be 0. A backend table of
+/// the configuration file with `max_conns` adds `,max_conns=N`.
 ///
 /// ```
 /// use lb::cli::parse_backend_spec;
 ///
 /// let spec = parse_backend_spec("127.0.0.1:8001=5").unwrap();
-/// assert_eq!((spec.port, spec.weight), (8001, 5));
+/// assert_eq!((spec.port, spec.weight, spec.max_conns), (8001, 5, None));
 /// assert_eq!(parse_backend_spec("app:8000").unwrap().addr, None, "a name, resolved later");
 /// assert!(parse_backend_spec("127.0.0.1:8001=0").is_err());
+/// let spec = parse_backend_spec("127.0.0.1:8001=5,max_conns=4").unwrap();
+/// assert_eq!((spec.weight, spec.max_conns), (5, Some(4)));
 /// ```
 pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
+    let (text, max_conns) = match text.split_once(MAX_CONNS_SUFFIX) {
+        Some((text, max)) => {
+            let max = parse_count(max).map_err(|why| format!("max_conns: {why}"))?;
+            (text, Some(max))
+        }
+        None => (text, None),
+    };
     let (address, weight) = match text.split_once('=') {
         Some((address, weight)) => {
             let weight: u32 = weight
@@ -70,6 +88,7 @@ pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
             host: addr.ip().to_string(),
             port: addr.port(),
             weight,
+            max_conns,
         });
     }
     let (host, port) = address.rsplit_once(':').ok_or_else(not_an_address)?;
@@ -85,6 +104,7 @@ pub fn parse_backend_spec(text: &str) -> Result<BackendSpec, String> {
         host: host.to_string(),
         port,
         weight,
+        max_conns,
     })
 }
 

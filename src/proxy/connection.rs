@@ -280,6 +280,7 @@ impl<'a> ClientConnection<'a> {
         while let Some(attempt) = self.next_attempt(&set, head, session.as_ref(), &mut tries) {
             let backend = attempt.backend;
             self.note_sticky(session.as_ref(), backend);
+            let _slot = self.wait_for_room(backend)?;
             let _in_flight = backend.stats().begin_request();
             let request = OutgoingRequest::new(head, body, (&prefix, rest), request_id, &attempt);
             match self.try_backend(backend, &request, started) {
@@ -325,7 +326,6 @@ impl<'a> ClientConnection<'a> {
             let candidates = set.candidates(&tries.tried, &self.lb.stats);
             let pick = self.choose(&candidates, session)?;
             let attempt = self.attempt_on(set, &pick, session, &tries.tried);
-            // Another request may have taken this backend's one trial after its fail-timeout.
             let admitted = candidates.lets_in(attempt.backend);
             tries.tried.push(pick.index);
             if admitted {

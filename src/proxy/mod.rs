@@ -17,6 +17,7 @@
 //! | `exchange.rs` | one try against one backend: connect or reuse, send, read and relay the response, release |
 //! | `outcome.rs` | how a request, a try and an exchange end (`Flow`, `Failure`, `TryError`, `ExchangeError`), and what each failure means |
 //! | `session.rs` | the sticky-session view of a request (phase 4) |
+//! | `queue.rs` | a backend at its connection limit: waiting in its queue, or another backend with room |
 //! | `tunnel.rs` | after `101 Switching Protocols`: bytes both ways until either side closes |
 //! | `access.rs` | who sent the request (behind a trusted proxy) and what became of it, for the access log |
 //!
@@ -35,6 +36,7 @@ mod connection;
 mod exchange;
 mod notes;
 mod outcome;
+mod queue;
 mod request;
 mod session;
 mod tunnel;
@@ -100,6 +102,9 @@ pub struct BackendSet {
     pub(crate) settings: Settings,
     pub(crate) health: HealthConfig,
     pub(crate) sticky: Option<Sticky>,
+    /// Whether any backend has a connection limit: without one, choosing a backend never looks
+    /// for room (`queue.rs`).
+    pub(crate) limited: bool,
 }
 
 impl BackendSet {
@@ -139,13 +144,14 @@ impl BackendSet {
     /// The same set with `backends` in place of its own (a reload's kept backends, which the
     /// balancer and sessions built for the new list by address treat as their own).
     pub fn with_backends(mut self, backends: Vec<Arc<Backend>>) -> Self {
+        self.limited = any_limited(&backends);
         self.backends = backends;
         self
     }
 
     /// The backends a request that already tried `tried` may go to now (`eligibility.rs`).
     pub fn candidates<'a>(&'a self, tried: &'a [usize], stats: &Stats) -> Candidates<'a> {
-        Candidates::of(&self.backends, &self.settings, tried, stats)
+        Candidates::of(&self.backends, &self.settings, self.limited, tried, stats)
     }
 
     /// How long until some backend could take requests again: the `Retry-After` of a 503.
@@ -168,9 +174,11 @@ impl BackendSet {
 impl LoadBalancer {
     /// A balancer over `backends` that chooses with `balancer`.
     pub fn new(backends: Vec<Backend>, balancer: Box<dyn Balancer>, settings: Settings) -> Self {
+        let backends: Vec<Arc<Backend>> = backends.into_iter().map(Arc::new).collect();
         LoadBalancer {
             current: ArcSwap::from_pointee(BackendSet {
-                backends: backends.into_iter().map(Arc::new).collect(),
+                limited: any_limited(&backends),
+                backends,
                 balancer,
                 settings: settings.clone(),
                 health: HealthConfig::default(),
@@ -341,6 +349,11 @@ impl LoadBalancer {
         }
         closed
     }
+}
+
+/// Whether any of `backends` has a connection limit.
+fn any_limited(backends: &[Arc<Backend>]) -> bool {
+    backends.iter().any(|b| b.limit().max().is_some())
 }
 
 /// The set of a balancer still being built, which no request has read.

@@ -7,7 +7,7 @@ use crate::health::HealthMode;
 use crate::plural;
 use crate::stats::events::rfc3339;
 
-use super::{chart, share, BackendSnapshot, Snapshot};
+use super::{chart, share, BackendSnapshot, QueueSnapshot, Snapshot};
 
 /// How often the HTML page reloads itself, in seconds.
 const REFRESH_SECONDS: u32 = 2;
@@ -27,7 +27,7 @@ impl Snapshot {
         let _ = writeln!(
             page,
             "<p class=\"summary\">{} &middot; up {} &middot; {} &middot; {:.1} req/s \
-             &middot; {} &middot; {} &middot; {}{}</p>",
+             &middot; {} &middot; {} &middot; {}{}{}</p>",
             escape_html(self.algorithm),
             human_duration(self.uptime_seconds),
             count(self.total_requests, "request"),
@@ -39,7 +39,8 @@ impl Snapshot {
                 (Some((held, max)), _) => format!(" &middot; {held} of {max} sticky sessions"),
                 (None, Some(_)) => " &middot; sticky sessions in signed cookies".to_string(),
                 (None, None) => String::new(),
-            }
+            },
+            self.queues_note(),
         );
         if !self.unresolved.is_empty() {
             let _ = writeln!(
@@ -98,7 +99,7 @@ impl Snapshot {
                  <td class=\"{class}\">{state}</td>\
                  <td class=\"health\" data-label=\"health checks\">{health}</td>\
                  <td data-label=\"weight\">{}</td><td data-label=\"requests\">{}</td>\
-                 <td data-label=\"errors\">{} ({:.1}%)</td><td data-label=\"active\">{}{}</td>\
+                 <td data-label=\"errors\">{} ({:.1}%)</td><td data-label=\"active\">{}{}{}</td>\
                  <td class=\"latency\" data-label=\"latency p50 / p90 / p99\" title=\"average {:.2} ms\">{} / {} / {} ms</td>\
                  <td class=\"share\" data-label=\"share\"><div class=\"bar\"><div style=\"width:{share:.1}%\"></div></div> {share:.1}%</td>\
                  <td class=\"control\" data-label=\"control\">{}</td></tr>",
@@ -109,6 +110,7 @@ impl Snapshot {
                 b.error_rate * 100.0,
                 b.active_connections,
                 tunnels_note(b.tunnels),
+                queue_note(&b.queue),
                 b.latency_ms_avg,
                 milliseconds(b.latency_ms_p50),
                 milliseconds(b.latency_ms_p90),
@@ -117,6 +119,20 @@ impl Snapshot {
             );
         }
         page.push_str("</tbody>\n</table>\n");
+    }
+
+    /// The summary's word on the queues, when some backend has a connection limit: requests
+    /// waiting now in all of them, and those whose wait ran out.
+    fn queues_note(&self) -> String {
+        if !self.any_limited() {
+            return String::new();
+        }
+        let (length, _, timeouts) = self.queue_totals();
+        format!(
+            " &middot; {} &middot; {}",
+            count(length, "queued request"),
+            count(timeouts, "queue timeout")
+        )
     }
 
     /// The buttons that drain a backend, put it in maintenance and make it ready: plain forms
@@ -292,6 +308,7 @@ const HTML_STYLE: &str = concat!(
     "  max-width: 22em; }\n",
     ".up { color: var(--up); font-weight: bold; } .down { color: var(--down); font-weight: bold; }\n",
     ".unchecked { color: var(--muted); }\n",
+    ".queue { font-size: 0.85em; color: var(--muted); white-space: normal; }\n",
     ".drain { color: var(--lat); font-weight: bold; } .maint { color: var(--req); font-weight: bold; }\n",
     "td.control form { margin: 0 0 0.15em; } td.control button, td.control input {\n",
     "  font-size: 0.8em; width: 4.8em; padding: 0.1em 0; }\n",
@@ -353,6 +370,24 @@ fn tunnels_note(tunnels: u64) -> String {
 /// A no-break space keeps the number and its noun on one line on a narrow screen.
 fn count(n: u64, noun: &str) -> String {
     plural::count(n, noun).replacen(' ', "&nbsp;", 1)
+}
+
+/// A backend's connection limit for its active cell (`2 of 4`) and, once requests have waited,
+/// its queue: how many wait now, how long they waited (p50 / p90 / p99), how many ran out.
+fn queue_note(queue: &QueueSnapshot) -> String {
+    let Some(max) = queue.max_conns else {
+        return String::new();
+    };
+    if queue.queued == 0 {
+        return format!(" of {max}");
+    }
+    let [p50, p90, p99] = queue.wait_ms.map(milliseconds);
+    format!(
+        " of {max}<div class=\"queue\">queue {} &middot; waited {p50} / {p90} / {p99} ms \
+         &middot; {}</div>",
+        queue.length,
+        count(queue.timeouts, "timeout")
+    )
 }
 
 /// Text made safe to place inside HTML elements and attribute values.
@@ -443,6 +478,25 @@ mod tests {
         for external in ["<script", "<link", "src=", "url("] {
             assert!(!page.contains(external), "{external}");
         }
+    }
+
+    #[test]
+    fn html_shows_each_limit_and_queue() {
+        let page = snapshot().to_html();
+        assert!(
+            page.contains(
+                "<td data-label=\"active\">0 (1&nbsp;tunnel) of 2<div class=\"queue\">queue 18 \
+                 &middot; waited 1200 / 4000 / 4900 ms &middot; 3&nbsp;timeouts</div></td>"
+            ),
+            "{page}"
+        );
+        assert!(
+            page.contains("&middot; 18&nbsp;queued requests &middot; 3&nbsp;queue timeouts</p>")
+        );
+        let mut unlimited = snapshot();
+        unlimited.backends[0].queue = QueueSnapshot::default();
+        let page = unlimited.to_html();
+        assert!(!page.contains("<div class=\"queue\">") && !page.contains("queued requests"));
     }
 
     #[test]

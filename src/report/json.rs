@@ -5,12 +5,13 @@ use serde_json::json;
 use crate::stats::events::rfc3339;
 use crate::stats::history::HISTORY_SECONDS;
 
-use super::{share, BackendSnapshot, Snapshot};
+use super::{share, BackendSnapshot, QueueSnapshot, Snapshot};
 
 impl Snapshot {
     /// The JSON document of `/stats.json`: the contract's fields, then extras (`algorithm`,
-    /// `sessions`, and per backend `error_rate`, `latency_ms_p99`, `share`, and the health
-    /// fields, `health_checks` first: what `healthy` rests on, `"none"` when nothing checks).
+    /// `sessions`, the queues' totals, and per backend `error_rate`, `latency_ms_p99`, `share`,
+    /// its `queue`, and the health fields, `health_checks` first: what `healthy` rests on,
+    /// `"none"` when nothing checks).
     pub fn to_json(&self) -> String {
         let reached = self.backend_requests();
         let backends: Vec<_> = self
@@ -44,6 +45,7 @@ impl Snapshot {
                 "result": if last.ok { "ok" } else { "error" },
                 "message": last.message,
             })),
+            "queue": self.queue_json(),
             "backends": backends,
             "history": self.history_json(),
             "events": self.events_json(),
@@ -56,6 +58,12 @@ impl Snapshot {
             fields.insert("max_sessions".into(), json!(max));
         }
         document.to_string()
+    }
+
+    /// `"queue"`: every backend's queue added up (`length`, `queued`, `timeouts`).
+    fn queue_json(&self) -> serde_json::Value {
+        let (length, queued, timeouts) = self.queue_totals();
+        json!({ "length": length, "queued": queued, "timeouts": timeouts })
     }
 
     /// `"history"`: per backend, one entry per second for the last five minutes, oldest first;
@@ -147,6 +155,22 @@ fn backend_json(b: &BackendSnapshot, reached: u64) -> serde_json::Value {
             "result": result,
             "seconds_ago": round3(*ago),
         })),
+        "queue": queue_json(&b.queue),
+    })
+}
+
+/// A backend's `"queue"`: its connection limit (`max_conns`, null without one), the requests
+/// waiting now (`length`), those that had to wait and those whose wait ran out, and how long
+/// they waited.
+fn queue_json(q: &QueueSnapshot) -> serde_json::Value {
+    json!({
+        "max_conns": q.max_conns,
+        "length": q.length,
+        "queued": q.queued,
+        "timeouts": q.timeouts,
+        "wait_ms_p50": round3(q.wait_ms[0]),
+        "wait_ms_p90": round3(q.wait_ms[1]),
+        "wait_ms_p99": round3(q.wait_ms[2]),
     })
 }
 
@@ -205,5 +229,20 @@ mod tests {
         assert_eq!(event["uptime_seconds"], 2.5);
         assert!(event["message"].as_str().unwrap().contains("is down"));
         assert_eq!(value["backends"][0]["latency_ms_p50"], 0.3);
+    }
+
+    #[test]
+    fn json_has_each_queue_and_their_total() {
+        let value: serde_json::Value = serde_json::from_str(&snapshot().to_json()).unwrap();
+        let queue = &value["backends"][0]["queue"];
+        assert_eq!(queue["max_conns"], 2);
+        assert_eq!(queue["length"], 18);
+        assert_eq!(queue["queued"], 40);
+        assert_eq!(queue["timeouts"], 3);
+        assert_eq!(queue["wait_ms_p99"], 4900.0);
+        assert!(value["backends"][1]["queue"]["max_conns"].is_null());
+        assert_eq!(value["backends"][1]["queue"]["length"], 0);
+        assert_eq!(value["queue"]["length"], 18);
+        assert_eq!(value["queue"]["timeouts"], 3);
     }
 }

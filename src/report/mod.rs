@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::admin_state::AdminState;
 use crate::backend::Backend;
 use crate::health::HealthMode;
+use crate::limit::ConnectionLimit;
 use crate::proxy::LoadBalancer;
 use crate::stats::events::{Event, EventKind, MAX_EVENTS};
 use crate::stats::history::{self, Series, HISTORY_SECONDS};
@@ -161,6 +162,36 @@ pub struct BackendSnapshot {
     pub history: Series,
     /// For each second of `history`, whether the backend was out of rotation during it.
     pub down: Vec<bool>,
+    /// The connection limit and its queue.
+    pub queue: QueueSnapshot,
+}
+
+/// A backend's connection limit and queue at one moment ([`crate::limit`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct QueueSnapshot {
+    /// The most requests in flight at once; `None` without a limit.
+    pub max_conns: Option<u32>,
+    /// Requests waiting now.
+    pub length: u64,
+    /// Requests that had to wait, since start.
+    pub queued: u64,
+    /// Requests whose wait ran out (answered 503).
+    pub timeouts: u64,
+    /// How long queued requests waited, however their wait ended: p50, p90 and p99 in
+    /// milliseconds, within 5 %.
+    pub wait_ms: [f64; 3],
+}
+
+impl QueueSnapshot {
+    fn of(limit: &ConnectionLimit) -> QueueSnapshot {
+        QueueSnapshot {
+            max_conns: limit.max(),
+            length: limit.queue_length(),
+            queued: limit.queued(),
+            timeouts: limit.timeouts(),
+            wait_ms: [50.0, 90.0, 99.0].map(|p| limit.wait_ms_percentile(p)),
+        }
+    }
 }
 
 impl Snapshot {
@@ -215,6 +246,22 @@ impl Snapshot {
     fn backend_requests(&self) -> u64 {
         self.backends.iter().map(|b| b.requests).sum()
     }
+
+    /// Every backend's queue added up: requests waiting now, those that had to wait, and
+    /// those whose wait ran out.
+    fn queue_totals(&self) -> (u64, u64, u64) {
+        self.backends
+            .iter()
+            .map(|b| &b.queue)
+            .fold((0, 0, 0), |sum, q| {
+                (sum.0 + q.length, sum.1 + q.queued, sum.2 + q.timeouts)
+            })
+    }
+
+    /// Whether any backend has a connection limit.
+    fn any_limited(&self) -> bool {
+        self.backends.iter().any(|b| b.queue.max_conns.is_some())
+    }
 }
 
 impl BackendSnapshot {
@@ -256,6 +303,7 @@ impl BackendSnapshot {
             latency_buckets: counters.latency_buckets(),
             history: counters.history(now),
             down: down_seconds(events, backend.is_healthy(), now),
+            queue: QueueSnapshot::of(backend.limit()),
         }
     }
 }
@@ -329,7 +377,19 @@ mod tests {
     use super::*;
     use crate::stats::LATENCY_BUCKETS;
 
-    /// Two backends, the second down and with a name that needs escaping everywhere.
+    /// The queue of a backend limited to 2 connections, where requests wait and have waited.
+    fn busy_queue() -> QueueSnapshot {
+        QueueSnapshot {
+            max_conns: Some(2),
+            length: 18,
+            queued: 40,
+            timeouts: 3,
+            wait_ms: [1200.0, 4000.0, 4900.0],
+        }
+    }
+
+    /// Two backends, the second down and with a name that needs escaping everywhere; the first
+    /// has a connection limit and a queue.
     pub(super) fn snapshot() -> Snapshot {
         let backend = |address: &str, requests: u64, healthy: bool| BackendSnapshot {
             address: address.into(),
@@ -369,6 +429,7 @@ mod tests {
                 latency_ms_avg: vec![Some(0.4); HISTORY_SECONDS],
             },
             down: (0..HISTORY_SECONDS).map(|i| !healthy && i > 250).collect(),
+            queue: QueueSnapshot::default(),
         };
         Snapshot {
             algorithm: "round-robin",
@@ -395,7 +456,13 @@ mod tests {
                 ok: false,
                 message: "lb.toml:3:1: unknown key 'x'".to_string(),
             }),
-            backends: vec![backend("a:1", 6, true), backend("<b\"\\>:2", 4, false)],
+            backends: vec![
+                BackendSnapshot {
+                    queue: busy_queue(),
+                    ..backend("a:1", 6, true)
+                },
+                backend("<b\"\\>:2", 4, false),
+            ],
             history_last: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_080_000),
             events: vec![EventSnapshot {
                 time: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_079_990),

@@ -14,6 +14,7 @@ impl Snapshot {
         let mut out = String::with_capacity(4096);
         self.balancer_metrics(&mut out);
         self.backend_metrics(&mut out);
+        self.queue_metrics(&mut out);
         self.tunnel_metrics(&mut out);
         self.tls_metrics(&mut out);
         self.reload_metrics(&mut out);
@@ -164,6 +165,44 @@ impl Snapshot {
             "The backend's weight.",
             |b| f64::from(b.weight),
         );
+    }
+
+    /// The connection limits and their queues: `lb_queue_length`, `lb_queued_requests_total`
+    /// and `lb_queue_timeouts_total` per backend, and `lb_backend_max_conns` for the backends
+    /// that have a limit.
+    fn queue_metrics(&self, out: &mut String) {
+        self.per_backend(
+            out,
+            "lb_queue_length",
+            "gauge",
+            "Requests waiting in the backend's queue for room under its connection limit.",
+            |b| b.queue.length as f64,
+        );
+        self.per_backend(
+            out,
+            "lb_queued_requests_total",
+            "counter",
+            "Requests that had to wait in the backend's queue.",
+            |b| b.queue.queued as f64,
+        );
+        self.per_backend(
+            out,
+            "lb_queue_timeouts_total",
+            "counter",
+            "Requests whose wait in the backend's queue ran out (answered 503).",
+            |b| b.queue.timeouts as f64,
+        );
+        if !self.any_limited() {
+            return;
+        }
+        let name = "lb_backend_max_conns";
+        metric_header(out, name, "gauge", "The backend's connection limit.");
+        for backend in &self.backends {
+            if let Some(max) = backend.queue.max_conns {
+                let label = escape_label(&backend.address);
+                let _ = writeln!(out, "{name}{{backend=\"{label}\"}} {max}");
+            }
+        }
     }
 
     /// `lb_backend_admin_state`: per backend, one series per state, 1 for the state it is in.
@@ -332,5 +371,22 @@ mod tests {
         );
         assert!(text.contains("# TYPE lb_tunnels_active gauge\nlb_tunnels_active 2\n"));
         assert!(text.contains("lb_tunnels_total{backend=\"a:1\"} 4\n"));
+    }
+
+    #[test]
+    fn prometheus_has_each_queue_and_the_limits_set() {
+        let text = snapshot().to_prometheus();
+        assert!(
+            text.contains("# TYPE lb_queue_length gauge\nlb_queue_length{backend=\"a:1\"} 18\n")
+        );
+        assert!(text.contains("lb_queue_length{backend=\"<b\\\"\\\\>:2\"} 0\n"));
+        assert!(text.contains("# TYPE lb_queue_timeouts_total counter\n"));
+        assert!(text.contains("lb_queue_timeouts_total{backend=\"a:1\"} 3\n"));
+        assert!(text.contains("lb_queued_requests_total{backend=\"a:1\"} 40\n"));
+        assert!(text.contains("lb_backend_max_conns{backend=\"a:1\"} 2\n"));
+        assert!(
+            !text.contains("lb_backend_max_conns{backend=\"<b"),
+            "no limit, no series"
+        );
     }
 }
