@@ -242,19 +242,6 @@ fn tune_allocator() {
     }
 }
 
-/// Gives the memory the allocator holds free back to the system. Handshakes and bursts of
-/// connections leave free holes in the heap that glibc keeps (it only returns the top of the
-/// heap on its own), so without this the resident size creeps up after every burst although
-/// nothing is in use; `malloc_trim` releases every whole free page, in about a hundred
-/// microseconds for this heap.
-fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists, under its locks.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The TLS configuration of `--tls-listen`: each `--tls-cert` with the `--tls-key` in the same
 /// position, read and checked now so that a bad file stops the start with one line naming it.
 ///
@@ -408,7 +395,6 @@ fn start_housekeeping(
                 for backend in lb.backends() {
                     backend.close_expired_idle();
                 }
-                release_free_memory();
                 if !stats_interval.is_zero() && Instant::now() >= next_stats {
                     log::info!("{}", report::summary(&lb));
                     next_stats += stats_interval;
