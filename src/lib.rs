@@ -51,9 +51,12 @@
 //!    `relay_body`, `relay_exact`, `refill`).
 //!
 //! Side rooms a first reading skips, each entered in one line from the walk: how threads are
-//! kept and reused (`server/pool.rs`, `server/socket.rs`, `server/drain.rs`), HTTPS ([`tls`],
-//! [`stream`]), tunnels (`proxy/tunnel.rs`), retries (`may_retry`, `resend_on_fresh`), what is
-//! refused and the error answers (`proxy/checks.rs`, `proxy/outcome.rs`, `reject_head`,
+//! kept and reused (`server/pool.rs`, `server/socket.rs`, `server/drain.rs`), which backends
+//! are candidates beside health ([`eligibility`]: drain, maintenance and weight set at run time,
+//! backups, the panic threshold, slow start, room under a connection limit), the wait for room
+//! (`proxy/queue.rs`, `wait_for_room`), HTTPS ([`tls`], [`stream`]), tunnels
+//! (`proxy/tunnel.rs`), retries (`may_retry`, `resend_on_fresh`), what is refused and the error
+//! answers (`proxy/checks.rs`, `proxy/outcome.rs`, `reject_head`,
 //! `fail`), request bodies (a GET has none: `take_body_prefix`, `send_rest_of_body`), RFC
 //! corners (interim responses, absolute-form targets, other HTTP versions in
 //! `http/version.rs`), the read and write buffers (`http/buffer.rs`, [`http::Sink`]), the
