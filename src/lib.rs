@@ -21,7 +21,7 @@
 //! | all | [`reload`], [`signals`], [`ctl`] | reload without a restart (SIGHUP, `POST /reload`), signals, the `loadbalancer ctl` client |
 //! | all | [`access_log`], [`client_addr`] | one line per request; the client behind another proxy |
 //! | all | [`limit`] | a backend's limit on requests in flight (`--backend-max-conns`), and the queue of those waiting for room |
-//! | all | [`descriptors`], [`warnings`], [`plural`] | the file-descriptor budget, warnings limited to one a second, counts in words |
+//! | all | [`descriptors`], [`memory`], [`warnings`], [`plural`] | the file-descriptor budget, the heap in use and held, warnings limited to one a second, counts in words |
 //! | — | [`demo`] | the demo backend the examples and tests run behind the balancer |
 //!
 //! # Reading one request
@@ -92,6 +92,7 @@ pub mod error;
 pub mod health;
 pub mod http;
 pub mod limit;
+pub mod memory;
 pub mod plural;
 pub mod proxy;
 pub mod reload;

@@ -68,6 +68,10 @@ def stats_json(admin_port):
         "healthy": sum(1 for b in backends if b.get("healthy")),
         "backends": len(backends),
         "retries": stats.get("retries"),
+        # The allocator's bytes in use (the balancer's live data) and held free: a leak grows
+        # the first; RSS also grows with the second.
+        "heap_in_use": (stats.get("heap") or {}).get("in_use_bytes"),
+        "heap_free": (stats.get("heap") or {}).get("free_bytes"),
     }
 
 

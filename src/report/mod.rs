@@ -22,6 +22,7 @@ use crate::admin_state::AdminState;
 use crate::backend::Backend;
 use crate::health::HealthMode;
 use crate::limit::ConnectionLimit;
+use crate::memory::{self, Heap};
 use crate::proxy::LoadBalancer;
 use crate::stats::events::{Event, EventKind, MAX_EVENTS};
 use crate::stats::history::{self, Series, HISTORY_SECONDS};
@@ -44,6 +45,8 @@ pub struct Snapshot {
     pub admin_token_required: bool,
     /// Whether requests go to every primary backend now (`--panic-threshold`).
     pub in_panic: bool,
+    /// The allocator's bytes in use and held free, where it can say.
+    pub heap: Option<Heap>,
     /// Seconds spent in panic since start.
     pub panic_seconds: f64,
     /// Seconds since start.
@@ -216,6 +219,7 @@ impl Snapshot {
             algorithm: set.balancer().name(),
             admin_token_required: set.settings().admin_token.is_some(),
             in_panic: stats.in_panic(),
+            heap: memory::heap(),
             panic_seconds: stats.panic_seconds(),
             uptime_seconds: stats.uptime().as_secs_f64(),
             total_requests: stats.total_requests(),
@@ -435,6 +439,10 @@ mod tests {
             algorithm: "round-robin",
             admin_token_required: false,
             in_panic: false,
+            heap: Some(Heap {
+                in_use: 1_500_000,
+                free: 200_000,
+            }),
             panic_seconds: 0.0,
             uptime_seconds: 12.3,
             total_requests: 10,

@@ -109,6 +109,24 @@ impl Snapshot {
             metric_header(out, name, kind, help);
             let _ = writeln!(out, "{name} {value}");
         }
+        if let Some(heap) = self.heap {
+            let figures = [
+                (
+                    "lb_heap_in_use_bytes",
+                    "Heap bytes in use by the balancer's data.",
+                    heap.in_use,
+                ),
+                (
+                    "lb_heap_free_bytes",
+                    "Heap bytes freed but held by the allocator.",
+                    heap.free,
+                ),
+            ];
+            for (name, help, value) in figures {
+                metric_header(out, name, "gauge", help);
+                let _ = writeln!(out, "{name} {value}");
+            }
+        }
         if let Some((held, _)) = self.sessions {
             metric_header(out, "lb_sessions", "gauge", "Sticky sessions held.");
             let _ = writeln!(out, "lb_sessions {held}");
@@ -364,6 +382,7 @@ mod tests {
         assert!(text.contains("# TYPE lb_retries_total counter\nlb_retries_total 2\n"));
         assert!(text.contains("\nlb_access_log_dropped_total 4\n"));
         assert!(text.contains("\nlb_proxy_headers_rejected_total 1\n"));
+        assert!(text.contains("\nlb_heap_in_use_bytes 1500000\n"));
         assert!(text.contains("lb_backend_admin_state{backend=\"a:1\",state=\"ready\"} 1\n"));
         assert!(text.contains("lb_backend_admin_state{backend=\"a:1\",state=\"drain\"} 0\n"));
         assert!(

@@ -1,0 +1,47 @@
+//! What the allocator holds: the bytes the balancer's data use now, and the bytes freed but kept
+//! for reuse. The resident size (RSS) an operator sees is both, plus the program, its libraries
+//! and the threads' stacks; telling the two apart is what tells a leak (bytes in use growing)
+//! from an allocator that keeps what bursts of connections freed in pages still partly used
+//! (free bytes growing, then staying).
+
+/// The heap at one moment, as glibc's `mallinfo2` counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heap {
+    /// Bytes allocated and not yet freed: the balancer's live data.
+    pub in_use: u64,
+    /// Bytes freed but held by the allocator (in its free lists, or whole free pages it kept).
+    pub free: u64,
+}
+
+/// The heap now, where the allocator can say (glibc on Linux); `None` elsewhere.
+pub fn heap() -> Option<Heap> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's own counters, under its locks.
+        let info = unsafe { libc::mallinfo2() };
+        Some(Heap {
+            in_use: (info.uordblks + info.hblkhd) as u64,
+            free: info.fordblks as u64,
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn bytes_in_use_follow_what_is_allocated() {
+        let before = heap().unwrap().in_use;
+        let held: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 16 * 1024]).collect();
+        let during = heap().unwrap().in_use;
+        assert!(during >= before + 64 * 16 * 1024, "{before} -> {during}");
+        drop(held);
+        assert!(heap().unwrap().in_use < during);
+    }
+}
