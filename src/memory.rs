@@ -11,10 +11,14 @@ pub struct Heap {
     pub in_use: u64,
     /// Bytes freed but held by the allocator (in its free lists, or whole free pages it kept).
     pub free: u64,
+    /// Of the bytes in use, those of the spare read buffers the balancer keeps for reuse
+    /// (bounded, and filled by the busiest moment so far).
+    pub spare_buffers: u64,
 }
 
-/// The heap now, where the allocator can say (glibc on Linux); `None` elsewhere.
-pub fn heap() -> Option<Heap> {
+/// The heap now, where the allocator can say (glibc on Linux), with `spare_buffers` bytes of it
+/// kept for reuse; `None` elsewhere.
+pub fn heap(spare_buffers: usize) -> Option<Heap> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallinfo2 only reads the allocator's own counters, under its locks.
@@ -22,10 +26,12 @@ pub fn heap() -> Option<Heap> {
         Some(Heap {
             in_use: (info.uordblks + info.hblkhd) as u64,
             free: info.fordblks as u64,
+            spare_buffers: spare_buffers as u64,
         })
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     {
+        let _ = spare_buffers;
         None
     }
 }
@@ -37,11 +43,11 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn bytes_in_use_follow_what_is_allocated() {
-        let before = heap().unwrap().in_use;
+        let before = heap(0).unwrap().in_use;
         let held: Vec<Vec<u8>> = (0..64).map(|_| vec![1u8; 16 * 1024]).collect();
-        let during = heap().unwrap().in_use;
+        let during = heap(0).unwrap().in_use;
         assert!(during >= before + 64 * 16 * 1024, "{before} -> {during}");
         drop(held);
-        assert!(heap().unwrap().in_use < during);
+        assert!(heap(0).unwrap().in_use < during);
     }
 }

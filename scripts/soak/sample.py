@@ -72,6 +72,7 @@ def stats_json(admin_port):
         # the first; RSS also grows with the second.
         "heap_in_use": (stats.get("heap") or {}).get("in_use_bytes"),
         "heap_free": (stats.get("heap") or {}).get("free_bytes"),
+        "spare_buffers": (stats.get("heap") or {}).get("spare_buffer_bytes"),
     }
 
 

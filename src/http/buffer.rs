@@ -172,9 +172,13 @@ impl BufferPool {
     }
 
     /// How many spare buffers are kept.
-    #[cfg(test)]
-    fn spare(&self) -> usize {
-        self.spare.lock().unwrap().len()
+    pub fn spare(&self) -> usize {
+        self.spare.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// The bytes the spare buffers hold: memory kept on purpose, up to `keep` buffers.
+    pub fn spare_bytes(&self) -> usize {
+        self.spare() * self.size
     }
 
     /// Keeps `buf` for reuse, unless it grew (for a long body) or enough are kept already.

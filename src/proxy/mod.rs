@@ -295,6 +295,12 @@ impl LoadBalancer {
         self.snapshot().backends.clone()
     }
 
+    /// The bytes of the spare read buffers kept for reuse (at most [`SPARE_BUFFERS`] of them):
+    /// part of the heap in use, on purpose.
+    pub fn spare_buffer_bytes(&self) -> usize {
+        self.buffers.spare_bytes()
+    }
+
     /// The balancer's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -38,7 +38,11 @@ impl Snapshot {
             "proxy_headers_rejected": self.proxy_headers_rejected,
             "algorithm": self.algorithm,
             "panic": { "active": self.in_panic, "seconds_total": round3(self.panic_seconds) },
-            "heap": self.heap.map(|heap| json!({ "in_use_bytes": heap.in_use, "free_bytes": heap.free })),
+            "heap": self.heap.map(|heap| json!({
+                "in_use_bytes": heap.in_use,
+                "free_bytes": heap.free,
+                "spare_buffer_bytes": heap.spare_buffers,
+            })),
             "unresolved": self.unresolved,
             "config_reloads": { "ok": self.reloads.0, "error": self.reloads.1 },
             "last_reload": self.last_reload.as_ref().map(|last| json!({

@@ -219,7 +219,7 @@ impl Snapshot {
             algorithm: set.balancer().name(),
             admin_token_required: set.settings().admin_token.is_some(),
             in_panic: stats.in_panic(),
-            heap: memory::heap(),
+            heap: memory::heap(lb.spare_buffer_bytes()),
             panic_seconds: stats.panic_seconds(),
             uptime_seconds: stats.uptime().as_secs_f64(),
             total_requests: stats.total_requests(),
@@ -442,6 +442,7 @@ mod tests {
             heap: Some(Heap {
                 in_use: 1_500_000,
                 free: 200_000,
+                spare_buffers: 409_600,
             }),
             panic_seconds: 0.0,
             uptime_seconds: 12.3,

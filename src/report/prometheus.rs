@@ -121,6 +121,11 @@ impl Snapshot {
                     "Heap bytes freed but held by the allocator.",
                     heap.free,
                 ),
+                (
+                    "lb_spare_buffer_bytes",
+                    "Heap bytes in use by spare read buffers kept for reuse.",
+                    heap.spare_buffers,
+                ),
             ];
             for (name, help, value) in figures {
                 metric_header(out, name, "gauge", help);
