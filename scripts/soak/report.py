@@ -158,9 +158,15 @@ def chaos_between(events, t0, t1):
     return ", ".join(parts)
 
 
+def bytes_mib(value):
+    """Bytes in MiB with one decimal, or '-' when the balancer did not say."""
+    return "-" if value is None else f"{value / 1048576:.1f}"
+
+
 def print_samples(samples, events):
     print("Samples (t: seconds since the load started; counts cumulative)")
-    header = (f"{'t':>5} {'phase':<8} {'RSS MiB':>7} {'threads':>7} {'fds':>5} {'client':>6} "
+    header = (f"{'t':>5} {'phase':<8} {'RSS MiB':>7} {'heap':>5} {'spare':>5} {'threads':>7} "
+              f"{'fds':>5} {'client':>6} "
               f"{'backend':>7} {'lb reqs':>8} {'lb errs':>7} {'retries':>7} {'up':>3} "
               f"{'clients':>8} {'errors':<28} chaos")
     print(header)
@@ -178,14 +184,17 @@ def print_samples(samples, events):
         errors = " ".join(f"{k}:{v}" for k, v in sorted(load.get("errors", {}).items())) or "-"
         retries = lb.get("retries")
         up = f"{lb.get('healthy', '-')}/{lb.get('backends', '-')}" if "healthy" in lb else "-"
-        print(f"{s['t']:>5g} {s['phase']:<8} {mib(s['rss_kb']):>7} {s['threads']:>7} "
+        heap, spare = (lb.get(k) for k in ("heap_in_use", "spare_buffers"))
+        print(f"{s['t']:>5g} {s['phase']:<8} {mib(s['rss_kb']):>7} {bytes_mib(heap):>5} "
+              f"{bytes_mib(spare):>5} {s['threads']:>7} "
               f"{s['fds']:>5} {s['client_fds']:>6} {s['backend_fds']:>7} "
               f"{lb.get('total_requests', '-'):>8} {lb.get('backend_errors', '-'):>7} "
               f"{'-' if retries is None else retries:>7} {up:>3} "
               f"{load.get('requests', '-'):>8} {errors:<28} "
               f"{chaos_between(events, previous_t, s['t'])}")
         previous_t = s["t"]
-    print("  (client/backend: descriptors of connections from clients and to backends,")
+    print("  (heap: the allocator's bytes in use, MiB; spare: of them, the spare read buffers")
+    print("   kept for reuse; client/backend: descriptors of connections from clients and to backends,")
     print("   one per connection; up: healthy backends;")
     print("   errors: the clients' failed requests by kind, as counted by the load generator)")
 
