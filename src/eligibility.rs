@@ -13,12 +13,13 @@
 //! it finishes what they were doing while no one new arrives; a backend in maintenance takes
 //! neither, and its sessions move.
 //!
-//! Three settings of `loadbalancer` (issue 32) widen or narrow the choice for all algorithms
-//! alike ([`Candidates`]): **backups** (`--backup`) take requests only while no primary backend
-//! is in rotation; below the **panic threshold** (`--panic-threshold`), requests go to every
-//! primary backend as if all were healthy, since a few overloaded ones would fail anyway; and
-//! **slow start** (`--slow-start`, [`crate::slow_start`]) lets a backend that just came back take
-//! a growing share.
+//! Four settings, all off by default, widen or narrow the choice for every algorithm alike
+//! ([`Candidates`]): **backups** (`--backup`) take requests only while no primary backend is in
+//! rotation; below the **panic threshold** (`--panic-threshold`), requests go to every primary
+//! backend as if all were healthy, since a few overloaded ones would fail anyway; **slow start**
+//! (`--slow-start`, [`crate::slow_start`]) lets a backend that just came back take a growing
+//! share; and a backend at its **connection limit** (`--backend-max-conns`, [`crate::limit`])
+//! gives way to one with room.
 
 use std::sync::Arc;
 use std::time::Duration;
