@@ -247,7 +247,7 @@ impl AccessLog {
 
     /// Writes what is queued, flushes and stops the writer thread (at shutdown). A writer stuck
     /// in a write (standard output piped to a program that stopped reading) is given
-    /// [`STOP_WAIT`] and then left behind, so that shutting down never hangs on the log.
+    /// `STOP_WAIT` (5 s) and then left behind, so that shutting down never hangs on the log.
     pub fn stop(&self) {
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(handle) = handle else { return };
