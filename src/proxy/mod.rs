@@ -295,7 +295,7 @@ impl LoadBalancer {
         self.snapshot().backends.clone()
     }
 
-    /// The bytes of the spare read buffers kept for reuse (at most [`SPARE_BUFFERS`] of them):
+    /// The bytes of the spare read buffers kept for reuse (at most 256 of them, 1 MiB):
     /// part of the heap in use, on purpose.
     pub fn spare_buffer_bytes(&self) -> usize {
         self.buffers.spare_bytes()
