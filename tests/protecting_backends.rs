@@ -161,16 +161,20 @@ fn slow_start_ramps_a_returning_backend_up_to_its_share() {
             ],
         );
         let at = lb.admin.unwrap();
-        let post = |action: &str| {
+        let post_with = |action: &str, body: &str| {
             let path = format!("/backends/{}/{action}", backends[1].spec());
             let mut client = Client::connect(at);
+            let length = body.len();
             client.send(
-                format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").as_bytes(),
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {length}\r\n\r\n{body}"
+                )
+                .as_bytes(),
             );
             assert_eq!(client.read_response("POST").status, 200);
         };
-        post("maint");
-        post("ready");
+        post_with("maint", "");
+        post_with("ready", "");
         let shares = shares_over(lb.addr, Duration::from_secs(2));
         // Full share: one in two. Near nothing at first, most of it by the last quarter.
         assert!(shares[0] < 0.2, "{algorithm}: {shares:?}");
@@ -181,6 +185,11 @@ fn slow_start_ramps_a_returning_backend_up_to_its_share() {
         );
         let after = count(&backends_hit(lb.addr, 20));
         assert_eq!(after["b"], 10, "{algorithm}: the full share after the ramp");
+        // A weight given back after 0 ramps too.
+        post_with("weight", "weight=0");
+        post_with("weight", "weight=1");
+        let early = shares_over(lb.addr, Duration::from_millis(400));
+        assert!(early[0] < 0.2, "{algorithm}, weight back: {early:?}");
     }
 }
 

@@ -102,6 +102,10 @@ fn set_state(backend: &Backend, state: AdminState, who: IpAddr) -> Answer {
 fn set_weight(lb: &LoadBalancer, backend: &Backend, weight: u32, who: IpAddr) -> Answer {
     let before = backend.weight();
     backend.set_run_time_weight(weight);
+    if before == 0 && weight > 0 {
+        // Back into rotation: with --slow-start, gradually.
+        backend.ramp().start();
+    }
     if before != weight {
         let set = lb.snapshot();
         set.balancer().weights_changed(set.backends());
