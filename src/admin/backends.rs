@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use crate::admin_state::{self, AdminState};
 use crate::backend::Backend;
+use crate::http::percent;
 use crate::proxy::LoadBalancer;
 use crate::stats::events::EventKind;
 
@@ -51,7 +52,7 @@ pub(super) fn change(lb: &LoadBalancer, rest: &str, weight: Option<&str>, who: I
     let backends = lb.backends();
     let Some(backend) = find(&backends, encoded) else {
         let known: Vec<&str> = backends.iter().map(|b| b.name()).collect();
-        let error = format!("no backend named '{}'", percent_decode(encoded));
+        let error = format!("no backend named '{}'", percent::decode(encoded));
         return (404, json!({ "error": error, "known": known }));
     };
     if action == "weight" {
@@ -77,7 +78,7 @@ fn bad(error: String) -> Answer {
 
 /// The backend `encoded` names: by its name, or by its address.
 fn find<'b>(backends: &'b [Arc<Backend>], encoded: &str) -> Option<&'b Arc<Backend>> {
-    let name = percent_decode(encoded);
+    let name = percent::decode(encoded);
     backends
         .iter()
         .find(|b| b.name() == name)
@@ -134,42 +135,13 @@ fn record(backend: &Backend, message: String, out: Option<bool>) {
     backend.stats().push_event(backend.name(), kind, message);
 }
 
-/// `%XX` sequences as the bytes they stand for, and `+` as a space (as forms send it); a
-/// sequence that is not one is kept as it is.
-pub(super) fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                out.push(byte);
-                i += 3;
-            }
-            (b'+', _) => {
-                out.push(b' ');
-                i += 1;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// The value of `name` in a query or form body (`a=1&b=2`), decoded.
 pub(super) fn field(fields: &str, name: &str) -> Option<String> {
     fields
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(key, _)| percent_decode(key) == name)
-        .map(|(_, value)| percent_decode(value))
+        .find(|(key, _)| percent::decode(key) == name)
+        .map(|(_, value)| percent::decode(value))
 }
 
 #[cfg(test)]
@@ -178,12 +150,12 @@ mod tests {
 
     #[test]
     fn names_and_fields_are_percent_decoded() {
-        assert_eq!(percent_decode("%5B%3A%3A1%5D:8001"), "[::1]:8001");
+        assert_eq!(percent::decode("%5B%3A%3A1%5D:8001"), "[::1]:8001");
         assert_eq!(
-            percent_decode("app:8000%20(10.0.0.3)"),
+            percent::decode("app:8000%20(10.0.0.3)"),
             "app:8000 (10.0.0.3)"
         );
-        assert_eq!(percent_decode("a+b%zz%4"), "a b%zz%4");
+        assert_eq!(percent::decode("a+b%zz%4"), "a b%zz%4");
         assert_eq!(
             field("weight=3&token=a%2Bb", "token").as_deref(),
             Some("a+b")

@@ -5,7 +5,7 @@
 //! keep open between two. ureq 2 returns an error status (4xx, 5xx) as an `Err` holding the
 //! response, whose JSON body says why; that becomes [`CtlError::Refused`].
 
-use std::fmt::{self, Write as _};
+use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::status::{BackendStatus, Open, StateChange};
+use crate::http::percent;
 
 /// How long one request to the admin listener may take, connecting included.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -157,7 +158,7 @@ impl AdminClient {
 
     /// `POST /backends/{name}/{state}`: the backend's state before and after.
     pub(super) fn set_state(&self, name: &str, state: &str) -> Result<StateChange, CtlError> {
-        let url = self.url(&format!("/backends/{}/{state}", path_segment(name)));
+        let url = self.url(&format!("/backends/{}/{state}", percent::encode_name(name)));
         let json = self.send(self.agent.post(&url), Some(b""))?;
         let unexpected = |why: String| CtlError::Unexpected { status: 200, why };
         let now = BackendStatus::from_json(&json).map_err(unexpected)?;
@@ -174,7 +175,7 @@ impl AdminClient {
 
     /// `POST /backends/{name}/weight` with the form body `weight=N`: the backend afterwards.
     pub(super) fn set_weight(&self, name: &str, weight: u32) -> Result<BackendStatus, CtlError> {
-        let url = self.url(&format!("/backends/{}/weight", path_segment(name)));
+        let url = self.url(&format!("/backends/{}/weight", percent::encode_name(name)));
         let request = self
             .agent
             .post(&url)
@@ -284,43 +285,10 @@ fn transport_failure(transport: &ureq::Transport) -> String {
     transport.to_string()
 }
 
-/// A backend's name as one segment of the request's path: the host percent-encoded but for the
-/// unreserved characters of RFC 3986 section 2.3, then `:` and the port, so that `[::1]:8001`
-/// travels as `%5B%3A%3A1%5D:8001` (the form the control API documents) and no name can add a
-/// `/` or a `?` to the path.
-fn path_segment(name: &str) -> String {
-    match name.rsplit_once(':') {
-        Some((host, port)) => format!("{}:{}", percent_encode(host), percent_encode(port)),
-        None => percent_encode(name),
-    }
-}
-
-/// `text` with every byte but the unreserved characters (letters, digits, `-._~`) as `%XX`.
-fn percent_encode(text: &str) -> String {
-    let mut encoded = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-            encoded.push(char::from(byte));
-        } else {
-            let _ = write!(encoded, "%{byte:02X}");
-        }
-    }
-    encoded
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::net::TcpListener;
-
-    #[test]
-    fn names_are_percent_encoded_as_one_path_segment() {
-        assert_eq!(path_segment("127.0.0.1:8001"), "127.0.0.1:8001");
-        assert_eq!(path_segment("[::1]:8001"), "%5B%3A%3A1%5D:8001");
-        assert_eq!(path_segment("app-1.internal_x~:80"), "app-1.internal_x~:80");
-        assert_eq!(path_segment("a/b?c#d e%:80"), "a%2Fb%3Fc%23d%20e%25:80");
-        assert_eq!(path_segment("é"), "%C3%A9");
-    }
 
     #[test]
     fn an_error_answer_says_the_servers_why() {

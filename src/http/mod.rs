@@ -26,6 +26,7 @@ mod body;
 mod buffer;
 mod head;
 mod hop_by_hop;
+pub mod percent;
 mod version;
 
 #[cfg(test)]

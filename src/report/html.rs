@@ -4,6 +4,7 @@ use std::fmt::Write as _;
 
 use crate::admin_state::AdminState;
 use crate::health::HealthMode;
+use crate::http::percent;
 use crate::plural;
 use crate::stats::events::rfc3339;
 
@@ -139,7 +140,7 @@ impl Snapshot {
     /// that POST to the admin API (no script), the current state's button disabled. With an
     /// admin token, each form asks for it, since a form cannot send an `Authorization` field.
     fn controls(&self, b: &BackendSnapshot) -> String {
-        let name = percent_encode(&b.address);
+        let name = percent::encode_name(&b.address);
         let token = if self.admin_token_required {
             "<input type=\"password\" name=\"token\" placeholder=\"token\" size=\"6\" required>"
         } else {
@@ -257,18 +258,6 @@ fn name_cell(b: &BackendSnapshot) -> String {
         ""
     };
     format!("{}{backup}", escape_html(&b.address))
-}
-
-/// A backend's name as a path segment: every byte but letters, digits, `-._~` and `:` as `%XX`.
-fn percent_encode(name: &str) -> String {
-    name.bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                char::from(byte).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
 }
 
 fn milliseconds(ms: f64) -> String {
