@@ -296,11 +296,8 @@ fn write_to(path: &str, query: &str, request: &Request, lb: &LoadBalancer) -> Ve
 /// `405 Method Not Allowed`, naming the methods that are.
 fn not_allowed(allow: &str) -> Vec<u8> {
     let body = format!("only {allow}\n");
-    let mut answer = response(405, "text/plain", body.as_bytes(), true);
-    // The head ends with its empty line; the Allow field goes in before it.
-    answer.truncate(answer.len() - 2);
-    answer.extend_from_slice(format!("Allow: {allow}\r\n\r\n{body}").as_bytes());
-    answer
+    let allow = format!("Allow: {allow}\r\n");
+    response_with(405, "text/plain", body.as_bytes(), false, &allow)
 }
 
 /// The path and the query of a request target.
@@ -374,6 +371,17 @@ fn redirect(location: &str) -> Vec<u8> {
 
 /// A whole response that closes the connection; `head_only` leaves the body out (for HEAD).
 fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Vec<u8> {
+    response_with(status, content_type, body, head_only, "")
+}
+
+/// A whole response as [`response`] makes it, with `extra` header lines (each ending in CRLF).
+fn response_with(
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    head_only: bool,
+    extra: &str,
+) -> Vec<u8> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -388,7 +396,7 @@ fn response(status: u16, content_type: &str, body: &[u8], head_only: bool) -> Ve
     };
     let mut out = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-store\r\nConnection: close\r\n\r\n",
+         Cache-Control: no-store\r\n{extra}Connection: close\r\n\r\n",
         body.len()
     )
     .into_bytes();
@@ -423,7 +431,8 @@ pub(crate) mod tests {
         assert!(text.ends_with("\r\n\r\ngone\n"));
         let refused = String::from_utf8(not_allowed("GET, HEAD")).unwrap();
         assert!(refused.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"));
-        assert!(refused.contains("\r\nAllow: GET, HEAD\r\n\r\nonly GET, HEAD\n"));
+        assert!(refused.contains("\r\nAllow: GET, HEAD\r\n"));
+        assert!(refused.ends_with("\r\n\r\nonly GET, HEAD\n"));
         assert!(refused.contains("Content-Length: 15\r\n"));
     }
 
