@@ -124,15 +124,15 @@ impl<'a> Candidates<'a> {
     /// no other). Hashing algorithms are left alone: their promise is that a client keeps its
     /// backend.
     pub fn pick(&self, balancer: &dyn Balancer, request: &Request) -> Option<Pick> {
+        let freely = balancer.chooses_freely();
         let admitted = |i: usize| self.admits(i, Admission::New);
         let has_room = |i: usize| self.backends[i].limit().has_room();
-        let skip_full = self.limited
-            && balancer.chooses_freely()
-            && (0..self.backends.len()).any(|i| admitted(i) && has_room(i));
+        let skip_full =
+            self.limited && freely && (0..self.backends.len()).any(|i| admitted(i) && has_room(i));
         let new = |i: usize| admitted(i) && (!skip_full || has_room(i));
         let first = balancer.pick(self.backends, request, &new)?;
         let ramp = self.backends[first.index].ramp();
-        if !balancer.chooses_freely() || ramp.lets_through(self.slow_start) {
+        if !freely || ramp.lets_through(self.slow_start) {
             return Some(first);
         }
         balancer

@@ -637,3 +637,29 @@ fn a_reload_keeps_the_state_and_run_time_weight_until_the_file_changes_them() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+/// A write's body must say its length and stay small: a chunked one gets 411, a large one 413,
+/// and nothing changes.
+#[test]
+fn a_write_without_a_length_or_too_large_is_refused() {
+    let all = [DemoBackend::start("a")];
+    let name = all[0].spec();
+    let lb = start(&all.iter().collect::<Vec<_>>(), &[]);
+    let path = format!("/backends/{name}/weight");
+    let send = |head: String| {
+        let mut client = Client::connect(lb.admin.unwrap());
+        client.send(head.as_bytes());
+        client.read_response("POST").status
+    };
+    let chunked = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n8\r\nweight=0\r\n0\r\n\r\n"
+    );
+    assert_eq!(send(chunked), 411);
+    let large = format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n");
+    assert_eq!(send(large), 413);
+    assert_eq!(listed(&lb, &name)["weight"], 1, "nothing changed");
+    // The statistics say what the allocator holds.
+    let heap = &stats_json(&lb)["heap"];
+    assert!(heap["in_use_bytes"].as_u64().unwrap() > 0, "{heap}");
+    assert!(heap["spare_buffer_bytes"].is_u64(), "{heap}");
+}
