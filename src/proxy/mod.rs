@@ -237,27 +237,14 @@ impl LoadBalancer {
 
     /// Changes the backend set while building, before anyone else holds it.
     fn edit(self, change: impl FnOnce(&mut BackendSet)) -> Self {
-        let LoadBalancer {
-            current,
-            stats,
-            buffers,
-            startup_settings,
-            reload,
-            access_log,
-            client_addresses,
-        } = self;
-        let mut set = unshared(current);
+        let mut set = unshared(self.current);
         change(&mut set);
         LoadBalancer {
             current: ArcSwap::from_pointee(set),
-            stats,
-            buffers,
-            startup_settings,
-            reload,
-            access_log,
-            client_addresses,
+            ..self
         }
     }
+
 
     /// The backend set this balancer was built with, for a reload to apply to the running one.
     pub fn into_set(self) -> BackendSet {
