@@ -245,7 +245,6 @@ impl LoadBalancer {
         }
     }
 
-
     /// The backend set this balancer was built with, for a reload to apply to the running one.
     pub fn into_set(self) -> BackendSet {
         unshared(self.current)
