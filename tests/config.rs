@@ -3,16 +3,38 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{backends_hit, Balancer, DemoBackend};
 
-/// A file in the temporary directory with `text`, named after the test.
-fn write_config(name: &str, text: &str) -> PathBuf {
+/// A file in the temporary directory with `text`, named after the test, removed when dropped.
+fn write_config(name: &str, text: &str) -> ConfigFile {
     let path = std::env::temp_dir().join(format!("lb-config-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, text).expect("config written");
-    path
+    ConfigFile(path)
+}
+
+struct ConfigFile(PathBuf);
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl std::ops::Deref for ConfigFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<OsStr> for ConfigFile {
+    fn as_ref(&self) -> &OsStr {
+        self.0.as_os_str()
+    }
 }
 
 fn lb_bin() -> &'static str {
@@ -72,8 +94,8 @@ fn a_bad_file_is_one_line_naming_file_line_and_column_and_exit_2() {
     for (name, text, expected) in cases {
         let path = write_config(name, text);
         for args in [
-            vec!["check-config".into(), path.clone().into_os_string()],
-            vec!["--config".into(), path.clone().into_os_string()],
+            vec!["check-config".into(), path.as_os_str().to_owned()],
+            vec!["--config".into(), path.as_os_str().to_owned()],
         ] {
             let output = Command::new(lb_bin()).args(&args).output().unwrap();
             assert_eq!(output.status.code(), Some(2), "{name}: {output:?}");

@@ -213,6 +213,28 @@ def print_clients(load):
           f"{load['sticky_moves']} times")
 
 
+# What the balancer may keep after a load beyond its baseline and its spare read buffers: pooled
+# client threads still waiting in `accept` with their allocator caches, and tables a run fills
+# that are bounded (sessions, recent events). 0.2 to 0.5 MiB in runs of 20 s to 20 min.
+HEAP_ALLOWANCE = 1024 * 1024
+
+
+def heap_back(baseline, end, waited):
+    """Rule 3's memory part: the heap in use once the load's threads have ended, whose allocator
+    caches went back to the heap with them, against the baseline. A leak of 8 bytes a request
+    is about 1.6 MiB after the 200,000 requests of a 10-minute soak."""
+    before, after = (s.get("lb", {}).get("heap_in_use") for s in (baseline, end))
+    if before is None or after is None:
+        return (False, "heap in use back to the baseline: the balancer did not report its heap "
+                       "in /stats.json")
+    spare = end["lb"].get("spare_buffers") or 0
+    limit = before + spare + HEAP_ALLOWANCE
+    return (after <= limit, f"heap in use back to the baseline {waited:g} s after the load ended: "
+                            f"{bytes_mib(before)} -> {bytes_mib(after)} MiB (at most the baseline, "
+                            f"the spare read buffers ({bytes_mib(spare)}) and "
+                            f"{bytes_mib(HEAP_ALLOWANCE)} for pooled threads and bounded tables)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tmp", required=True)
@@ -270,7 +292,15 @@ def main():
     reference = [s for s in under_load if s["t"] <= args.reference_at]
     if reference and under_load:
         ref, last = reference[-1], under_load[-1]
-        rss_ok = last["rss_kb"] <= ref["rss_kb"] * 1.05
+        # Memory is judged over the second half of the load. Under load, glibc's allocator keeps
+        # freed small blocks in a cache of each thread (tcache), and the balancer's client
+        # threads live as long as the load, so the caches fill over the first minutes: RSS rose
+        # by 7 % from the first minute to the tenth of an HTTPS soak while the live heap, as
+        # heaptrack saw it, stayed flat, and the same soak with those caches off rose by 1 %.
+        # The caches are bounded and fill ever more slowly; a leak grows as fast in the second
+        # half as in the first (docs/performance.md, "Memory in the soak").
+        mid = [s for s in under_load if s["t"] <= max(args.reference_at, last["t"] / 2)][-1]
+        rss_ok = last["rss_kb"] <= mid["rss_kb"] * 1.05
 
         def near(before, after):
             return abs(after - before) <= max(before * 0.05, 2)
@@ -283,9 +313,11 @@ def main():
         fds = ("descriptors but those of client and backend connections and closing sockets",
                ref["other_fds"], last["other_fds"])
         flat = rss_ok and near(ref["threads"], last["threads"]) and near(fds[1], fds[2])
-        rules.append((flat, f"flat from {ref['t']:g} s to {last['t']:g} s: RSS {mib(ref['rss_kb'])} -> "
-                            f"{mib(last['rss_kb'])} MiB ({(last['rss_kb'] / ref['rss_kb'] - 1) * 100:+.1f} %, "
-                            f"at most +5 %), threads {ref['threads']} -> {last['threads']}, "
+        rules.append((flat, f"flat under load: RSS {mib(mid['rss_kb'])} -> {mib(last['rss_kb'])} "
+                            f"MiB from {mid['t']:g} s to {last['t']:g} s "
+                            f"({(last['rss_kb'] / mid['rss_kb'] - 1) * 100:+.1f} %, at most +5 %; "
+                            f"{mib(ref['rss_kb'])} MiB at {ref['t']:g} s), "
+                            f"from {ref['t']:g} s: threads {ref['threads']} -> {last['threads']}, "
                             f"{fds[0]} {fds[1]} -> {fds[2]} (within 5 % or 2; all descriptors "
                             f"{ref['fds']} -> {last['fds']}, of backend connections "
                             f"{ref['backend_fds']} -> {last['backend_fds']})"))
@@ -313,6 +345,7 @@ def main():
                                 f"of client connections {end['client_fds']}, closing sockets "
                                 f"{baseline['unlisted_fds']} -> {end['unlisted_fds']}, others "
                                 f"{baseline['other_fds']} -> {end['other_fds']}"))
+        rules.append(heap_back(baseline, end, waited))
         pool_back = end["backend_fds"] <= baseline["backend_fds"]
         rules.append((pool_back, f"descriptors of backend connections back to the baseline "
                                  f"{waited:g} s after the load ended: {baseline['backend_fds']} "
