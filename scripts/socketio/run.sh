@@ -5,9 +5,10 @@
 # acknowledgement. Exits 0 when every client of every round succeeded.
 #
 # usage: scripts/socketio/run.sh BINARY ROUNDS [tls|plain] [CLIENTS]
-#   CLIENT_SCRIPT=client_async.py  socketio.AsyncClient (one thread per process); the default,
-#                                  client.py, is the threaded socketio.Client, whose engineio
-#                                  races on its own TLS socket (see docs/testing.md)
+#   CLIENT_SCRIPT=client.py        the threaded socketio.Client instead of the default
+#                                  socketio.AsyncClient (client_async.py): its engineio races on
+#                                  its own TLS socket, and fails now and then with HAProxy or no
+#                                  proxy in front as well (see docs/testing.md)
 #   SOCKETIO_VENV=DIR              where the Python packages go (default: a folder in $TMPDIR)
 # Needs python3 with venv and pip (PyPI), openssl and curl; everything runs on 127.0.0.1.
 set -u
@@ -46,7 +47,7 @@ for i in $(seq 50); do curl -skf "$URL/health" >/dev/null && break; sleep 0.2; d
 echo "out=$OUT url=$URL"
 FAILS=0
 for r in $(seq "$ROUNDS"); do
-  SOCKETIO_CA="$OUT/cert.pem" env -u REQUESTS_CA_BUNDLE -u CURL_CA_BUNDLE ${CLIENT_STRACE:+strace -f -tt -qq -s 6 -x -e trace=socket,connect,close,write,shutdown -o $OUT/strace.$r} "$PY" "$D/${CLIENT_SCRIPT:-client.py}" "$URL" "$N" "$r" >>"$OUT/clients.log" 2>&1 || FAILS=$((FAILS+1))
+  SOCKETIO_CA="$OUT/cert.pem" env -u REQUESTS_CA_BUNDLE -u CURL_CA_BUNDLE ${CLIENT_STRACE:+strace -f -tt -qq -s 6 -x -e trace=socket,connect,close,write,shutdown -o $OUT/strace.$r} "$PY" "$D/${CLIENT_SCRIPT:-client_async.py}" "$URL" "$N" "$r" >>"$OUT/clients.log" 2>&1 || FAILS=$((FAILS+1))
   grep "^ROUND $r:" "$OUT/clients.log" | tail -1
 done
 echo "== total ($ROUNDS rounds x $N clients, $MODE, $(basename "$BIN")):"
