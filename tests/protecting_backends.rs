@@ -213,6 +213,36 @@ fn restart_at(addr: SocketAddr, name: &str, delay: Duration) -> lb::demo::DemoBa
     }
 }
 
+/// GET and POST clients running until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    gets: Vec<thread::JoinHandle<(usize, usize)>>,
+    posts: Vec<thread::JoinHandle<(usize, usize)>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, gets: usize, posts: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        Load {
+            gets: clients(addr, gets, false, &stop),
+            posts: clients(addr, posts, true, &stop),
+            stop,
+        }
+    }
+
+    /// Stops the clients: (requests, failures) of the GETs, then of the POSTs.
+    fn finish(self) -> ((usize, usize), (usize, usize)) {
+        self.stop.store(true, Ordering::SeqCst);
+        let total = |handles: Vec<thread::JoinHandle<(usize, usize)>>| {
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap())
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+        };
+        (total(self.gets), total(self.posts))
+    }
+}
+
 /// Keep-alive clients (GETs, or POSTs with a small body) until `stop`: (requests, failures).
 fn clients(
     addr: SocketAddr,
@@ -254,24 +284,30 @@ fn log_line(line: &str) {
     println!("{line}");
 }
 
+/// How long the rolling restarts' backends take to answer, like a small application.
+const DELAY: Duration = Duration::from_millis(20);
+
+/// Backends a, b and c answering after [`DELAY`], and their addresses.
+fn three_backends() -> (Vec<DemoBackend>, Vec<String>) {
+    let backends: Vec<DemoBackend> = ["a", "b", "c"]
+        .iter()
+        .map(|n| DemoBackend::with_delay(n, DELAY))
+        .collect();
+    let specs = backends.iter().map(DemoBackend::spec).collect();
+    (backends, specs)
+}
+
 /// The rolling restart: three backends answering in 20 ms, 16 keep-alive GET clients and
 /// 8 POST clients, each backend stopped and started again a second later, four seconds apart.
 #[test]
 fn a_rolling_restart_fails_almost_nothing_with_a_panic_threshold() {
-    let delay = Duration::from_millis(20);
-    let mut backends: Vec<DemoBackend> = ["a", "b", "c"]
-        .iter()
-        .map(|n| DemoBackend::with_delay(n, delay))
-        .collect();
-    let specs: Vec<String> = backends.iter().map(DemoBackend::spec).collect();
+    let (mut backends, specs) = three_backends();
     let lb = start(
         &specs,
         &[],
         &["--panic-threshold", "50", "--health-interval", "1s"],
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let gets = clients(lb.addr, 16, false, &stop);
-    let posts = clients(lb.addr, 8, true, &stop);
+    let load = Load::start(lb.addr, 16, 8);
 
     let mut restarted = Vec::new();
     for (index, backend) in backends.iter_mut().enumerate() {
@@ -280,7 +316,7 @@ fn a_rolling_restart_fails_almost_nothing_with_a_panic_threshold() {
         backend.stop();
         thread::sleep(Duration::from_secs(1)); // down for a second
         let started = Instant::now();
-        restarted.push(restart_at(addr, &name, delay));
+        restarted.push(restart_at(addr, &name, DELAY));
         // Back within its --rise (2) checks a second apart, well before the passive
         // --fail-timeout (10 s) would have let it.
         let healthy = || stats_json(&lb)["backends"][index]["healthy"] == true;
@@ -295,15 +331,7 @@ fn a_rolling_restart_fails_almost_nothing_with_a_panic_threshold() {
         thread::sleep(Duration::from_secs(2).saturating_sub(started.elapsed()));
     }
     thread::sleep(Duration::from_secs(1));
-    stop.store(true, Ordering::SeqCst);
-    let total = |handles: Vec<thread::JoinHandle<(usize, usize)>>| {
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-    };
-    let (get_sent, get_failed) = total(gets);
-    let (post_sent, post_failed) = total(posts);
+    let ((get_sent, get_failed), (post_sent, post_failed)) = load.finish();
     log_line(&format!(
         "GET {get_failed} of {get_sent} failed, POST {post_failed} of {post_sent}"
     ));
@@ -324,17 +352,10 @@ fn a_rolling_restart_fails_almost_nothing_with_a_panic_threshold() {
 /// POST load. Nothing fails (with restarts alone, most requests failed at these defaults).
 #[test]
 fn a_rolling_restart_with_drain_fails_nothing_at_the_default_checks() {
-    let delay = Duration::from_millis(20);
-    let mut backends: Vec<DemoBackend> = ["a", "b", "c"]
-        .iter()
-        .map(|n| DemoBackend::with_delay(n, delay))
-        .collect();
-    let specs: Vec<String> = backends.iter().map(DemoBackend::spec).collect();
+    let (mut backends, specs) = three_backends();
     let lb = start(&specs, &[], &[]);
     let admin = lb.admin.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let gets = clients(lb.addr, 8, false, &stop);
-    let posts = clients(lb.addr, 4, true, &stop);
+    let load = Load::start(lb.addr, 8, 4);
 
     let mut restarted = Vec::new();
     for (index, backend) in backends.iter_mut().enumerate() {
@@ -345,21 +366,13 @@ fn a_rolling_restart_with_drain_fails_nothing_at_the_default_checks() {
         assert!(eventually(WAIT, idle), "{name}: nothing in flight");
         backend.stop();
         thread::sleep(Duration::from_millis(300)); // down while it is deployed
-        restarted.push(restart_at(addr, &name, delay));
+        restarted.push(restart_at(addr, &name, DELAY));
         admin_post(admin, &specs[index], "ready", "");
         let healthy = || stats_json(&lb)["backends"][index]["healthy"] == true;
         assert!(eventually(WAIT, healthy), "{name} in rotation again");
     }
     thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::SeqCst);
-    let total = |handles: Vec<thread::JoinHandle<(usize, usize)>>| {
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap())
-            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-    };
-    let (get_sent, get_failed) = total(gets);
-    let (post_sent, post_failed) = total(posts);
+    let ((get_sent, get_failed), (post_sent, post_failed)) = load.finish();
     assert!(
         get_sent > 100 && post_sent > 50,
         "{get_sent} GET, {post_sent} POST"
