@@ -232,12 +232,12 @@ fn an_unknown_backend_exits_1_naming_the_known_ones() {
     assert!(ready.stderr.contains("(HTTP 404)"), "{ready:?}");
     assert!(ready.stderr.ends_with(&known), "{ready:?}");
 
-    // weight reads the old weight from the list first, and finds no such backend there.
     let weight = ctl(admin, &["weight", "127.0.0.1:1", "2"]);
     assert_eq!(weight.code, Some(1), "{weight:?}");
+    assert_eq!(weight.stdout, "");
     assert_eq!(
         weight.stderr,
-        format!("error: no backend named 127.0.0.1:1; {known}")
+        format!("error: no backend named '127.0.0.1:1' (HTTP 404); {known}")
     );
 }
 
@@ -257,20 +257,41 @@ fn drain_wait_returns_at_once_when_nothing_is_open() {
 /// How long the slow backend of the drain tests takes to answer.
 const SLOW: Duration = Duration::from_secs(3);
 
-/// A request through the balancer on a thread of its own: when it was sent, and its status.
-fn request_in_flight(lb: &Balancer) -> (Instant, thread::JoinHandle<u16>) {
+/// A request in flight on a backend answering after [`SLOW`], through its balancer.
+struct InFlight {
+    slow: DemoBackend,
+    lb: Balancer,
+    /// When the request was sent.
+    sent: Instant,
+    /// The request's thread, which returns its status.
+    request: thread::JoinHandle<u16>,
+}
+
+/// A balancer over a slow backend, once the request sent on a thread of its own is in flight.
+fn request_in_flight() -> InFlight {
+    let slow = DemoBackend::with_delay("slow", SLOW);
+    let lb = start(&[&slow.spec()], &[]);
     let addr = lb.addr;
     let sent = Instant::now();
-    (sent, thread::spawn(move || get(addr, "/").status))
+    let request = thread::spawn(move || get(addr, "/").status);
+    assert!(until_field(lb.admin.unwrap(), &slow.spec(), "in_flight", 1));
+    InFlight {
+        slow,
+        lb,
+        sent,
+        request,
+    }
 }
 
 #[test]
 fn drain_wait_returns_once_the_request_in_flight_has_finished() {
-    let slow = DemoBackend::with_delay("slow", SLOW);
-    let lb = start(&[&slow.spec()], &[]);
+    let InFlight {
+        slow,
+        lb,
+        sent,
+        request,
+    } = request_in_flight();
     let admin = lb.admin.unwrap();
-    let (sent, request) = request_in_flight(&lb);
-    assert!(until_field(admin, &slow.spec(), "in_flight", 1));
 
     let drain = ctl(
         admin,
@@ -293,11 +314,13 @@ fn drain_wait_returns_once_the_request_in_flight_has_finished() {
 
 #[test]
 fn drain_wait_exits_1_after_its_timeout_naming_what_is_open() {
-    let slow = DemoBackend::with_delay("slow", SLOW);
-    let lb = start(&[&slow.spec()], &[]);
+    let InFlight {
+        slow,
+        lb,
+        sent,
+        request,
+    } = request_in_flight();
     let admin = lb.admin.unwrap();
-    let (sent, request) = request_in_flight(&lb);
-    assert!(until_field(admin, &slow.spec(), "in_flight", 1));
 
     let drain = ctl(
         admin,

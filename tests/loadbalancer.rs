@@ -103,13 +103,7 @@ fn a_sticky_session_moves_when_health_checks_take_its_backend_out() {
 
 #[test]
 fn every_algorithm_works_with_health_checks_and_sessions_together() {
-    for algorithm in [
-        "round-robin",
-        "weighted",
-        "least-conn",
-        "ip-hash",
-        "consistent-hash",
-    ] {
+    for algorithm in ALGORITHMS {
         let (backends, controls) = controlled_backends();
         let lb = start(
             &backends,

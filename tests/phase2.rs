@@ -351,13 +351,7 @@ fn consistent_hash_keeps_clients_and_explains_the_ring_point() {
 fn loadbalancer_serves_every_algorithm_by_name() {
     let backends = demo_backends(&["a", "b"]);
     let specs: Vec<String> = backends.iter().map(DemoBackend::spec).collect();
-    for algorithm in [
-        "round-robin",
-        "weighted",
-        "least-conn",
-        "ip-hash",
-        "consistent-hash",
-    ] {
+    for algorithm in ALGORITHMS {
         let lb = balancer(
             LOADBALANCER,
             &specs,

@@ -406,13 +406,7 @@ fn weight_zero_takes_no_new_request_with_every_algorithm() {
         DemoBackend::start("c"),
     ];
     let name = all[0].spec();
-    for algorithm in [
-        "round-robin",
-        "weighted",
-        "least-conn",
-        "ip-hash",
-        "consistent-hash",
-    ] {
+    for algorithm in ALGORITHMS {
         let lb = start(&all.iter().collect::<Vec<_>>(), &["--algorithm", algorithm]);
         let from_many = |lb: &Balancer| -> Vec<String> {
             (1..=40)

@@ -111,6 +111,9 @@ impl AdminServer {
 }
 
 fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &AtomicBool) {
+    let Ok(own) = listener.local_addr() else {
+        return;
+    };
     let busy = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
         if stopping.load(Ordering::SeqCst) {
@@ -133,9 +136,6 @@ fn accept_loop(listener: &TcpListener, lb: &Arc<LoadBalancer>, stopping: &Atomic
         }
         let lb = Arc::clone(lb);
         let done = Arc::clone(&busy);
-        let Ok(own) = listener.local_addr() else {
-            return;
-        };
         let spawned = thread::Builder::new()
             .name("admin-client".into())
             .spawn(move || {

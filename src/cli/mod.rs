@@ -17,8 +17,7 @@ use crate::dns::{self, Resolver};
 use crate::error::StartError;
 use crate::health::{ActivePolicy, HealthConfig, HealthMode, PassivePolicy};
 use crate::plural;
-use crate::settings::AdminToken;
-use crate::settings::{CpuScheduling, Settings};
+use crate::settings::{AdminToken, CpuScheduling, Settings};
 use crate::sticky::signed::{Secret, SignedCookies, MIN_SECRET_LEN};
 use crate::sticky::SessionTable;
 
@@ -108,7 +107,7 @@ pub struct CommonArgs {
         value_name = "TOKEN",
         env = "LB_ADMIN_TOKEN",
         hide_env_values = true,
-        value_parser = parse_admin_token
+        value_parser = AdminToken::new
     )]
     pub admin_token: Option<AdminToken>,
 

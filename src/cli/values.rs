@@ -5,13 +5,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::settings::AdminToken;
 use crate::sticky::signed::Secret;
-
-/// An admin token (`--admin-token`, `LB_ADMIN_TOKEN`): anything but empty.
-pub fn parse_admin_token(text: &str) -> Result<AdminToken, String> {
-    AdminToken::new(text)
-}
 
 /// Parses `--sticky-secret`. Its length is checked at start-up rather than here, because clap
 /// would repeat a refused value in its error message.

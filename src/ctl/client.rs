@@ -173,15 +173,26 @@ impl AdminClient {
         })
     }
 
-    /// `POST /backends/{name}/weight` with the form body `weight=N`: the backend afterwards.
-    pub(super) fn set_weight(&self, name: &str, weight: u32) -> Result<BackendStatus, CtlError> {
+    /// `POST /backends/{name}/weight` with the form body `weight=N`: the weight before, and
+    /// the backend afterwards.
+    pub(super) fn set_weight(
+        &self,
+        name: &str,
+        weight: u32,
+    ) -> Result<(u64, BackendStatus), CtlError> {
         let url = self.url(&format!("/backends/{}/weight", percent::encode_name(name)));
         let request = self
             .agent
             .post(&url)
             .set("Content-Type", "application/x-www-form-urlencoded");
         let json = self.send(request, Some(format!("weight={weight}").as_bytes()))?;
-        BackendStatus::from_json(&json).map_err(|why| CtlError::Unexpected { status: 200, why })
+        let unexpected = |why: String| CtlError::Unexpected { status: 200, why };
+        let now = BackendStatus::from_json(&json).map_err(unexpected)?;
+        let previous = json
+            .get("previous_weight")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| unexpected(format!("no 'previous_weight' in {json}")))?;
+        Ok((previous, now))
     }
 
     fn url(&self, path: &str) -> String {

@@ -132,9 +132,7 @@ fn act(admin: &AdminClient, action: &Action) -> Result<(), CtlError> {
             }
         }
         Action::Weight { name, weight } => {
-            // The answer holds the new weight only, so the old one is read first.
-            let old = admin.backend(name)?.weight;
-            let new = admin.set_weight(name, *weight)?;
+            let (old, new) = admin.set_weight(name, *weight)?;
             println!("{}", weight_change(old, &new));
         }
     }

@@ -480,8 +480,6 @@ impl<'a> ClientConnection<'a> {
     }
 }
 
-/// The tries of one request so far.
-/// No backend was left to try: a 503 that says when to come back.
 /// A backend left out of the choice, for `X-Lb-Decision`: its name, and why when the operator
 /// left it out (health needs no word: the page and the log say it).
 fn unavailable_name(backend: &Backend) -> String {
@@ -492,12 +490,14 @@ fn unavailable_name(backend: &Backend) -> String {
     }
 }
 
+/// No backend was left to try: a 503 that says when to come back.
 fn no_backend(set: &BackendSet) -> Failure {
     Failure::Answer(ProxyError::NoBackend {
         retry_after: set.retry_after(),
     })
 }
 
+/// The tries of one request so far.
 #[derive(Default)]
 struct Tries {
     /// The backends already chosen, by index; a retry goes elsewhere.

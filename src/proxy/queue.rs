@@ -37,25 +37,28 @@ impl ClientConnection<'_> {
             Err(end) => end,
         };
         let max_conns = backend.limit().max().unwrap_or_default();
+        let (what, failure) = match end {
+            QueueEnd::TimedOut => (
+                "the wait in its queue ran out",
+                Failure::Answer(ProxyError::QueueTimeout {
+                    max_conns,
+                    waited: timeout,
+                }),
+            ),
+            QueueEnd::ClientLeft => (
+                "the client left its queue",
+                Failure::Abort {
+                    why: format!("the client went away while queued for {}", backend.name()),
+                    by_backend: false,
+                },
+            ),
+        };
         log::debug!(
-            "{}: {} is at its limit of {max_conns}: {}",
+            "{}: {} is at its limit of {max_conns}: {what}",
             self.client_ip,
-            backend.name(),
-            match end {
-                QueueEnd::TimedOut => "the wait in its queue ran out",
-                QueueEnd::ClientLeft => "the client left its queue",
-            }
+            backend.name()
         );
-        Err(match end {
-            QueueEnd::TimedOut => Failure::Answer(ProxyError::QueueTimeout {
-                max_conns,
-                waited: timeout,
-            }),
-            QueueEnd::ClientLeft => Failure::Abort {
-                why: format!("the client went away while queued for {}", backend.name()),
-                by_backend: false,
-            },
-        })
+        Err(failure)
     }
 }
 

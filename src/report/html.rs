@@ -229,7 +229,6 @@ impl Snapshot {
     }
 }
 
-/// A latency for the page: three significant digits, `0.102`, `1.05`, `12.4`, `250`.
 /// The state column: the operator's drain or maint first (they hold the backend out whatever
 /// its health), else health. Without checks, "up" beside a 100 % error rate would claim a
 /// verdict nothing made.
@@ -260,6 +259,7 @@ fn name_cell(b: &BackendSnapshot) -> String {
     format!("{}{backup}", escape_html(&b.address))
 }
 
+/// A latency for the page: three significant digits, `0.102`, `1.05`, `12.4`, `250`.
 fn milliseconds(ms: f64) -> String {
     match ms {
         ms if ms >= 100.0 => format!("{ms:.0}"),

@@ -204,12 +204,12 @@ impl Snapshot {
         let now = history::current_second();
         let mut events = stats.events();
         let set = lb.snapshot();
+        let slow_start = set.settings().slow_start;
         let backends = set
             .backends()
             .iter()
             .map(|backend| {
                 let own_events = backend.stats().events();
-                let slow_start = set.settings().slow_start;
                 let snapshot = BackendSnapshot::of(backend, &own_events, now, slow_start);
                 events.extend(own_events);
                 snapshot

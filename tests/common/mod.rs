@@ -18,6 +18,15 @@ use std::time::{Duration, Instant};
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// Every `--algorithm` of `loadbalancer`.
+pub const ALGORITHMS: [&str; 5] = [
+    "round-robin",
+    "weighted",
+    "least-conn",
+    "ip-hash",
+    "consistent-hash",
+];
+
 /// A balancer binary running as a child process.
 pub struct Balancer {
     child: Child,
