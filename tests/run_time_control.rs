@@ -130,6 +130,15 @@ fn get_session(addr: SocketAddr, cookie: Option<&str>) -> (String, Option<String
     (backend_of(&response), session_cookie(&response))
 }
 
+/// A new session's cookie, from the first of at most 10 new sessions that `backend` took.
+fn session_on(addr: SocketAddr, backend: &str) -> String {
+    (0..10)
+        .map(|_| get_session(addr, None))
+        .find(|(name, _)| name == backend)
+        .and_then(|(_, session)| session)
+        .unwrap_or_else(|| panic!("no new session on {backend} in 10 requests"))
+}
+
 /// One request of the load: when it was sent, which backend answered, and its status (0 when
 /// the connection broke).
 struct Sent {
@@ -365,12 +374,7 @@ fn maintenance_moves_sessions_and_stops_checks_and_ready_brings_traffic_back() {
         ],
     );
     // A session on a.
-    let session = loop {
-        let (backend, session) = get_session(lb.addr, None);
-        if backend == "a" {
-            break session.unwrap();
-        }
-    };
+    let session = session_on(lb.addr, "a");
     set(&lb, &a, "maint");
     let (moved, _) = get_session(lb.addr, Some(&session));
     assert_eq!(moved, "b", "a session of a backend in maintenance moves");
@@ -455,12 +459,7 @@ fn a_weight_set_at_run_time_sets_the_share_and_bound_sessions_survive_weight_zer
     );
     assert_eq!(listed(&lb, &name)["configured_weight"], 1);
 
-    let session = loop {
-        let (backend, session) = get_session(lb.addr, None);
-        if backend == "a" {
-            break session.unwrap();
-        }
-    };
+    let session = session_on(lb.addr, "a");
     set_weight(&lb, &name, 0);
     assert_eq!(
         get_session(lb.addr, Some(&session)).0,
