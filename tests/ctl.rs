@@ -285,13 +285,8 @@ fn request_in_flight() -> InFlight {
 
 #[test]
 fn drain_wait_returns_once_the_request_in_flight_has_finished() {
-    let InFlight {
-        slow,
-        lb,
-        sent,
-        request,
-    } = request_in_flight();
-    let admin = lb.admin.unwrap();
+    let held = request_in_flight();
+    let (slow, admin, sent) = (&held.slow, held.lb.admin.unwrap(), held.sent);
 
     let drain = ctl(
         admin,
@@ -306,7 +301,7 @@ fn drain_wait_returns_once_the_request_in_flight_has_finished() {
     );
     assert_eq!(drain.stdout, expected);
     assert_eq!(
-        request.join().unwrap(),
+        held.request.join().unwrap(),
         200,
         "the drained request is answered"
     );
@@ -314,13 +309,8 @@ fn drain_wait_returns_once_the_request_in_flight_has_finished() {
 
 #[test]
 fn drain_wait_exits_1_after_its_timeout_naming_what_is_open() {
-    let InFlight {
-        slow,
-        lb,
-        sent,
-        request,
-    } = request_in_flight();
-    let admin = lb.admin.unwrap();
+    let held = request_in_flight();
+    let (slow, admin, sent) = (&held.slow, held.lb.admin.unwrap(), held.sent);
 
     let drain = ctl(
         admin,
@@ -340,7 +330,7 @@ fn drain_wait_exits_1_after_its_timeout_naming_what_is_open() {
         slow.spec()
     );
     assert_eq!(drain.stderr, expected);
-    assert_eq!(request.join().unwrap(), 200);
+    assert_eq!(held.request.join().unwrap(), 200);
 }
 
 /// A WebSocket to the demo backend's `/ws` through the balancer, open once this returns.

@@ -159,16 +159,10 @@ impl AdminClient {
     /// `POST /backends/{name}/{state}`: the backend's state before and after.
     pub(super) fn set_state(&self, name: &str, state: &str) -> Result<StateChange, CtlError> {
         let url = self.url(&format!("/backends/{}/{state}", percent::encode_name(name)));
-        let json = self.send(self.agent.post(&url), Some(b""))?;
-        let unexpected = |why: String| CtlError::Unexpected { status: 200, why };
-        let now = BackendStatus::from_json(&json).map_err(unexpected)?;
-        let previous = json
-            .get("previous_state")
-            .and_then(Value::as_str)
-            .ok_or_else(|| unexpected(format!("no 'previous_state' in {json}")))?;
+        let (previous, now) = self.change(self.agent.post(&url), b"", "previous_state")?;
         Ok(StateChange {
             name: now.name,
-            previous: previous.to_string(),
+            previous: previous.as_str().unwrap_or_default().to_string(),
             now: now.admin_state,
         })
     }
@@ -185,14 +179,26 @@ impl AdminClient {
             .agent
             .post(&url)
             .set("Content-Type", "application/x-www-form-urlencoded");
-        let json = self.send(request, Some(format!("weight={weight}").as_bytes()))?;
+        let body = format!("weight={weight}");
+        let (previous, now) = self.change(request, body.as_bytes(), "previous_weight")?;
+        Ok((previous.as_u64().unwrap_or_default(), now))
+    }
+
+    /// Sends a write with `body`: the answer's `previous` field (a string or a number, never
+    /// null) and the backend afterwards.
+    fn change(
+        &self,
+        request: ureq::Request,
+        body: &[u8],
+        previous: &str,
+    ) -> Result<(Value, BackendStatus), CtlError> {
+        let json = self.send(request, Some(body))?;
         let unexpected = |why: String| CtlError::Unexpected { status: 200, why };
         let now = BackendStatus::from_json(&json).map_err(unexpected)?;
-        let previous = json
-            .get("previous_weight")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| unexpected(format!("no 'previous_weight' in {json}")))?;
-        Ok((previous, now))
+        match json.get(previous) {
+            Some(value) if value.is_string() || value.is_u64() => Ok((value.clone(), now)),
+            _ => Err(unexpected(format!("no '{previous}' in {json}"))),
+        }
     }
 
     fn url(&self, path: &str) -> String {
